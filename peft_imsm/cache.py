@@ -1,0 +1,115 @@
+"""Two KV caches in one: how IMSM keeps ``generate()`` fast.
+
+IMSM runs every step through two views of one model (adapter off, adapter on). Each view needs its own KV cache,
+and the per-row query summaries computed at prefill must follow the rows through whatever ``generate()`` does to
+its cache: beam reordering, batch expansion for ``num_return_sequences``, row selection, cropping for assisted
+decoding, reset.
+
+``generate()`` (and the model's own forward) create a transformers ``Cache`` and keep a reference to it. Rather than
+replacing that object, IMSM upgrades it in place: its class becomes a subclass of its own class mixed with
+:class:`IMSMCacheMixin` (so ``isinstance(cache, DynamicCache)`` and every ``Cache`` method still hold), it keeps
+the adapted view's key/values as before, and it carries the frozen view's cache and the query summaries along.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class IMSMCacheMixin:
+    """Mixed into a transformers ``Cache`` class; see the module docstring.
+
+    Attributes:
+        imsm_frozen: the frozen view's cache (same class and layout as the adapted view's).
+        imsm_query_base: ``[batch, d]`` float32 query summary of the frozen view, set at prefill.
+        imsm_query_tuned: ``[batch, d]`` float32 query summary of the adapted view, set at prefill.
+    """
+
+    imsm_frozen: Cache
+    imsm_query_base: torch.Tensor | None
+    imsm_query_tuned: torch.Tensor | None
+
+    def _imsm_rows(self, fn) -> None:
+        if self.imsm_query_base is not None:
+            self.imsm_query_base = fn(self.imsm_query_base)
+            self.imsm_query_tuned = fn(self.imsm_query_tuned)
+
+    def reset(self) -> None:
+        super().reset()
+        self.imsm_frozen.reset()
+        self.imsm_query_base = None
+        self.imsm_query_tuned = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.imsm_frozen.reorder_cache(beam_idx)
+        self._imsm_rows(lambda q: q.index_select(0, beam_idx.to(q.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # The query summaries describe the prompt, which cropping of generated tokens never reaches.
+        super().crop(tokens_to_remove)
+        self.imsm_frozen.crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.imsm_frozen.batch_repeat_interleave(repeats)
+        self._imsm_rows(lambda q: q.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.imsm_frozen.batch_select_indices(indices)
+        self._imsm_rows(lambda q: q[indices.to(q.device)])
+
+    def offload(self, *args, **kwargs):
+        super().offload(*args, **kwargs)
+        self.imsm_frozen.offload(*args, **kwargs)
+
+    def prefetch(self, *args, **kwargs):
+        super().prefetch(*args, **kwargs)
+        self.imsm_frozen.prefetch(*args, **kwargs)
+
+    @property
+    def imsm_has_query(self) -> bool:
+        return self.imsm_query_base is not None
+
+
+@functools.cache
+def _imsm_cache_class(base: type) -> type:
+    return type(f"IMSM{base.__name__}", (IMSMCacheMixin, base), {"__module__": __name__})
+
+
+def is_imsm_cache(cache: object) -> bool:
+    """True if ``cache`` already carries both IMSM views."""
+    return isinstance(cache, IMSMCacheMixin)
+
+
+def as_imsm_cache(cache: Cache) -> Cache:
+    """Upgrade an EMPTY transformers cache in place to carry the frozen view too, and return it.
+
+    The frozen view's cache is a deep copy of the empty cache (same class, same per-layer layout: sliding windows,
+    static lengths). A cache that already holds tokens but no frozen view cannot be upgraded: its frozen half would
+    be missing, so this raises.
+    """
+    if is_imsm_cache(cache):
+        return cache
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"IMSM needs a transformers `Cache` object as `cache`/`past_key_values`, got {type(cache).__name__}. "
+            "Pass `cache=None` (or nothing) and let the model create one, or a fresh `DynamicCache()`."
+        )
+    if cache.get_seq_length() != 0:
+        raise ValueError(
+            f"This {type(cache).__name__} already holds {cache.get_seq_length()} tokens that were computed without "
+            "IMSM's frozen view, so IMSM cannot continue from it. Pass the cache returned by an IMSM model's "
+            "forward/generate, or start from an empty cache."
+        )
+    frozen = copy.deepcopy(cache)
+    cache.__class__ = _imsm_cache_class(type(cache))
+    cache.imsm_frozen = frozen
+    cache.imsm_query_base = None
+    cache.imsm_query_tuned = None
+    return cache

@@ -1,0 +1,152 @@
+"""``IMSMConfig``: the peft config of IMSM, wrapping the config of any non-prompt-learning peft adapter."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from peft.config import PeftConfig
+from peft.utils.peft_types import PeftType, TaskType
+
+from .gate import GATE_MODES
+from .registration import IMSM_PEFT_TYPE
+
+# Adapters that run a second model pass of their own or replace the forward; IMSM cannot wrap them.
+_UNSUPPORTED_ADAPTERS = {"XLORA", "POLY", "ADAPTION_PROMPT", "IMSM", "TRAINABLE_TOKENS"}
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, set):
+        return sorted(value)
+    if isinstance(value, dict):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class IMSMConfig(PeftConfig):
+    """Configuration of an IMSM adapter.
+
+    Args:
+        adapter_config: the config of the wrapped adapter (``LoraConfig`` — also for DoRA —, ``IA3Config``,
+            ``AdaLoraConfig``, ``LoHaConfig``, ``LoKrConfig``, ``VeraConfig``, ...). Any non-prompt-learning peft
+            config. Saved inside ``adapter_config.json`` and restored as the same config class.
+        gate_rank: ``r`` of the gate's low-rank projection (``W_A: 4d x r``, ``W_B: r x d``); the paper uses 8.
+        gate_mode: ``"query"`` (the paper's gate), ``"token"`` (the "w/o query" ablation) or ``"fixed"`` (the
+            "w/o gate" ablation: plain 0.5/0.5 average of the two memories).
+        gate_dropout: dropout after each gate projection (0.1 in the authors' settings).
+
+    Attributes that TRL and peft read or set on a config (``target_modules``, ``modules_to_save``,
+    ``trainable_token_indices``) read and write the wrapped adapter's config. ``task_type`` must be
+    ``"CAUSAL_LM"`` (the default).
+
+    Example::
+
+        import peft_imsm
+        from peft import LoraConfig, get_peft_model
+
+        config = peft_imsm.IMSMConfig(adapter_config=LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
+        model = get_peft_model(base_model, config)
+    """
+
+    adapter_config: PeftConfig | dict | None = field(
+        default=None, metadata={"help": "The peft config of the wrapped adapter (e.g. a LoraConfig)."}
+    )
+    gate_rank: int = field(default=8, metadata={"help": "Rank r of the gate projection."})
+    gate_mode: str = field(default="query", metadata={"help": "'query', 'token' or 'fixed'."})
+    gate_dropout: float = field(default=0.1, metadata={"help": "Dropout after each gate projection."})
+
+    def __post_init__(self) -> None:
+        if self.task_type is None:
+            self.task_type = TaskType.CAUSAL_LM
+        super().__post_init__()
+        self.peft_type = IMSM_PEFT_TYPE
+        if self.task_type != TaskType.CAUSAL_LM:
+            raise ValueError(
+                f"IMSM works on causal language models only, got task_type={self.task_type!r}. Use "
+                "task_type='CAUSAL_LM' (the default) and load the model with AutoModelForCausalLM."
+            )
+        self.adapter_config = self._build_adapter_config(self.adapter_config)
+        if isinstance(self.gate_rank, bool) or not isinstance(self.gate_rank, int) or self.gate_rank < 1:
+            raise ValueError(f"gate_rank must be an integer >= 1 (the paper uses 8), got {self.gate_rank!r}.")
+        if self.gate_mode not in GATE_MODES:
+            raise ValueError(f"Unknown gate_mode {self.gate_mode!r}; choose one of {', '.join(GATE_MODES)}.")
+        if not 0.0 <= float(self.gate_dropout) < 1.0:
+            raise ValueError(f"gate_dropout must be in [0, 1), got {self.gate_dropout!r}.")
+
+    @staticmethod
+    def _build_adapter_config(adapter_config: PeftConfig | dict | None) -> PeftConfig:
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+        if adapter_config is None:
+            raise ValueError(
+                "IMSMConfig needs the config of the adapter it wraps, e.g. "
+                "IMSMConfig(adapter_config=LoraConfig(r=16, target_modules='all-linear'))."
+            )
+        if isinstance(adapter_config, dict):
+            data = dict(adapter_config)
+            peft_type = data.get("peft_type")
+            if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+                raise ValueError(f"The saved adapter_config has an unknown peft_type {peft_type!r}.")
+            adapter_config = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_peft_type(**data)
+        if not isinstance(adapter_config, PeftConfig):
+            raise TypeError(
+                f"adapter_config must be a peft config such as LoraConfig, got {type(adapter_config).__name__}."
+            )
+        peft_type = str(getattr(adapter_config.peft_type, "value", adapter_config.peft_type))
+        if adapter_config.is_prompt_learning:
+            raise ValueError(
+                f"IMSM cannot wrap the prompt-learning method {peft_type}: it needs an adapter that changes the "
+                "model's weights (LoRA, DoRA, (IA)3, AdaLoRA, LoHa, LoKr, VeRA, ...), so that turning it off gives the "
+                "frozen view. Use e.g. adapter_config=LoraConfig(...)."
+            )
+        if peft_type in _UNSUPPORTED_ADAPTERS or adapter_config.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+            raise ValueError(
+                f"IMSM cannot wrap the peft method {peft_type}. Wrap a weight adapter such as LoRA, DoRA, (IA)3, "
+                "AdaLoRA, LoHa, LoKr or VeRA."
+            )
+        if adapter_config.task_type is None:
+            adapter_config.task_type = TaskType.CAUSAL_LM
+        return adapter_config
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; the wrapped adapter's config is nested under ``adapter_config``."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "adapter_config"}
+        out["adapter_config"] = _to_jsonable(self.adapter_config.to_dict())
+        return _to_jsonable(out)
+
+    # Attributes that TRL / peft read or set on a peft config: they live on the wrapped adapter's config.
+    @property
+    def target_modules(self) -> Any:
+        return getattr(self.adapter_config, "target_modules", None)
+
+    @target_modules.setter
+    def target_modules(self, value: Any) -> None:
+        self.adapter_config.target_modules = value
+
+    @property
+    def modules_to_save(self) -> Any:
+        return getattr(self.adapter_config, "modules_to_save", None)
+
+    @modules_to_save.setter
+    def modules_to_save(self, value: Any) -> None:
+        self.adapter_config.modules_to_save = value
+
+    @property
+    def trainable_token_indices(self) -> Any:
+        return getattr(self.adapter_config, "trainable_token_indices", None)
+
+    @trainable_token_indices.setter
+    def trainable_token_indices(self, value: Any) -> None:
+        if not hasattr(self.adapter_config, "trainable_token_indices"):
+            raise ValueError(
+                f"The wrapped {type(self.adapter_config).__name__} does not support trainable_token_indices; "
+                "use modules_to_save=['embed_tokens'] instead."
+            )
+        self.adapter_config.trainable_token_indices = value
+
+
+assert PeftType  # re-exported type used in annotations by users

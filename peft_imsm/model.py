@@ -1,0 +1,478 @@
+"""The IMSM tuner: one model, two views (wrapped adapter off / on), interwoven by a gate before the output head.
+
+Where things happen:
+
+* ``IMSMModel.__init__`` wraps the user's adapter (LoRA, DoRA, (IA)3, AdaLoRA, ...) by building peft's own tuner
+  for it on the same model, and adds one :class:`~peft_imsm.gate.IMSMGate`.
+* The dual pass lives in two hooks on the model's backbone (the module whose output feeds the output head, e.g.
+  ``LlamaModel``), so it runs the same way for ``forward``, the HF ``Trainer``, TRL, and ``generate()``:
+
+  1. ``_backbone_pre_hook`` runs the FROZEN view: the backbone again, under ``torch.no_grad()`` with every adapter
+     layer switched off, on its own KV cache; it also finds the query tokens.
+  2. The backbone then runs as usual: the ADAPTED view, with autograd.
+  3. ``_backbone_post_hook`` computes the gate from both views' final hidden states and the query summaries and
+     replaces the backbone's ``last_hidden_state`` with the interwoven state. The model's own head, logit
+     post-processing (soft-capping, scaling) and loss function then run on it, once.
+
+* Two KV caches: see :mod:`peft_imsm.cache`. The query rule: see :mod:`peft_imsm.query`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+
+from .cache import as_imsm_cache, is_imsm_cache
+from .config import IMSMConfig
+from .gate import IMSMGate
+from .query import QueryIndex, build_query_index, per_token, query_summary
+
+# Keyword arguments of a causal LM's forward that belong to its head or loss, not to the backbone.
+_HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "return_dict")
+
+
+@dataclass
+class _ForwardState:
+    """What the pre-hook hands to the post-hook within one forward pass."""
+
+    labels: torch.Tensor | None = None  # [batch, seq] set by IMSMModel.forward
+    prompt_length: int | None = None  # set by IMSMModel.generate
+    in_frozen_view: bool = False
+    h_base: torch.Tensor | None = None  # [batch, seq, d]
+    q_base: torch.Tensor | None = None  # [batch, seq, d] float32
+    index: QueryIndex | None = None
+    cache: Cache | None = None
+    gate_log: list[torch.Tensor] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class IMSMModel(BaseTuner):
+    """IMSM tuner (created by ``get_peft_model`` / ``PeftModel.from_pretrained``; not meant to be built by hand).
+
+    Attributes:
+        model: the transformers causal LM, with the wrapped adapter's layers injected.
+        imsm_gate: ``ModuleDict`` adapter name -> :class:`IMSMGate`.
+        adapter_tuner: peft's tuner of the wrapped adapter (e.g. a ``LoraModel``) on the same ``model``; not a
+            registered submodule (its parameters are ``model``'s).
+    """
+
+    prefix: str = "imsm_"
+    tuner_layer_cls = BaseTunerLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: IMSMConfig | dict[str, IMSMConfig],
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        nn.Module.__init__(self)
+        imsm_config = config[adapter_name] if isinstance(config, dict) else config
+        if not isinstance(imsm_config, IMSMConfig):
+            raise TypeError(f"IMSMModel needs an IMSMConfig, got {type(imsm_config).__name__}.")
+        backbone = _find_backbone(model)
+
+        adapter_config = imsm_config.adapter_config
+        adapter_config.inference_mode = imsm_config.inference_mode
+        adapter_config.base_model_name_or_path = imsm_config.base_model_name_or_path
+        tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[adapter_config.peft_type]
+        adapter_tuner = tuner_cls(model, {adapter_name: adapter_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+
+        self.model = model
+        self.__dict__["adapter_tuner"] = adapter_tuner  # not a submodule: its parameters are `model`'s
+        self.__dict__["_backbone"] = backbone
+        self.peft_config: dict[str, IMSMConfig] = {adapter_name: imsm_config}
+        self.active_adapter: str | list[str] = adapter_name
+        self.targeted_module_names = list(getattr(adapter_tuner, "targeted_module_names", []))
+        self.targeted_parameter_names = list(getattr(adapter_tuner, "targeted_parameter_names", []))
+        hidden_size = _hidden_size(model)
+        gate = IMSMGate(hidden_size, imsm_config.gate_rank, imsm_config.gate_mode, imsm_config.gate_dropout)
+        gate.to(_model_device(model))
+        gate.requires_grad_(not imsm_config.inference_mode)
+        self.imsm_gate = nn.ModuleDict({adapter_name: gate})
+        model.peft_config = self.peft_config
+
+        self._imsm_enabled = True
+        self._state = _ForwardState()
+        self._backbone_params = _bound_parameter_names(backbone)
+        self._hooks = [
+            backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True),
+            backbone.register_forward_hook(self._backbone_post_hook, with_kwargs=True),
+        ]
+
+    # ------------------------------------------------------------------------------------------------ public API
+    @property
+    def gate(self) -> IMSMGate:
+        """The active adapter's gate."""
+        return self.imsm_gate[self._active_name]
+
+    @property
+    def _active_name(self) -> str:
+        return self.active_adapter if isinstance(self.active_adapter, str) else self.active_adapter[0]
+
+    def forward(self, *args: Any, labels: torch.Tensor | None = None, **kwargs: Any):
+        """Run the causal LM with IMSM. Same arguments and outputs as the wrapped model's forward.
+
+        ``labels`` (``[batch, seq]``, ``-100`` where unsupervised) also define the query: the tokens before each
+        sequence's first supervised token.
+        """
+        previous = self._state.labels
+        self._state.labels = labels
+        try:
+            if labels is not None:
+                kwargs["labels"] = labels
+            return self.adapter_tuner(*args, **kwargs)
+        finally:
+            self._state.labels = previous
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """``generate()`` with both views interwoven at every step, each view on its own KV cache.
+
+        Takes exactly the arguments of transformers' ``generate()``. Prompts must be left-padded.
+        """
+        input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        inputs_embeds = kwargs.get("inputs_embeds")
+        attention_mask = kwargs.get("attention_mask")
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        if self._imsm_enabled and prompt is not None:
+            _check_generation_prompt(attention_mask)
+        previous = self._state.prompt_length
+        self._state.prompt_length = prompt.shape[1] if prompt is not None else None
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            self._state.prompt_length = previous
+
+    @contextmanager
+    def record_gate(self):
+        """Context manager collecting, for every forward inside it, the mean gate value of each row.
+
+        Yields a list that receives one ``[batch]`` float32 tensor per forward (mean over the non-padding positions
+        of that forward and over the hidden dimensions). Useful to compare how much each kind of prompt leans on
+        the frozen view (gate near 1) or on the adapted view (gate near 0).
+        """
+        log: list[torch.Tensor] = []
+        previous = self._state.gate_log
+        self._state.gate_log = log
+        try:
+            yield log
+        finally:
+            self._state.gate_log = previous
+
+    # ------------------------------------------------------------------------------------------- the dual pass
+    def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = self._state
+        if state.in_frozen_view or not self._imsm_enabled:
+            return None
+        kwargs = dict(kwargs)
+        if args:
+            kwargs.update(self._args_to_kwargs(module, args))
+            args = ()
+        cache_key = "past_key_values" if "past_key_values" in kwargs else "cache"
+        cache = kwargs.get(cache_key)
+        if cache is None:
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(module.config, "use_cache", False)
+            if use_cache and not module.training:
+                cache = DynamicCache(config=module.config)
+            else:
+                kwargs["use_cache"] = False
+        if cache is not None:
+            cache = as_imsm_cache(cache)
+            kwargs[cache_key] = cache
+        first = kwargs.get("input_ids")
+        if first is None:
+            first = kwargs.get("inputs_embeds")
+        batch_size, seq_len = first.shape[0], first.shape[1]
+        device = first.device
+
+        state.cache = cache
+        state.index = None
+        if cache is not None and cache.imsm_has_query:
+            q_base = cache.imsm_query_base
+            state.q_base = q_base[:, None, :].expand(batch_size, seq_len, q_base.shape[-1])
+        else:
+            state.index = build_query_index(
+                batch_size,
+                seq_len,
+                device,
+                attention_mask=kwargs.get("attention_mask"),
+                labels=self._matching_labels(batch_size, seq_len),
+                position_ids=kwargs.get("position_ids"),
+                prompt_length=state.prompt_length,
+            )
+
+        frozen_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS}
+        if cache is not None:
+            frozen_kwargs[cache_key] = cache.imsm_frozen
+        with torch.no_grad(), self._frozen_view():
+            out = module(**frozen_kwargs)
+        h_base = _last_hidden_state(out)
+        state.h_base = h_base
+        if state.index is not None and self.gate.mode == "query":
+            summary = query_summary(h_base, state.index)
+            state.q_base = per_token(summary, state.index)
+            if cache is not None:
+                if not state.index.one_per_row:
+                    raise ValueError("IMSM cannot keep a KV cache for packed (padding-free) sequences.")
+                cache.imsm_query_base = summary
+        return args, kwargs
+
+    def _backbone_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        state = self._state
+        if state.in_frozen_view or not self._imsm_enabled or state.h_base is None:
+            return None
+        h_base, state.h_base = state.h_base, None
+        h_tuned = _last_hidden_state(output)
+        gate = self.gate
+        q_base = q_tuned = None
+        if gate.mode == "query":
+            q_base = state.q_base
+            cache = state.cache
+            if state.index is None:
+                q = cache.imsm_query_tuned
+                q_tuned = q[:, None, :].expand(h_tuned.shape[0], h_tuned.shape[1], q.shape[-1])
+            else:
+                summary = query_summary(h_tuned, state.index)
+                q_tuned = per_token(summary, state.index)
+                if cache is not None:
+                    cache.imsm_query_tuned = summary.detach()
+        g = gate(h_base, h_tuned, q_base, q_tuned)
+        if state.gate_log is not None:
+            state.gate_log.append(_row_means(g.detach(), kwargs.get("attention_mask"), h_tuned.shape[1]))
+        state.q_base = None
+        state.index = None
+        state.cache = None
+        mixed = IMSMGate.interweave(h_base, h_tuned, g)
+        return _replace_last_hidden_state(output, mixed)
+
+    @contextmanager
+    def _frozen_view(self):
+        """Every adapter layer (and modules_to_save / trainable-token wrapper) off, without touching requires_grad."""
+        layers = [m for m in self.model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        saved = [m._disable_adapters for m in layers]
+        self._state.in_frozen_view = True
+        try:
+            for m in layers:
+                m._disable_adapters = True
+            yield
+        finally:
+            for m, s in zip(layers, saved):
+                m._disable_adapters = s
+            self._state.in_frozen_view = False
+
+    def _matching_labels(self, batch_size: int, seq_len: int) -> torch.Tensor | None:
+        labels = self._state.labels
+        if labels is None or labels.dim() != 2 or labels.shape != (batch_size, seq_len):
+            return None
+        return labels
+
+    def _args_to_kwargs(self, module: nn.Module, args: tuple) -> dict:
+        names = self._backbone_params
+        if len(args) > len(names):
+            raise TypeError(f"Too many positional arguments for {type(module).__name__}.forward.")
+        return dict(zip(names, args))
+
+    # ------------------------------------------------------------------------- peft tuner interface
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config
+
+    def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # adapters are injected by adapter_tuner
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_target_module_exists(peft_config, key):
+        return False
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        pass
+
+    def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "An IMSM model holds exactly one IMSM adapter (one wrapped adapter and its gate); adding a second adapter "
+            "is not supported. Create a new model with get_peft_model for another IMSM adapter."
+        )
+
+    def enable_adapter_layers(self) -> None:
+        """Turn IMSM back on (both the wrapped adapter and the gate)."""
+        self.adapter_tuner.enable_adapter_layers()
+        self._imsm_enabled = True
+
+    def disable_adapter_layers(self) -> None:
+        """Turn IMSM off: the model is then the plain base model (used by ``PeftModel.disable_adapter()``)."""
+        self.adapter_tuner.disable_adapter_layers()
+        self._imsm_enabled = False
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.imsm_gate]
+        if unknown or len(names) != 1:
+            raise ValueError(f"Unknown or several IMSM adapters {names}; this model has {list(self.imsm_gate)}.")
+        self.adapter_tuner.set_adapter(adapter_name, inference_mode=inference_mode)
+        self.imsm_gate[names[0]].requires_grad_(not inference_mode)
+        self.active_adapter = names[0]
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        self.adapter_tuner._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(_MERGE_MESSAGE)
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        raise ValueError(_MERGE_MESSAGE)
+
+    def unload(self) -> nn.Module:
+        """Remove IMSM (gate and wrapped adapter) and return the untouched base model."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        return self.adapter_tuner.unload()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        raise ValueError("An IMSM model holds a single adapter; use `unload()` to get the base model back.")
+
+    # ------------------------------------------------------------------------- save / load (peft's hooks)
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        inner_cls = PEFT_TYPE_TO_TUNER_MAPPING[config.adapter_config.peft_type]
+        to_return = inner_cls._get_adapter_state_dict(
+            model=model,
+            config=config.adapter_config,
+            adapter_name=adapter_name,
+            state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        gate_prefix = f"imsm_gate.{adapter_name}."
+        to_return.update({k: v for k, v in state_dict.items() if gate_prefix in k})
+        return to_return
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        gate_prefix = f"imsm_gate.{adapter_name}."
+        if gate_prefix in key:
+            return key.replace(gate_prefix, "imsm_gate.")
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        model_state = model.state_dict()
+        remapped: dict[str, torch.Tensor] = {}
+        for key, value in state_dict.items():
+            if "imsm_gate." in key and f"imsm_gate.{adapter_name}." not in key:
+                key = key.replace("imsm_gate.", f"imsm_gate.{adapter_name}.")
+                expected = model_state.get(key)
+                if expected is not None and expected.shape != value.shape:
+                    raise ValueError(
+                        f"The saved IMSM gate weight {key.split('imsm_gate.')[-1]} has shape {tuple(value.shape)} "
+                        f"but this model needs {tuple(expected.shape)}: the adapter was trained on a base model with "
+                        f"another hidden size (or another gate_rank / gate_mode). Load it onto the base model it was "
+                        f"trained on ({config.base_model_name_or_path or 'see base_model_name_or_path'})."
+                    )
+            remapped[key] = value
+        inner_cls = PEFT_TYPE_TO_TUNER_MAPPING[config.adapter_config.peft_type]
+        return inner_cls._remap_adapter_state_dict_for_load(
+            model=model, config=config.adapter_config, adapter_name=adapter_name, state_dict=remapped
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        """Forward missing attributes to the wrapped adapter's tuner (and through it to the model)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "adapter_tuner", "imsm_gate"):
+                raise
+            return getattr(self.__dict__["adapter_tuner"], name)
+
+
+_MERGE_MESSAGE = (
+    "IMSM cannot be merged into the base weights: it needs both the frozen view (adapter off) and the adapted view "
+    "(adapter on) at run time, and mixes their hidden states with a gate at every token. Keep the model unmerged "
+    "(save it with `save_pretrained`, load it with `PeftModel.from_pretrained`), or call `unload()` to drop IMSM."
+)
+
+
+def _find_backbone(model: nn.Module) -> nn.Module:
+    """The module whose output feeds the output head (e.g. ``LlamaModel`` of ``LlamaForCausalLM``)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_out is None or get_out() is None:
+        raise ValueError(
+            f"IMSM needs a causal LM with an output head (lm_head), but {type(model).__name__} has no output "
+            "embeddings. Load the model with AutoModelForCausalLM (not AutoModel)."
+        )
+    backbone = getattr(model, "base_model", None)
+    if backbone is None or backbone is model:
+        raise ValueError(
+            f"IMSM could not find the backbone of {type(model).__name__} (the module before the output head, named "
+            "by the model's `base_model_prefix`). Only transformers causal LMs are supported."
+        )
+    return backbone
+
+
+def _hidden_size(model: nn.Module) -> int:
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return int(weight.shape[1])
+    return int(model.config.get_text_config().hidden_size)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
+def _bound_parameter_names(module: nn.Module) -> list[str]:
+    params = inspect.signature(module.forward).parameters
+    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _last_hidden_state(output: Any) -> torch.Tensor:
+    if isinstance(output, tuple):
+        return output[0]
+    return output.last_hidden_state
+
+
+def _replace_last_hidden_state(output: Any, hidden: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    output.last_hidden_state = hidden
+    return output
+
+
+def _row_means(gate: torch.Tensor, attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor:
+    per_pos = gate.mean(dim=-1)  # [batch, seq]
+    if attention_mask is None or attention_mask.dim() != 2:
+        return per_pos.mean(dim=1).cpu()
+    mask = attention_mask[:, -seq_len:].to(per_pos.dtype)
+    return ((per_pos * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).cpu()
+
+
+def _check_generation_prompt(attention_mask: torch.Tensor | None) -> None:
+    if attention_mask is None or attention_mask.dim() != 2:
+        return
+    mask = attention_mask.bool()
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"Row(s) {empty} of the batch have an empty prompt (attention_mask is all 0). IMSM summarises the prompt "
+            "to gate every generated token, so each row needs at least one prompt token."
+        )
+    right_padded = (~mask[:, -1]).nonzero().flatten().tolist()
+    if right_padded:
+        raise ValueError(
+            f"Row(s) {right_padded} of the batch are right-padded (their last attention_mask entry is 0). Decoder-only "
+            "generation needs left padding: set `tokenizer.padding_side = 'left'` before tokenizing the prompts."
+        )
