@@ -52,6 +52,7 @@ class _ForwardState:
     index: QueryIndex | None = None
     cache: Cache | None = None
     gate_log: list[torch.Tensor] | None = None
+    interweaved: int = 0  # number of interwoven forwards (a guard that the hooks run)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -129,12 +130,20 @@ class IMSMModel(BaseTuner):
         """
         previous = self._state.labels
         self._state.labels = labels
+        calls = self._state.interweaved
         try:
             if labels is not None:
                 kwargs["labels"] = labels
-            return self.adapter_tuner(*args, **kwargs)
+            output = self.adapter_tuner(*args, **kwargs)
         finally:
             self._state.labels = previous
+        if self._imsm_enabled and self._state.interweaved == calls:
+            raise RuntimeError(
+                f"IMSM's hooks on {type(self._backbone).__name__} did not run during the forward of "
+                f"{type(self.model).__name__}: this architecture does not feed its output head from the module IMSM "
+                "hooked. Please report the architecture."
+            )
+        return output
 
     def generate(self, *args: Any, **kwargs: Any):
         """``generate()`` with both views interwoven at every step, each view on its own KV cache.
@@ -255,6 +264,7 @@ class IMSMModel(BaseTuner):
         state.q_base = None
         state.index = None
         state.cache = None
+        state.interweaved += 1
         mixed = IMSMGate.interweave(h_base, h_tuned, g)
         return _replace_last_hidden_state(output, mixed)
 
@@ -411,7 +421,14 @@ def _find_backbone(model: nn.Module) -> nn.Module:
             f"IMSM needs a causal LM with an output head (lm_head), but {type(model).__name__} has no output "
             "embeddings. Load the model with AutoModelForCausalLM (not AutoModel)."
         )
-    backbone = getattr(model, "base_model", None)
+    # transformers' own lookup of the decoder stack (e.g. OPTForCausalLM calls `model.decoder`, not `model`).
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        backbone = get_decoder() if get_decoder is not None else None
+    except (AttributeError, ValueError):
+        backbone = None
+    if backbone is None:
+        backbone = getattr(model, "base_model", None)
     if backbone is None or backbone is model:
         raise ValueError(
             f"IMSM could not find the backbone of {type(model).__name__} (the module before the output head, named "

@@ -1,0 +1,294 @@
+"""Build (once, then cache) a small Llama "skills LM" pretrained from scratch on the MIXTURE tasks, and score it.
+
+The build is a plain torch training loop on CPU from a fixed seed: AdamW with warmup + cosine decay, batches of
+fresh ``train``-split examples drawn from the mixture (``peft_imsm.bench.skills``), cross-entropy on the ANSWER
+tokens only (the answer characters and the final eos; the bos and prompt characters are masked with -100). The
+result is saved with ``save_pretrained`` (model and tokenizer) into a cache folder keyed by a hash of the config,
+the training recipe, the seed and ``CODE_VERSION``; later calls load it from there.
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from peft_imsm.bench.skills import MIXTURE_TASKS, VOCAB_SIZE, build_tokenizer, sample_example
+
+CODE_VERSION: str = "1"  # bump when the world (skills.py) or the training loop changes in a way the hash can't see
+CACHE_ENV_VAR: str = "PEFT_IMSM_CACHE"
+DEFAULT_CACHE_ROOT: str = os.path.join(os.path.expanduser("~"), ".cache", "peft_imsm")
+
+SKILLS_MODEL_CONFIG = LlamaConfig(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """Hyper-parameters of the pretraining loop (part of the cache key)."""
+
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    min_lr_ratio: float = 0.05
+    task_weights: tuple[float, ...] = (1.0, 2.0, 2.0, 1.0)  # sampling weights, aligned with MIXTURE_TASKS
+
+
+DEFAULT_RECIPE = TrainRecipe()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------------------------
+def encode_batch(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Left-pad ``<bos> prompt answer <eos>`` sequences, with labels on the answer and eos only.
+
+    Args:
+        tokenizer: the skills tokenizer (its ``__call__`` adds exactly one bos in front).
+        pairs: B ``(prompt, answer)`` strings.
+
+    Returns:
+        ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long, ``position_ids`` (B, T) long (0 on padding, then
+        0, 1, ... on the real tokens, as ``generate`` computes them), ``labels`` (B, T) long with -100 on padding,
+        bos and prompt.
+    """
+    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+    seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompt_ids, answer_ids)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (seq, p) in enumerate(zip(seqs, prompt_ids)):
+        start = width - len(seq)
+        input_ids[i, start:] = torch.tensor(seq)
+        attention_mask[i, start:] = 1
+        labels[i, start + len(p) :] = torch.tensor(seq[len(p) :])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+def train_skills_model(
+    config: LlamaConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    recipe: TrainRecipe = DEFAULT_RECIPE,
+    tasks: tuple[str, ...] = MIXTURE_TASKS,
+    progress: bool = True,
+) -> LlamaForCausalLM:
+    """Train a fresh ``LlamaForCausalLM(config)`` on ``tasks`` (train split) from ``seed``; deterministic on CPU
+    for a fixed thread count. Returns the model in eval mode."""
+    if len(recipe.task_weights) != len(tasks):
+        raise ValueError(f"recipe.task_weights has {len(recipe.task_weights)} entries for {len(tasks)} tasks")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.train()
+    rng = random.Random(f"pretrain:{seed}")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_factor(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        t = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+        return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    bar = tqdm(range(recipe.steps), desc="pretraining skills LM", disable=not progress)
+    ema_loss = None
+    for _ in bar:
+        chosen = rng.choices(tasks, weights=recipe.task_weights, k=recipe.batch_size)
+        batch = encode_batch(tokenizer, [sample_example(t, rng, "train") for t in chosen])
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema_loss:.4f}")
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------------
+def skills_model_key(config: LlamaConfig, seed: int, recipe: TrainRecipe) -> str:
+    """Short hash of (config, recipe, seed, CODE_VERSION, mixture) naming the cache folder."""
+    cfg = config.to_dict()
+    cfg.pop("transformers_version", None)
+    blob = json.dumps(
+        {"config": cfg, "recipe": asdict(recipe), "seed": seed, "code": CODE_VERSION, "tasks": MIXTURE_TASKS},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def skills_model_dir(
+    cache_dir: str | None = None, seed: int = 0, config: LlamaConfig | None = None, recipe: TrainRecipe | None = None
+) -> str:
+    """The folder the skills LM for these settings lives in: ``<root>/skills-lm-<key>``, where root is
+    ``cache_dir``, else ``$PEFT_IMSM_CACHE``, else ``~/.cache/peft_imsm``."""
+    root = cache_dir or os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_ROOT
+    key = skills_model_key(config or SKILLS_MODEL_CONFIG, seed, recipe or DEFAULT_RECIPE)
+    return os.path.join(root, f"skills-lm-{key}")
+
+
+def _load(folder: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def load_or_build_skills_model(
+    cache_dir: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    config: LlamaConfig | None = None,
+    recipe: TrainRecipe | None = None,
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """Load the pretrained skills LM from the cache, building (training + saving) it first if it isn't there.
+
+    Args:
+        cache_dir: cache ROOT (the model goes to ``<root>/skills-lm-<key>``); default ``$PEFT_IMSM_CACHE`` or
+            ``~/.cache/peft_imsm``.
+        seed: training seed (part of the key).
+        progress: show a tqdm bar while building.
+        config, recipe: overrides of ``SKILLS_MODEL_CONFIG`` / ``DEFAULT_RECIPE`` (for tests; part of the key).
+
+    Returns:
+        ``(model, tokenizer)``, both loaded from the cache folder; the model is float32, on CPU, in eval mode.
+
+    The build happens in a temporary sibling folder that is renamed into place only when complete, so an
+    interrupted build leaves no half cache (at most a ``.tmp-*`` folder, ignored and never read).
+    """
+    config = config or SKILLS_MODEL_CONFIG
+    recipe = recipe or DEFAULT_RECIPE
+    folder = skills_model_dir(cache_dir, seed, config, recipe)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        root = os.path.dirname(folder)
+        os.makedirs(root, exist_ok=True)
+        tokenizer = build_tokenizer()
+        start = time.perf_counter()
+        model = train_skills_model(config, tokenizer, seed=seed, recipe=recipe, progress=progress)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(folder)}-", dir=root)
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, "build_info.json"), "w") as f:
+                json.dump({"seed": seed, "recipe": asdict(recipe), "build_seconds": time.perf_counter() - start}, f)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process finished the same build first: keep theirs
+                if not os.path.isfile(os.path.join(folder, "config.json")):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _load(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+) -> list[str]:
+    """Greedy continuations of ``prompts``, cut at the first eos, special tokens removed.
+
+    Uses only the generic ``model.generate(input_ids=(B, T), attention_mask=(B, T), max_new_tokens, do_sample=False,
+    eos_token_id, pad_token_id)`` API on left-padded prompts, so a peft-wrapped model works too.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i : i + batch_size], padding=True, return_tensors="pt")
+        input_ids = enc["input_ids"].to(device)  # (B, T), left-padded, bos first
+        attention_mask = enc["attention_mask"].to(device)  # (B, T)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # (B, T + new)
+        for row in out[:, input_ids.shape[1] :].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    if was_training:
+        model.train()
+    return answers
+
+
+def evaluate_tasks(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: dict[str, list[dict]],
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+) -> dict[str, float]:
+    """Exact-match accuracy (percent) per task of greedy generation against the gold answers.
+
+    Args:
+        tasks: ``{task name: [{"input": prompt, "output": answer}, ...]}`` (e.g. from ``make_examples``).
+        max_new_tokens: default: longest gold answer (in tokens) over all tasks + 1, for the eos.
+
+    Returns:
+        ``{task name: 100 * (#continuations equal to the answer) / #examples}`` (0.0 for an empty list).
+    """
+    if max_new_tokens is None:
+        lengths = [
+            len(tokenizer(ex["output"], add_special_tokens=False)["input_ids"]) for exs in tasks.values() for ex in exs
+        ]
+        max_new_tokens = max(lengths, default=0) + 1
+    scores: dict[str, float] = {}
+    for name, examples in tasks.items():
+        if not examples:
+            scores[name] = 0.0
+            continue
+        preds = generate_answers(model, tokenizer, [ex["input"] for ex in examples], batch_size, max_new_tokens)
+        hits = sum(pred == ex["output"] for pred, ex in zip(preds, examples))
+        scores[name] = 100.0 * hits / len(examples)
+    return scores
