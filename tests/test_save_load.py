@@ -1,0 +1,127 @@
+"""save_pretrained / from_pretrained round trips, checked in a fresh Python process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ADAPTERS, adapter_config, batch, perturb_adapter, tiny_model
+from peft import get_peft_model
+from safetensors.torch import load_file
+
+from peft_imsm import IMSMConfig
+
+TESTS = Path(__file__).resolve().parent
+
+
+def run_fresh(code: str) -> None:
+    script = "import sys\nsys.path.insert(0, %r)\n" % str(TESTS) + textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def make_and_save(tmp_path: Path, arch: str, kind: str, gate_mode: str = "query"):
+    base = tiny_model(arch)
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    base = type(base).from_pretrained(base_dir)
+    model = get_peft_model(base, IMSMConfig(adapter_config=adapter_config(kind, identity=False), gate_mode=gate_mode))
+    perturb_adapter(model)
+    with torch.no_grad():
+        for p in model.base_model.imsm_gate.parameters():
+            p.normal_(0, 0.5)
+    model.eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    torch.save({"ids": ids, "mask": mask, "logits": logits}, tmp_path / "expected.pt")
+    return model, base_dir, adapter_dir
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_saved_files_hold_only_adapter_and_gate(tmp_path, kind):
+    model, _, adapter_dir = make_and_save(tmp_path, "llama", kind)
+    assert sorted(p.name for p in adapter_dir.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IMSM" and config["gate_rank"] == 8 and config["gate_mode"] == "query"
+    assert config["adapter_config"]["peft_type"] == {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "adalora": "ADALORA"}[kind]
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    assert {"base_model.imsm_gate.W_A.weight", "base_model.imsm_gate.W_B.weight"} <= set(weights)
+    assert weights["base_model.imsm_gate.W_A.weight"].shape == (8, 4 * 32)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stored = sum(t.numel() for t in weights.values())
+    base_numel = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad)
+    assert stored <= trainable + 64 and stored < base_numel / 2  # only adapter + gate (AdaLoRA stores no ranknum)
+
+
+@pytest.mark.parametrize(
+    "arch,kind,mode", [("llama", k, "query") for k in ADAPTERS] + [("gpt2", "lora", "token"), ("opt", "lora", "fixed")]
+)
+def test_fresh_process_reproduces_logits(tmp_path, arch, kind, mode):
+    make_and_save(tmp_path, arch, kind, gate_mode=mode)
+    run_fresh(
+        f"""
+        import torch, peft_imsm
+        from peft import PeftConfig, PeftModel, AutoPeftModelForCausalLM
+        from transformers import AutoModelForCausalLM
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        config = PeftConfig.from_pretrained({str(tmp_path / "adapter")!r})
+        assert type(config).__name__ == "IMSMConfig", type(config)
+        assert type(config.adapter_config).__name__ in ("LoraConfig", "IA3Config", "AdaLoraConfig"), config
+        base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r})
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=expected["ids"], attention_mask=expected["mask"]).logits
+        torch.testing.assert_close(logits, expected["logits"], atol=1e-6, rtol=0)
+        assert not any(p.requires_grad for p in model.parameters())
+        auto = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r})
+        auto.eval()
+        with torch.no_grad():
+            logits = auto(input_ids=expected["ids"], attention_mask=expected["mask"]).logits
+        torch.testing.assert_close(logits, expected["logits"], atol=1e-6, rtol=0)
+        """
+    )
+
+
+def test_is_trainable_resumes_training(tmp_path):
+    make_and_save(tmp_path, "llama", "lora")
+    run_fresh(
+        f"""
+        import torch, peft_imsm
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}, is_trainable=True)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert any("imsm_gate" in n for n in names) and any("lora_A" in n for n in names), names
+        model.train()
+        ids = torch.randint(3, 96, (2, 10))
+        before = {{n: p.detach().clone() for n, p in model.named_parameters()}}
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        changed = {{n for n, p in model.named_parameters() if not torch.equal(p, before[n])}}
+        assert changed == set(names), (changed ^ set(names))
+        """
+    )
+
+
+def test_loading_onto_another_hidden_size_is_a_clear_error(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    make_and_save(tmp_path, "llama", "lora")
+    other = LlamaForCausalLM(
+        LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    )
+    from peft import PeftModel
+
+    with pytest.raises(ValueError, match="another hidden size"):
+        PeftModel.from_pretrained(other, tmp_path / "adapter")
