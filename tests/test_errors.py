@@ -1,0 +1,81 @@
+"""Bad input gets a clear error that names the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import adapter_config, tiny_model
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+from peft_imsm import IMSMConfig
+
+
+def lora():
+    return LoraConfig(r=4, target_modules="all-linear")
+
+
+def test_prompt_learning_adapter_is_refused():
+    with pytest.raises(ValueError, match="prompt-learning.*LoraConfig"):
+        IMSMConfig(adapter_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+
+
+def test_missing_or_unknown_adapter_config():
+    with pytest.raises(ValueError, match="adapter_config=LoraConfig"):
+        IMSMConfig()
+    with pytest.raises(TypeError, match="peft config such as LoraConfig"):
+        IMSMConfig(adapter_config="lora")
+    with pytest.raises(ValueError, match="unknown peft_type"):
+        IMSMConfig(adapter_config={"peft_type": "NOPE"})
+    with pytest.raises(ValueError, match="cannot wrap the peft method IMSM"):
+        IMSMConfig(adapter_config=IMSMConfig(adapter_config=lora()))
+
+
+@pytest.mark.parametrize("rank", [0, -1, 2.5, True])
+def test_bad_gate_rank(rank):
+    with pytest.raises(ValueError, match="gate_rank must be an integer >= 1"):
+        IMSMConfig(adapter_config=lora(), gate_rank=rank)
+
+
+def test_bad_gate_mode_and_dropout():
+    with pytest.raises(ValueError, match="Unknown gate_mode 'avg'.*query, token, fixed"):
+        IMSMConfig(adapter_config=lora(), gate_mode="avg")
+    with pytest.raises(ValueError, match="gate_dropout"):
+        IMSMConfig(adapter_config=lora(), gate_dropout=1.5)
+
+
+def test_non_causal_lm_task_type():
+    with pytest.raises(ValueError, match="causal language models only.*CAUSAL_LM"):
+        IMSMConfig(adapter_config=lora(), task_type="SEQ_CLS")
+
+
+def test_model_without_output_embeddings():
+    from transformers import AutoModel
+
+    from conftest import tiny_config
+
+    with pytest.raises(ValueError, match="no output embeddings.*AutoModelForCausalLM"):
+        get_peft_model(AutoModel.from_config(tiny_config("llama")), IMSMConfig(adapter_config=lora()))
+
+
+def test_merging_is_refused_with_the_reason():
+    model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora")))
+    with pytest.raises(ValueError, match="cannot be merged.*both the frozen view"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()
+
+
+def test_unload_gives_back_the_base_model():
+    base = tiny_model("llama")
+    ids = torch.randint(3, 96, (2, 8))
+    expected = base(input_ids=ids).logits
+    model = get_peft_model(base, IMSMConfig(adapter_config=adapter_config("lora", identity=False)))
+    plain = model.unload()
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected)
+
+
+def test_second_adapter_is_refused():
+    model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora")))
+    with pytest.raises(ValueError, match="exactly one IMSM adapter"):
+        model.add_adapter("other", IMSMConfig(adapter_config=adapter_config("lora")))
