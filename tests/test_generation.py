@@ -1,0 +1,201 @@
+"""generate(): two KV caches, exact against a no-cache reference loop, every decoding mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import GENERATION_ARCHS, adapter_config, perturb_adapter, tiny_model
+from peft import get_peft_model
+from transformers import DynamicCache, GenerationConfig
+
+from peft_imsm import IMSMConfig
+
+PROMPT_LENGTHS = [9, 4, 6]
+
+
+def imsm(arch: str, kind: str = "lora"):
+    model = get_peft_model(tiny_model(arch), IMSMConfig(adapter_config=adapter_config(kind, identity=False)))
+    perturb_adapter(model, scale=0.5)
+    with torch.no_grad():
+        for p in model.base_model.imsm_gate.parameters():
+            p.normal_(0, 0.3)
+    model.eval()
+    return model
+
+
+def left_padded(lengths=PROMPT_LENGTHS, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, 96, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+def greedy(model, ids, mask, n=8, **kwargs):
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs
+    )
+
+
+def positions(mask):
+    """Position ids as generate() derives them from a left-padded mask (matters for absolute positions, e.g. GPT-2)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def reference_greedy(model, ids, mask, n=8):
+    """The paper's way: the whole sequence through the plain forward at every step, prompt masked as -100."""
+    seq, att = ids.clone(), mask.clone()
+    prompt_len = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            labels = seq.clone()
+            labels[:, :prompt_len] = -100
+            if seq.shape[1] == prompt_len:
+                labels = None  # nothing generated yet: no labels, the query is the whole prompt
+            logits = model(input_ids=seq, attention_mask=att, position_ids=positions(att), labels=labels, use_cache=False).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            att = torch.cat([att, torch.ones_like(nxt)], 1)
+    return seq
+
+
+@pytest.mark.parametrize("arch", GENERATION_ARCHS)
+def test_greedy_equals_no_cache_reference_loop(arch):
+    model = imsm(arch)
+    ids, mask = left_padded()
+    out = greedy(model, ids, mask)
+    assert torch.equal(out, reference_greedy(model, ids, mask))
+    assert torch.equal(out, greedy(model, ids, mask, use_cache=False))
+    base_out = greedy(tiny_model(arch), ids, mask)
+    assert not torch.equal(out, base_out), "IMSM must change the generation for this test to mean anything"
+
+
+@pytest.mark.parametrize("arch", GENERATION_ARCHS)
+def test_step_logits_equal_teacher_forced_forward(arch):
+    model = imsm(arch)
+    ids, mask = left_padded()
+    out = greedy(model, ids, mask, n=6, return_dict_in_generate=True, output_logits=True, output_scores=True)
+    step_logits = torch.stack(out.logits, dim=1)
+    full = out.sequences
+    labels = full.clone()
+    labels[:, : ids.shape[1]] = -100
+    att = torch.cat([mask, torch.ones(full.shape[0], full.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        forced = model(input_ids=full, attention_mask=att, position_ids=positions(att), labels=labels, use_cache=False).logits
+    torch.testing.assert_close(step_logits, forced[:, ids.shape[1] - 1 : -1], atol=1e-4, rtol=1e-4)
+    assert len(out.scores) == 6
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rows_do_not_leak_in_a_padded_batch(arch):
+    model = imsm(arch)
+    ids, mask = left_padded()
+    together = greedy(model, ids, mask)
+    width = ids.shape[1]
+    for row, n in enumerate(PROMPT_LENGTHS):
+        alone = greedy(model, ids[row : row + 1, width - n :], mask[row : row + 1, width - n :])
+        assert torch.equal(alone[0, n:], together[row, width:]), row
+
+
+def test_sampling_is_seeded_and_cache_independent():
+    model = imsm("llama")
+    ids, mask = left_padded()
+    kwargs = dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=8, pad_token_id=0)
+    torch.manual_seed(7)
+    a = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    torch.manual_seed(7)
+    b = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+    torch.manual_seed(7)
+    c = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=3, **kwargs)
+    torch.manual_seed(7)
+    d = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=3, use_cache=False, **kwargs)
+    assert torch.equal(a, b) and torch.equal(c, d) and c.shape[0] == 9
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_beam_search_cache_equals_no_cache(arch):
+    model = imsm(arch)
+    ids, mask = left_padded()
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert cached.shape[0] == 6 and torch.equal(cached, uncached)
+
+
+def test_assisted_decoding_crops_both_caches():
+    model = imsm("llama")
+    ids, mask = left_padded([7])
+    plain = greedy(model, ids, mask, n=10)
+    assisted = greedy(model, ids, mask, n=10, assistant_model=tiny_model("llama", seed=5))
+    assert torch.equal(plain, assisted)
+
+
+def test_eos_stop_strings_and_streamer():
+    from transformers import TextStreamer
+
+    from peft_imsm.bench.skills import build_tokenizer
+
+    tok = build_tokenizer()
+    model = imsm("llama")
+    ids, mask = left_padded()
+    first = greedy(model, ids, mask, n=8)
+    eos = int(first[0, ids.shape[1] + 2])  # make the 3rd generated token of row 0 the eos
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert out[0, ids.shape[1] + 2] == eos and (out[0, ids.shape[1] + 3 :] == 0).all()
+    one = ids[:1, -PROMPT_LENGTHS[0] :]
+    text = tok.decode(greedy(model, one, torch.ones_like(one), n=8)[0, one.shape[1] :])
+    stop = text[2:4]
+    if stop and stop.strip():
+        stopped = model.generate(
+            input_ids=one, max_new_tokens=8, do_sample=False, stop_strings=[stop], tokenizer=tok, pad_token_id=0
+        )
+        assert tok.decode(stopped[0, one.shape[1] :]).endswith(stop)
+    streamed: list[str] = []
+
+    class Capture(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            streamed.append(text)
+
+    model.generate(input_ids=one, max_new_tokens=5, do_sample=False, streamer=Capture(tok, skip_prompt=True), pad_token_id=0)
+    assert "".join(streamed) == tok.decode(greedy(model, one, torch.ones_like(one), n=5)[0, one.shape[1] :])
+
+
+def test_disable_adapter_generates_like_the_base_model():
+    model = imsm("llama")
+    ids, mask = left_padded()
+    with model.disable_adapter():
+        out = greedy(model, ids, mask)
+    assert torch.equal(out, greedy(tiny_model("llama"), ids, mask))
+
+
+def test_generation_config_object_and_loaded_model(tmp_path):
+    from peft import PeftModel
+
+    model = imsm("llama")
+    ids, mask = left_padded()
+    expected = greedy(model, ids, mask)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    cfg = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(loaded.generate(input_ids=ids, attention_mask=mask, generation_config=cfg), expected)
+
+
+def test_bad_generation_inputs():
+    model = imsm("llama")
+    ids, mask = left_padded()
+    right = torch.flip(mask, dims=[1])
+    with pytest.raises(ValueError, match="right-padded.*padding_side = 'left'"):
+        greedy(model, ids, right)
+    empty = mask.clone()
+    empty[1] = 0
+    with pytest.raises(ValueError, match="empty prompt"):
+        greedy(model, ids, empty)
+    foreign = DynamicCache()
+    tiny_model("llama")(input_ids=ids[:, :4], cache=foreign, use_cache=True)
+    with pytest.raises(ValueError, match="computed without IMSM's frozen view"):
+        model(input_ids=ids[:, 4:], cache=foreign, use_cache=True)
+    with pytest.raises(TypeError, match="transformers `Cache`"):
+        model(input_ids=ids, cache=((torch.zeros(1),),), use_cache=True)
