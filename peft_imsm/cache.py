@@ -23,13 +23,23 @@ from transformers.cache_utils import Cache
 class IMSMCacheMixin:
     """Mixed into a transformers ``Cache`` class; see the module docstring.
 
+    Two layouts:
+
+    * two caches (any cache class): this object holds the adapted view's key/values and ``imsm_frozen`` holds the
+      frozen view's;
+    * stacked (``DynamicCache`` with LoRA, used by generation when both views run as one doubled batch): this object
+      holds ``2 * rows`` rows, the frozen view's rows first, then the adapted view's; ``imsm_frozen`` is None and
+      every row operation is applied to both halves.
+
     Attributes:
-        imsm_frozen: the frozen view's cache (same class and layout as the adapted view's).
+        imsm_frozen: the frozen view's cache in the two-cache layout, else None.
+        imsm_half_rows: in the stacked layout, the number of rows of each view.
         imsm_query_base: ``[batch, d]`` float32 query summary of the frozen view, set at prefill.
         imsm_query_tuned: ``[batch, d]`` float32 query summary of the adapted view, set at prefill.
     """
 
-    imsm_frozen: Cache
+    imsm_frozen: Cache | None
+    imsm_half_rows: int | None
     imsm_query_base: torch.Tensor | None
     imsm_query_tuned: torch.Tensor | None
 
@@ -38,39 +48,63 @@ class IMSMCacheMixin:
             self.imsm_query_base = fn(self.imsm_query_base)
             self.imsm_query_tuned = fn(self.imsm_query_tuned)
 
+    @property
+    def imsm_stacked(self) -> bool:
+        return self.imsm_frozen is None
+
+    def _both_halves(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = torch.as_tensor(rows)
+        return torch.cat([rows, rows + self.imsm_half_rows])
+
     def reset(self) -> None:
         super().reset()
-        self.imsm_frozen.reset()
+        if self.imsm_frozen is not None:
+            self.imsm_frozen.reset()
         self.imsm_query_base = None
         self.imsm_query_tuned = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self.imsm_frozen.reorder_cache(beam_idx)
+        if self.imsm_stacked:
+            super().reorder_cache(self._both_halves(beam_idx))
+            self.imsm_half_rows = int(beam_idx.numel())
+        else:
+            super().reorder_cache(beam_idx)
+            self.imsm_frozen.reorder_cache(beam_idx)
         self._imsm_rows(lambda q: q.index_select(0, beam_idx.to(q.device)))
 
     def crop(self, tokens_to_remove: int) -> None:
         # The query summaries describe the prompt, which cropping of generated tokens never reaches.
         super().crop(tokens_to_remove)
-        self.imsm_frozen.crop(tokens_to_remove)
+        if self.imsm_frozen is not None:
+            self.imsm_frozen.crop(tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        # In the stacked layout [frozen rows; adapted rows], repeating each row keeps the frozen half first.
         super().batch_repeat_interleave(repeats)
-        self.imsm_frozen.batch_repeat_interleave(repeats)
+        if self.imsm_stacked:
+            self.imsm_half_rows = None if self.imsm_half_rows is None else self.imsm_half_rows * repeats
+        else:
+            self.imsm_frozen.batch_repeat_interleave(repeats)
         self._imsm_rows(lambda q: q.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self.imsm_frozen.batch_select_indices(indices)
+        if self.imsm_stacked:
+            super().batch_select_indices(self._both_halves(indices))
+            self.imsm_half_rows = int(torch.as_tensor(indices).numel())
+        else:
+            super().batch_select_indices(indices)
+            self.imsm_frozen.batch_select_indices(indices)
         self._imsm_rows(lambda q: q[indices.to(q.device)])
 
     def offload(self, *args, **kwargs):
         super().offload(*args, **kwargs)
-        self.imsm_frozen.offload(*args, **kwargs)
+        if self.imsm_frozen is not None:
+            self.imsm_frozen.offload(*args, **kwargs)
 
     def prefetch(self, *args, **kwargs):
         super().prefetch(*args, **kwargs)
-        self.imsm_frozen.prefetch(*args, **kwargs)
+        if self.imsm_frozen is not None:
+            self.imsm_frozen.prefetch(*args, **kwargs)
 
     @property
     def imsm_has_query(self) -> bool:
@@ -87,12 +121,13 @@ def is_imsm_cache(cache: object) -> bool:
     return isinstance(cache, IMSMCacheMixin)
 
 
-def as_imsm_cache(cache: Cache) -> Cache:
+def as_imsm_cache(cache: Cache, stacked: bool = False) -> Cache:
     """Upgrade an EMPTY transformers cache in place to carry the frozen view too, and return it.
 
-    The frozen view's cache is a deep copy of the empty cache (same class, same per-layer layout: sliding windows,
-    static lengths). A cache that already holds tokens but no frozen view cannot be upgraded: its frozen half would
-    be missing, so this raises.
+    In the two-cache layout the frozen view's cache is a deep copy of the empty cache (same class, same per-layer
+    layout: sliding windows, static lengths); in the stacked layout (``stacked=True``) the cache will hold both
+    views' rows. A cache that already holds tokens but no frozen view cannot be upgraded: its frozen half would be
+    missing, so this raises.
     """
     if is_imsm_cache(cache):
         return cache
@@ -107,9 +142,10 @@ def as_imsm_cache(cache: Cache) -> Cache:
             "IMSM's frozen view, so IMSM cannot continue from it. Pass the cache returned by an IMSM model's "
             "forward/generate, or start from an empty cache."
         )
-    frozen = copy.deepcopy(cache)
+    frozen = None if stacked else copy.deepcopy(cache)
     cache.__class__ = _imsm_cache_class(type(cache))
     cache.imsm_frozen = frozen
+    cache.imsm_half_rows = None
     cache.imsm_query_base = None
     cache.imsm_query_tuned = None
     return cache

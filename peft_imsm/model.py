@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -36,6 +37,8 @@ from .config import IMSMConfig
 from .gate import IMSMGate
 from .query import QueryIndex, build_query_index, per_token, query_summary
 
+# Backbone inputs with a batch dimension, doubled when both views run as one batch.
+_BATCHED_KWARGS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
 # Keyword arguments of a causal LM's forward that belong to its head or loss, not to the backbone.
 _HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "return_dict")
 
@@ -48,11 +51,12 @@ class _ForwardState:
     prompt_length: int | None = None  # set by IMSMModel.generate
     in_frozen_view: bool = False
     h_base: torch.Tensor | None = None  # [batch, seq, d]
-    q_base: torch.Tensor | None = None  # [batch, seq, d] float32
     index: QueryIndex | None = None
     cache: Cache | None = None
     gate_log: list[torch.Tensor] | None = None
-    interweaved: int = 0  # number of interwoven forwards (a guard that the hooks run)
+    row_adapters: list[str] | None = None  # per-row adapter names while both views run as one doubled batch
+    stacked_rows: int | None = None  # rows per view in the doubled batch
+    interweaved: int = 0  # interwoven forwards since IMSMModel.forward last began (a guard that the hooks run)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,10 +111,24 @@ class IMSMModel(BaseTuner):
         self._imsm_enabled = True
         self._state = _ForwardState()
         self._backbone_params = _bound_parameter_names(backbone)
+        self._switchable_layers = [
+            m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+        ]
+        #: Run both views as one doubled batch when autograd is off (generation, evaluation) and the wrapped
+        #: adapter supports per-row adapter selection (plain LoRA: peft's mixed-adapter batches). Set to False to
+        #: always run two passes; results are the same up to float rounding.
+        self.stacked_views = True
+        self._supports_row_adapters = _supports_row_adapters(adapter_tuner, model)
         self._hooks = [
             backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True),
             backbone.register_forward_hook(self._backbone_post_hook, with_kwargs=True),
         ]
+        if self._supports_row_adapters:
+            self._hooks += [
+                m.register_forward_pre_hook(self._inject_row_adapters, with_kwargs=True)
+                for m in model.modules()
+                if isinstance(m, LoraLayer)
+            ]
 
     # ------------------------------------------------------------------------------------------------ public API
     @property
@@ -130,14 +148,16 @@ class IMSMModel(BaseTuner):
         """
         previous = self._state.labels
         self._state.labels = labels
-        calls = self._state.interweaved
+        # Reset, not a running count compared before/after: torch.compile guards on the integers it reads, so a
+        # count read on entry recompiled the whole model at every call (test_long_sequences.py::test_torch_compile).
+        self._state.interweaved = 0
         try:
             if labels is not None:
                 kwargs["labels"] = labels
             output = self.adapter_tuner(*args, **kwargs)
         finally:
             self._state.labels = previous
-        if self._imsm_enabled and self._state.interweaved == calls:
+        if self._imsm_enabled and self._state.interweaved == 0:
             raise RuntimeError(
                 f"IMSM's hooks on {type(self._backbone).__name__} did not run during the forward of "
                 f"{type(self.model).__name__}: this architecture does not feed its output head from the module IMSM "
@@ -182,6 +202,7 @@ class IMSMModel(BaseTuner):
     # ------------------------------------------------------------------------------------------- the dual pass
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self._state
+        state.row_adapters = None
         if state.in_frozen_view or not self._imsm_enabled:
             return None
         kwargs = dict(kwargs)
@@ -190,6 +211,11 @@ class IMSMModel(BaseTuner):
             args = ()
         cache_key = "past_key_values" if "past_key_values" in kwargs else "cache"
         cache = kwargs.get(cache_key)
+        first = kwargs.get("input_ids")
+        if first is None:
+            first = kwargs.get("inputs_embeds")
+        batch_size, seq_len, device = first.shape[0], first.shape[1], first.device
+        stacked = self._can_stack(kwargs, cache)
         if cache is None:
             use_cache = kwargs.get("use_cache")
             if use_cache is None:
@@ -199,20 +225,13 @@ class IMSMModel(BaseTuner):
             else:
                 kwargs["use_cache"] = False
         if cache is not None:
-            cache = as_imsm_cache(cache)
+            cache = as_imsm_cache(cache, stacked=stacked)
+            stacked = cache.imsm_stacked
             kwargs[cache_key] = cache
-        first = kwargs.get("input_ids")
-        if first is None:
-            first = kwargs.get("inputs_embeds")
-        batch_size, seq_len = first.shape[0], first.shape[1]
-        device = first.device
 
         state.cache = cache
         state.index = None
-        if cache is not None and cache.imsm_has_query:
-            q_base = cache.imsm_query_base
-            state.q_base = q_base[:, None, :].expand(batch_size, seq_len, q_base.shape[-1])
-        else:
+        if cache is None or not cache.imsm_has_query:
             state.index = build_query_index(
                 batch_size,
                 seq_len,
@@ -222,56 +241,103 @@ class IMSMModel(BaseTuner):
                 position_ids=kwargs.get("position_ids"),
                 prompt_length=state.prompt_length,
             )
+            if cache is not None and not state.index.one_per_row:
+                raise ValueError("IMSM cannot keep a KV cache for packed (padding-free) sequences; pass use_cache=False.")
 
+        if stacked:
+            # Both views in ONE pass: rows [frozen; adapted], LoRA applied to the adapted rows only (peft's mixed
+            # adapter batches). Only without autograd (generation / evaluation).
+            if cache is not None:
+                cache.imsm_half_rows = batch_size
+            for key in _BATCHED_KWARGS:
+                value = kwargs.get(key)
+                if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
+                    kwargs[key] = torch.cat([value, value])
+            state.row_adapters = ["__base__"] * batch_size + [self._active_name] * batch_size
+            state.stacked_rows = batch_size
+            return args, kwargs
+
+        state.stacked_rows = None
         frozen_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS}
         if cache is not None:
             frozen_kwargs[cache_key] = cache.imsm_frozen
         with torch.no_grad(), self._frozen_view():
             out = module(**frozen_kwargs)
-        h_base = _last_hidden_state(out)
-        state.h_base = h_base
-        if state.index is not None and self.gate.mode == "query":
-            summary = query_summary(h_base, state.index)
-            state.q_base = per_token(summary, state.index)
-            if cache is not None:
-                if not state.index.one_per_row:
-                    raise ValueError("IMSM cannot keep a KV cache for packed (padding-free) sequences.")
-                cache.imsm_query_base = summary
+        state.h_base = _last_hidden_state(out)
         return args, kwargs
 
     def _backbone_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state = self._state
-        if state.in_frozen_view or not self._imsm_enabled or state.h_base is None:
+        if state.in_frozen_view or not self._imsm_enabled:
             return None
-        h_base, state.h_base = state.h_base, None
-        h_tuned = _last_hidden_state(output)
+        state.row_adapters = None
+        hidden = _last_hidden_state(output)
+        if state.stacked_rows is not None:
+            h_base, h_tuned = hidden[: state.stacked_rows], hidden[state.stacked_rows :]
+            state.stacked_rows = None
+        elif state.h_base is not None:
+            h_base, h_tuned = state.h_base, hidden
+            state.h_base = None
+        else:
+            return None
         gate = self.gate
         q_base = q_tuned = None
+        cache = state.cache
         if gate.mode == "query":
-            q_base = state.q_base
-            cache = state.cache
             if state.index is None:
-                q = cache.imsm_query_tuned
-                q_tuned = q[:, None, :].expand(h_tuned.shape[0], h_tuned.shape[1], q.shape[-1])
+                q_base = _expand_rows(cache.imsm_query_base, h_tuned)
+                q_tuned = _expand_rows(cache.imsm_query_tuned, h_tuned)
             else:
-                summary = query_summary(h_tuned, state.index)
-                q_tuned = per_token(summary, state.index)
+                summary_base = query_summary(h_base, state.index)
+                summary_tuned = query_summary(h_tuned, state.index)
+                q_base = per_token(summary_base, state.index)
+                q_tuned = per_token(summary_tuned, state.index)
                 if cache is not None:
-                    cache.imsm_query_tuned = summary.detach()
+                    cache.imsm_query_base = summary_base.detach()
+                    cache.imsm_query_tuned = summary_tuned.detach()
         g = gate(h_base, h_tuned, q_base, q_tuned)
         if state.gate_log is not None:
             state.gate_log.append(_row_means(g.detach(), kwargs.get("attention_mask"), h_tuned.shape[1]))
-        state.q_base = None
         state.index = None
         state.cache = None
         state.interweaved += 1
         mixed = IMSMGate.interweave(h_base, h_tuned, g)
         return _replace_last_hidden_state(output, mixed)
 
+    def _can_stack(self, kwargs: dict, cache: Cache | None) -> bool:
+        """Whether both views can run as one doubled batch (see :attr:`stacked_views`)."""
+        if not (self.stacked_views and self._supports_row_adapters) or torch.is_grad_enabled():
+            return False
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            return False
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            return False
+        if mask is None and kwargs.get("position_ids") is not None:
+            return False  # possibly packed sequences
+        if cache is None:
+            return True
+        if is_imsm_cache(cache):
+            return cache.imsm_stacked
+        return type(cache) is DynamicCache and cache.get_seq_length() == 0
+
+    def _inject_row_adapters(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Forward pre-hook on each LoRA layer: per-row adapter names while both views run stacked."""
+        names = self._state.row_adapters
+        if names is None:
+            return None
+        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+        rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 1 else len(names)
+        if rows != len(names) and rows % len(names) == 0:
+            # Some layers see the batch flattened to [batch * seq, d] (e.g. GPT-2's Conv1D): one name per token.
+            per_row = rows // len(names)
+            names = [name for name in names for _ in range(per_row)]
+        return args, {**kwargs, "adapter_names": names}
+
     @contextmanager
     def _frozen_view(self):
         """Every adapter layer (and modules_to_save / trainable-token wrapper) off, without touching requires_grad."""
-        layers = [m for m in self.model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        layers = self._switchable_layers
         saved = [m._disable_adapters for m in layers]
         self._state.in_frozen_view = True
         try:
@@ -467,6 +533,26 @@ def _replace_last_hidden_state(output: Any, hidden: torch.Tensor) -> Any:
         return (hidden, *output[1:])
     output.last_hidden_state = hidden
     return output
+
+
+def _supports_row_adapters(adapter_tuner: nn.Module, model: nn.Module) -> bool:
+    """Plain LoRA (not DoRA, not AdaLoRA) layers only, without modules_to_save / trainable-token wrappers."""
+    if type(adapter_tuner) is not LoraModel:
+        return False
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            return False
+        if isinstance(module, BaseTunerLayer):
+            if not isinstance(module, LoraLayer) or not hasattr(module, "_mixed_batch_forward"):
+                return False
+            if any(module.use_dora.values()) or module.lora_variant:
+                return False
+    return True
+
+
+def _expand_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[batch, d]`` -> ``[batch, seq, d]`` shaped like ``like``."""
+    return rows[:, None, :].expand(like.shape[0], like.shape[1], rows.shape[-1])
 
 
 def _row_means(gate: torch.Tensor, attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor:

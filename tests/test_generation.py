@@ -13,8 +13,13 @@ from peft_imsm import IMSMConfig
 PROMPT_LENGTHS = [9, 4, 6]
 
 
-def imsm(arch: str, kind: str = "lora"):
+# (wrapped adapter, run both views as one doubled batch?) — LoRA stacks by default; IA3 always runs two passes.
+VIEWS = [("lora", True), ("lora", False), ("ia3", False)]
+
+
+def imsm(arch: str, kind: str = "lora", stacked: bool = True):
     model = get_peft_model(tiny_model(arch), IMSMConfig(adapter_config=adapter_config(kind, identity=False)))
+    model.base_model.stacked_views = stacked
     perturb_adapter(model, scale=0.5)
     with torch.no_grad():
         for p in model.base_model.imsm_gate.parameters():
@@ -62,9 +67,10 @@ def reference_greedy(model, ids, mask, n=8):
     return seq
 
 
+@pytest.mark.parametrize("kind,stacked", VIEWS)
 @pytest.mark.parametrize("arch", GENERATION_ARCHS)
-def test_greedy_equals_no_cache_reference_loop(arch):
-    model = imsm(arch)
+def test_greedy_equals_no_cache_reference_loop(arch, kind, stacked):
+    model = imsm(arch, kind, stacked)
     ids, mask = left_padded()
     out = greedy(model, ids, mask)
     assert torch.equal(out, reference_greedy(model, ids, mask))
@@ -73,9 +79,10 @@ def test_greedy_equals_no_cache_reference_loop(arch):
     assert not torch.equal(out, base_out), "IMSM must change the generation for this test to mean anything"
 
 
+@pytest.mark.parametrize("kind,stacked", VIEWS)
 @pytest.mark.parametrize("arch", GENERATION_ARCHS)
-def test_step_logits_equal_teacher_forced_forward(arch):
-    model = imsm(arch)
+def test_step_logits_equal_teacher_forced_forward(arch, kind, stacked):
+    model = imsm(arch, kind, stacked)
     ids, mask = left_padded()
     out = greedy(model, ids, mask, n=6, return_dict_in_generate=True, output_logits=True, output_scores=True)
     step_logits = torch.stack(out.logits, dim=1)
@@ -89,9 +96,10 @@ def test_step_logits_equal_teacher_forced_forward(arch):
     assert len(out.scores) == 6
 
 
+@pytest.mark.parametrize("stacked", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_rows_do_not_leak_in_a_padded_batch(arch):
-    model = imsm(arch)
+def test_rows_do_not_leak_in_a_padded_batch(arch, stacked):
+    model = imsm(arch, stacked=stacked)
     ids, mask = left_padded()
     together = greedy(model, ids, mask)
     width = ids.shape[1]
@@ -100,8 +108,9 @@ def test_rows_do_not_leak_in_a_padded_batch(arch):
         assert torch.equal(alone[0, n:], together[row, width:]), row
 
 
-def test_sampling_is_seeded_and_cache_independent():
-    model = imsm("llama")
+@pytest.mark.parametrize("stacked", [True, False])
+def test_sampling_is_seeded_and_cache_independent(stacked):
+    model = imsm("llama", stacked=stacked)
     ids, mask = left_padded()
     kwargs = dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=8, pad_token_id=0)
     torch.manual_seed(7)
@@ -115,9 +124,10 @@ def test_sampling_is_seeded_and_cache_independent():
     assert torch.equal(a, b) and torch.equal(c, d) and c.shape[0] == 9
 
 
+@pytest.mark.parametrize("stacked", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_beam_search_cache_equals_no_cache(arch):
-    model = imsm(arch)
+def test_beam_search_cache_equals_no_cache(arch, stacked):
+    model = imsm(arch, stacked=stacked)
     ids, mask = left_padded()
     kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False, pad_token_id=0)
     cached = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -125,8 +135,9 @@ def test_beam_search_cache_equals_no_cache(arch):
     assert cached.shape[0] == 6 and torch.equal(cached, uncached)
 
 
-def test_assisted_decoding_crops_both_caches():
-    model = imsm("llama")
+@pytest.mark.parametrize("stacked", [True, False])
+def test_assisted_decoding_crops_both_caches(stacked):
+    model = imsm("llama", stacked=stacked)
     ids, mask = left_padded([7])
     plain = greedy(model, ids, mask, n=10)
     assisted = greedy(model, ids, mask, n=10, assistant_model=tiny_model("llama", seed=5))
@@ -199,3 +210,13 @@ def test_bad_generation_inputs():
         model(input_ids=ids[:, 4:], cache=foreign, use_cache=True)
     with pytest.raises(TypeError, match="transformers `Cache`"):
         model(input_ids=ids, cache=((torch.zeros(1),),), use_cache=True)
+
+
+def test_stacked_and_two_pass_views_agree():
+    model = imsm("llama")
+    ids, mask = left_padded()
+    with torch.no_grad():
+        stacked = model(input_ids=ids, attention_mask=mask).logits
+        model.base_model.stacked_views = False
+        two_pass = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(stacked, two_pass, atol=1e-5, rtol=1e-5)

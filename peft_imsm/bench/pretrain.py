@@ -7,6 +7,7 @@ result is saved with ``save_pretrained`` (model and tokenizer) into a cache fold
 the training recipe, the seed and ``CODE_VERSION``; later calls load it from there.
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -48,12 +49,12 @@ class TrainRecipe:
     """Hyper-parameters of the pretraining loop (part of the cache key)."""
 
     steps: int = 1500
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     min_lr_ratio: float = 0.05
-    task_weights: tuple[float, ...] = (1.0, 2.0, 2.0, 1.0)  # sampling weights, aligned with MIXTURE_TASKS
+    task_weights: tuple[float, ...] = (1.0, 3.0, 2.0, 1.0)  # sampling weights, aligned with MIXTURE_TASKS
 
 
 DEFAULT_RECIPE = TrainRecipe()
@@ -106,7 +107,7 @@ def train_skills_model(
     if len(recipe.task_weights) != len(tasks):
         raise ValueError(f"recipe.task_weights has {len(recipe.task_weights)} entries for {len(tasks)} tasks")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(copy.deepcopy(config))  # save_pretrained later edits model.config in place
     model.train()
     rng = random.Random(f"pretrain:{seed}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -146,8 +147,8 @@ def train_skills_model(
 # ---------------------------------------------------------------------------------------------------------------
 def skills_model_key(config: LlamaConfig, seed: int, recipe: TrainRecipe) -> str:
     """Short hash of (config, recipe, seed, CODE_VERSION, mixture) naming the cache folder."""
-    cfg = config.to_dict()
-    cfg.pop("transformers_version", None)
+    volatile = ("transformers_version", "_name_or_path", "architectures", "dtype")  # set by save/load, not by us
+    cfg = {k: v for k, v in config.to_dict().items() if k not in volatile}
     blob = json.dumps(
         {"config": cfg, "recipe": asdict(recipe), "seed": seed, "code": CODE_VERSION, "tasks": MIXTURE_TASKS},
         sort_keys=True,

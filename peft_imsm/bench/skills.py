@@ -13,7 +13,7 @@ recall      ``capital of Zorvia?``          ``Plemt``  none: both splits draw fr
 add         ``add 12+7=``                   ``19``     disjoint (a, b) pairs
 reverse     ``reverse kobe=``               ``ebok``   disjoint words
 compare     ``is 17>9?``                    ``yes``    disjoint (a, b) pairs
-shout       ``<kobe> in caps:``             ``KOBE``   disjoint words  (TARGET task, not in the mixture)
+ends        ``<kobe> ends:``                ``ke``     disjoint words  (TARGET task, not in the mixture)
 =========== ============================== ========== ========================================================
 
 Split membership is a fixed property of an example's content (a crc32 of its key), independent of any seed, so
@@ -38,10 +38,10 @@ VOCAB_SIZE: int = len(SPECIAL_TOKENS) + len(CHARS)  # 99
 
 WORLD_SEED: int = 20250101  # fixes the fact base; changing it changes the world (and the pretrained model)
 NUM_FACTS: int = 40
-TEST_FRACTION_PER_MILLE: int = 200  # 20% of the example keys of add / reverse / compare / shout are test-only
+TEST_FRACTION_PER_MILLE: int = 200  # 20% of the example keys of add / reverse / compare / ends are test-only
 
 MIXTURE_TASKS: tuple[str, ...] = ("recall", "add", "reverse", "compare")
-TARGET_TASK: str = "shout"
+TARGET_TASK: str = "ends"  # first + last letter of a word; learned by LoRA in ~100-200 steps
 ALL_TASKS: tuple[str, ...] = MIXTURE_TASKS + (TARGET_TASK,)
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -152,9 +152,9 @@ def _gen_compare(rng: random.Random) -> tuple[str, str, str]:
     return f"is {a}>{b}?", "yes" if a > b else "no", f"compare:{a},{b}"
 
 
-def _gen_shout(rng: random.Random) -> tuple[str, str, str]:
+def _gen_ends(rng: random.Random) -> tuple[str, str, str]:
     word = _random_word(rng)
-    return f"<{word}> in caps:", word.upper(), f"word:{word}"
+    return f"<{word}> ends:", word[0] + word[-1], f"word:{word}"
 
 
 # Each generator returns (prompt, answer, split key); an empty split key means "belongs to both splits".
@@ -163,7 +163,7 @@ TASK_GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
     "add": _gen_add,
     "reverse": _gen_reverse,
     "compare": _gen_compare,
-    "shout": _gen_shout,
+    "ends": _gen_ends,
 }
 
 
@@ -184,7 +184,7 @@ def make_examples(task: str, n: int, seed: int, split: str) -> list[dict]:
 
     Deterministic for ``(task, n, seed, split)``. Examples within one call are distinct where the split's pool
     allows it (recall cycles through the ``NUM_FACTS`` facts in a seeded order, so ``n > NUM_FACTS`` repeats facts).
-    Train and test never share an example for add / reverse / compare / shout; recall has no held-out facts (it
+    Train and test never share an example for add / reverse / compare / ends; recall has no held-out facts (it
     tests the memorised base), so its two splits draw from the same facts.
     """
     if task == "recall":

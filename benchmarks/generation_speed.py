@@ -1,0 +1,102 @@
+"""Decode speed of IMSM versus plain peft LoRA, measured side by side in one run.
+
+Model: a ~60M-parameter Llama built from a config (random weights: speed does not depend on them), LoRA r=16 on all
+linear layers, 64-token prompts, 64 new tokens (greedy, no early stop), batch 1 and 8. Also the speed-up of IMSM's
+two KV caches over recomputing the whole sequence at every token (what the paper's code does), at 256 new tokens.
+
+    python benchmarks/generation_speed.py [--repeats 3] [--device cpu|cuda] [--json out.json]
+
+Prints tokens/s (new tokens x batch / wall time) for each setting and the IMSM/LoRA ratio. Runs are interleaved
+(LoRA, IMSM, LoRA, IMSM, ...) and the median is reported, so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import peft_imsm
+
+CONFIG = dict(
+    vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+    num_key_value_heads=8, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+
+
+def build(kind: str, device: str, dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).to(device=device, dtype=dtype)
+    lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    config = peft_imsm.IMSMConfig(adapter_config=lora) if kind == "imsm" else lora
+    model = get_peft_model(model, config)
+    model.eval()
+    return model
+
+
+def timed_generate(model, ids, mask, new_tokens: int, use_cache: bool = True) -> float:
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, use_cache=use_cache, pad_token_id=0, eos_token_id=None,
+        )  # fmt: skip
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return new_tokens * ids.shape[0] / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--long-new", type=int, default=256, help="new tokens for the cache vs recompute comparison")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    models = {kind: build(kind, args.device, dtype) for kind in ("lora", "imsm")}
+    params = sum(p.numel() for p in models["lora"].get_base_model().parameters())
+    print(f"model: Llama {params / 1e6:.1f}M params, LoRA r=16 all-linear, device={args.device}, dtype={args.dtype}, "
+          f"threads={torch.get_num_threads()}, prompt={args.prompt}")  # fmt: skip
+    results: dict = {"params": params, "device": args.device, "dtype": args.dtype, "rows": []}
+    gen = torch.Generator().manual_seed(0)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        ids = torch.randint(3, CONFIG["vocab_size"], (batch, args.prompt), generator=gen).to(args.device)
+        mask = torch.ones_like(ids)
+        for model in models.values():  # warm-up
+            timed_generate(model, ids, mask, 4)
+        speeds: dict[str, list[float]] = {"lora": [], "imsm": []}
+        for _ in range(args.repeats):
+            for kind, model in models.items():
+                speeds[kind].append(timed_generate(model, ids, mask, args.new))
+        lora, imsm = statistics.median(speeds["lora"]), statistics.median(speeds["imsm"])
+        row = {"batch": batch, "new_tokens": args.new, "lora_tok_s": lora, "imsm_tok_s": imsm, "ratio": imsm / lora}
+        results["rows"].append(row)
+        print(f"batch {batch:>2}: LoRA {lora:8.1f} tok/s | IMSM {imsm:8.1f} tok/s | IMSM/LoRA {imsm / lora:.2f}x")
+    ids = torch.randint(3, CONFIG["vocab_size"], (1, args.prompt), generator=gen).to(args.device)
+    mask = torch.ones_like(ids)
+    cached = timed_generate(models["imsm"], ids, mask, args.long_new)
+    recompute = timed_generate(models["imsm"], ids, mask, args.long_new, use_cache=False)
+    results["long"] = {"new_tokens": args.long_new, "cached_tok_s": cached, "recompute_tok_s": recompute}
+    print(f"batch  1, {args.long_new} new tokens: IMSM two KV caches {cached:.1f} tok/s | no-cache recompute "
+          f"{recompute:.1f} tok/s | speed-up {cached / recompute:.1f}x")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
