@@ -1,0 +1,66 @@
+"""Fine-tune a small local model with IMSM through TRL's SFTTrainer, then generate an answer. Fully offline.
+
+The base model is the project's own tiny "pretrained" skills LM (Llama-style, a few million parameters, trained by
+code in ``peft_imsm.bench`` from a fixed seed and cached on disk after the first build, ~3 min on 2 CPU cores).
+The target task (write a word in capitals) is not one of its skills. Swap in your own model and dataset: nothing
+below is specific to IMSM except the ``peft_config``.
+
+    python examples/sft_imsm.py [--steps 150] [--out imsm-example-adapter]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from trl import SFTConfig, SFTTrainer
+
+import peft_imsm
+from peft_imsm.bench.pretrain import load_or_build_skills_model
+from peft_imsm.bench.skills import TARGET_TASK, make_examples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--out", default="imsm-example-adapter")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    model, tokenizer = load_or_build_skills_model()
+    rows = make_examples(TARGET_TASK, 512, seed=0, split="train")
+    dataset = Dataset.from_list([{"prompt": r["input"], "completion": r["output"]} for r in rows])
+
+    peft_config = peft_imsm.IMSMConfig(
+        adapter_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"),
+        gate_rank=8,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=32, learning_rate=3e-3,
+            logging_steps=25, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), max_length=64,
+        ),  # fmt: skip
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,  # completion-only loss on prompt/completion data, as with any peft config
+    )
+    trainer.model.print_trainable_parameters()
+    trainer.train()
+    trainer.model.save_pretrained(args.out)
+
+    # Load it back the usual peft way and generate (both views, each with its own KV cache).
+    model, tokenizer = load_or_build_skills_model(progress=False)
+    model = PeftModel.from_pretrained(model, args.out)
+    model.eval()
+    for prompt in [make_examples(TARGET_TASK, 1, seed=1, split="test")[0]["input"], "add 12+7="]:
+        inputs = tokenizer([prompt], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        print(f"{prompt!r} -> {answer!r}")
+
+
+if __name__ == "__main__":
+    main()
