@@ -5,6 +5,7 @@
     model = get_peft_model(base_model, IMSMConfig(adapter_config=LoraConfig(...)))
 """
 
+from .anchors import AnchorConfig, IMSMLogCallback, prepare_anchors, set_anchor_data
 from .callbacks import AdaLoraBudgetCallback
 from .config import IMSMConfig
 from .gate import IMSMGate
@@ -15,4 +16,15 @@ register()
 
 __version__ = "0.1.0"
 
-__all__ = ["IMSMConfig", "IMSMModel", "IMSMGate", "AdaLoraBudgetCallback", "IMSM_PEFT_TYPE", "__version__"]
+__all__ = [
+    "IMSMConfig",
+    "IMSMModel",
+    "IMSMGate",
+    "AnchorConfig",
+    "set_anchor_data",
+    "prepare_anchors",
+    "AdaLoraBudgetCallback",
+    "IMSMLogCallback",
+    "IMSM_PEFT_TYPE",
+    "__version__",
+]

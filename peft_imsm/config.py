@@ -9,6 +9,7 @@ from typing import Any
 from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType, TaskType
 
+from .anchors import AnchorConfig
 from .gate import GATE_MODES
 from .registration import IMSM_PEFT_TYPE
 
@@ -38,6 +39,8 @@ class IMSMConfig(PeftConfig):
         gate_mode: ``"query"`` (the paper's gate), ``"token"`` (the "w/o query" ablation) or ``"fixed"`` (the
             "w/o gate" ablation: plain 0.5/0.5 average of the two memories).
         gate_dropout: dropout after each gate projection (0.1 in the authors' settings).
+        anchor: an :class:`~peft_imsm.anchors.AnchorConfig` (or its dict) to add the anchor KL term that teaches the
+            gate what general, non-target inputs look like; None (default) is the paper's method.
 
     Attributes that TRL and peft read or set on a config (``target_modules``, ``modules_to_save``,
     ``trainable_token_indices``) read and write the wrapped adapter's config. ``task_type`` must be
@@ -58,6 +61,9 @@ class IMSMConfig(PeftConfig):
     gate_rank: int = field(default=8, metadata={"help": "Rank r of the gate projection."})
     gate_mode: str = field(default="query", metadata={"help": "'query', 'token' or 'fixed'."})
     gate_dropout: float = field(default=0.1, metadata={"help": "Dropout after each gate projection."})
+    anchor: AnchorConfig | dict | None = field(
+        default=None, metadata={"help": "Self-anchored gate (off by default); see peft_imsm.anchors.AnchorConfig."}
+    )
 
     def __post_init__(self) -> None:
         if self.task_type is None:
@@ -76,6 +82,10 @@ class IMSMConfig(PeftConfig):
             raise ValueError(f"Unknown gate_mode {self.gate_mode!r}; choose one of {', '.join(GATE_MODES)}.")
         if not 0.0 <= float(self.gate_dropout) < 1.0:
             raise ValueError(f"gate_dropout must be in [0, 1), got {self.gate_dropout!r}.")
+        if isinstance(self.anchor, dict):
+            self.anchor = AnchorConfig(**self.anchor)
+        if self.anchor is not None and not isinstance(self.anchor, AnchorConfig):
+            raise TypeError(f"anchor must be an AnchorConfig, a dict or None, got {type(self.anchor).__name__}.")
 
     @staticmethod
     def _build_adapter_config(adapter_config: PeftConfig | dict | None) -> PeftConfig:
@@ -114,8 +124,13 @@ class IMSMConfig(PeftConfig):
 
     def to_dict(self) -> dict:
         """JSON-ready dict; the wrapped adapter's config is nested under ``adapter_config``."""
-        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "adapter_config"}
+        out = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in ("adapter_config", "anchor")
+        }
         out["adapter_config"] = _to_jsonable(self.adapter_config.to_dict())
+        out["anchor"] = None if self.anchor is None else self.anchor.to_dict()
         return _to_jsonable(out)
 
     # Attributes that TRL / peft read or set on a peft config: they live on the wrapped adapter's config.

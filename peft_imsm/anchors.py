@@ -1,0 +1,269 @@
+"""Self-anchored gate (beyond the paper): teach the gate what "not the target task" looks like.
+
+The paper trains the gate on target-task data only, where the adapted view is always the better one, so the gate
+learns to favour it everywhere. Anchors are token sequences that stand for the base model's general behaviour; on a
+small anchor batch in every training forward IMSM adds ``anchor_weight * KL(p_frozen || p_imsm)`` (mean over anchor
+tokens) to the loss the forward returns, so the Trainer and TRL optimise it with no code change.
+
+* ``source="self"`` (default): anchors are sampled from the frozen view itself (the base model) before the first
+  training step: ``num_samples`` sequences of ``sample_length`` new tokens, from the BOS token (or ``start_tokens``,
+  or short random starts), batched ``generate()`` with the KV cache, deterministic under ``seed`` (+ the process
+  rank in multi-process training, so each rank has its own anchors).
+* ``source="data"``: user-given texts or prompts, set with :func:`set_anchor_data`.
+
+Query rule for anchors: an anchor has no prompt/response split, so its query is the whole anchor sequence (for
+``"data"`` anchors given as prompts this is exactly the prompt).
+
+By default only the gate learns from the anchor term: the adapted view's hidden states are detached there
+(``train_adapter=False``); ``train_adapter=True`` lets the adapter learn from it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from .model import IMSMModel
+
+ANCHOR_SOURCES = ("self", "data")
+
+
+@dataclass
+class AnchorConfig:
+    """The ``anchor`` section of :class:`~peft_imsm.IMSMConfig` (off when ``IMSMConfig.anchor`` is None).
+
+    Args:
+        source: ``"self"`` (sample anchors from the frozen view) or ``"data"`` (see :func:`set_anchor_data`).
+        weight: ``anchor_weight``, the factor of the KL term (>= 0).
+        batch_size: anchors per training forward.
+        num_samples: number of self-sampled anchors.
+        sample_length: new tokens per self-sampled anchor.
+        start: ``"bos"`` (start every sample from the BOS token) or ``"random"`` (``start_length`` uniformly random
+            token ids).
+        start_length: length of random starts.
+        start_tokens: explicit start token ids (for models without a BOS token).
+        temperature: sampling temperature of self anchors.
+        seed: sampling and batching seed (the process rank is added in multi-process training).
+        train_adapter: let the wrapped adapter learn from the anchor term too (default: only the gate).
+        max_length: truncation length of ``"data"`` anchors.
+    """
+
+    source: str = "self"
+    weight: float = 1.0
+    batch_size: int = 8
+    num_samples: int = 64
+    sample_length: int = 32
+    start: str = "bos"
+    start_length: int = 2
+    start_tokens: list[int] | None = None
+    temperature: float = 1.0
+    seed: int = 0
+    train_adapter: bool = False
+    max_length: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.source not in ANCHOR_SOURCES:
+            raise ValueError(f"anchor source must be one of {ANCHOR_SOURCES}, got {self.source!r}.")
+        if not isinstance(self.weight, (int, float)) or self.weight < 0:
+            raise ValueError(f"anchor weight must be a number >= 0, got {self.weight!r}.")
+        for name in ("batch_size", "num_samples", "sample_length", "start_length", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"anchor {name} must be an integer >= 1, got {value!r}.")
+        if self.start not in ("bos", "random"):
+            raise ValueError(f"anchor start must be 'bos' or 'random', got {self.start!r}.")
+        if self.temperature <= 0:
+            raise ValueError(f"anchor temperature must be > 0, got {self.temperature!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class AnchorSet:
+    """The anchors of one process: ``input_ids`` / ``attention_mask`` ``[num_anchors, length]``, left-padded."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> None:
+        if input_ids.shape[0] == 0:
+            raise ValueError("The anchor set is empty: give at least one anchor text (or num_samples >= 1).")
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+        self._generator = torch.Generator().manual_seed(seed)
+        self._order = torch.randperm(input_ids.shape[0], generator=self._generator)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def next_batch(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``batch_size`` anchors (cycling through a seeded order), columns of all-padding dropped."""
+        picked = []
+        while len(picked) < batch_size:
+            if self._pos == len(self._order):
+                self._order = torch.randperm(len(self), generator=self._generator)
+                self._pos = 0
+            picked.append(int(self._order[self._pos]))
+            self._pos += 1
+        ids, mask = self.input_ids[picked], self.attention_mask[picked]
+        keep = mask.any(dim=0)
+        return ids[:, keep].to(device), mask[:, keep].to(device)
+
+
+def process_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+@torch.no_grad()
+def sample_self_anchors(hf_model: torch.nn.Module, config: AnchorConfig, device: torch.device) -> AnchorSet:
+    """Sample ``config.num_samples`` anchors from ``hf_model`` (the caller switches IMSM off), batched, with cache.
+
+    Deterministic for a given ``config.seed`` and process rank (the global RNG is forked, not disturbed).
+    """
+    seed = config.seed + process_rank()
+    vocab = hf_model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    n = config.num_samples
+    if config.start_tokens:
+        starts = torch.tensor(config.start_tokens, dtype=torch.long)[None].expand(n, -1)
+    elif config.start == "random":
+        starts = torch.randint(0, vocab, (n, config.start_length), generator=gen)
+    else:
+        bos = getattr(hf_model.generation_config, "bos_token_id", None)
+        if bos is None:
+            bos = getattr(hf_model.config, "bos_token_id", None)
+        if isinstance(bos, list):
+            bos = bos[0] if bos else None
+        if bos is None:
+            raise ValueError(
+                "Self anchors start from the BOS token, but this model has no bos_token_id. Set "
+                "AnchorConfig(start_tokens=[...]) to token ids to start from, or start='random'."
+            )
+        starts = torch.full((n, 1), int(bos), dtype=torch.long)
+    was_training = hf_model.training
+    hf_model.eval()
+    devices = [device] if device.type == "cuda" else []
+    pieces = []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for chunk in starts.split(64):
+                chunk = chunk.to(device)
+                out = hf_model.generate(
+                    input_ids=chunk, attention_mask=torch.ones_like(chunk), do_sample=True,
+                    temperature=config.temperature, top_k=0, top_p=1.0, max_new_tokens=config.sample_length,
+                    min_new_tokens=config.sample_length, pad_token_id=0,
+                )  # fmt: skip
+                pieces.append(out.cpu())
+    finally:
+        hf_model.train(was_training)
+    ids = torch.cat(pieces)
+    return AnchorSet(ids, torch.ones_like(ids), seed)
+
+
+def tokenize_anchor_data(
+    data: Any, tokenizer: Any, column: str = "text", max_length: int = 64, seed: int = 0
+) -> AnchorSet:
+    """Anchors from a list of strings or a ``datasets.Dataset`` column, tokenized and left-padded."""
+    if tokenizer is None:
+        raise ValueError(
+            "Anchor data needs the tokenizer that goes with the model: set_anchor_data(model, texts, tokenizer)."
+        )
+    if data is None:
+        raise ValueError("Anchor source 'data' needs anchor texts: set_anchor_data(model, texts, tokenizer).")
+    if hasattr(data, "column_names"):
+        if column not in data.column_names:
+            raise ValueError(f"The anchor dataset has no column {column!r}; its columns are {data.column_names}.")
+        texts = list(data[column])
+    else:
+        texts = list(data)
+    if not texts:
+        raise ValueError("The anchor set is empty: give at least one anchor text.")
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("Anchor texts must be strings.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    rows = [r for r in rows if r]
+    if not rows:
+        raise ValueError("Every anchor text tokenized to nothing.")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), int(pad_id or 0), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return AnchorSet(ids, mask, seed + process_rank())
+
+
+def set_anchor_data(model: Any, data: Any, tokenizer: Any, column: str = "text") -> int:
+    """Give an IMSM model with ``anchor.source="data"`` its anchor texts. Returns the number of anchors.
+
+    Args:
+        model: the ``PeftModel`` (or its ``IMSMModel``).
+        data: a list of strings, or a ``datasets.Dataset`` with a text ``column``.
+        tokenizer: the model's tokenizer.
+    """
+    tuner = _imsm_tuner(model)
+    config = tuner.anchor_config
+    if config is None:
+        raise ValueError("This IMSM model has no anchor section: IMSMConfig(anchor=AnchorConfig(source='data')).")
+    tuner._anchors = tokenize_anchor_data(data, tokenizer, column, config.max_length, config.seed)
+    return len(tuner._anchors)
+
+
+def prepare_anchors(model: Any) -> int:
+    """Build the anchors now (self sampling otherwise happens at the first training forward). Returns their count."""
+    tuner = _imsm_tuner(model)
+    return len(tuner._anchor_set())
+
+
+def anchor_kl(frozen_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``KL(p_frozen || p)`` per token, averaged over the tokens where ``mask`` is 1.
+
+    Args:
+        frozen_logits, logits: ``[batch, seq, vocab]``.
+        mask: ``[batch, seq]``.
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_q = F.log_softmax(frozen_logits.float(), dim=-1)
+    per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+    weights = mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1)
+
+
+def _imsm_tuner(model: Any) -> IMSMModel:
+    from .model import IMSMModel
+
+    for candidate in (
+        model,
+        getattr(model, "base_model", None),
+        getattr(getattr(model, "module", None), "base_model", None),
+    ):
+        if isinstance(candidate, IMSMModel):
+            return candidate
+    raise TypeError(f"Expected an IMSM peft model, got {type(model).__name__}.")
+
+
+class IMSMLogCallback(TrainerCallback):
+    """Adds IMSM's own figures to the Trainer's logs: ``anchor_kl`` (mean anchor KL since the last log, before
+    weighting) and ``task_loss`` next to the Trainer's ``loss`` (which includes the weighted anchor term)."""
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or model is None:
+            return
+        try:
+            tuner = _imsm_tuner(getattr(model, "module", model))
+        except TypeError:
+            return
+        stats = tuner.pop_anchor_stats()
+        if stats:
+            # The Trainer appends a copy of `logs` to `state.log_history` before calling `on_log`: update both.
+            logs.update(stats)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(stats)

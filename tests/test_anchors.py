@@ -1,0 +1,136 @@
+"""The self-anchored gate: anchor sampling, the KL term, what it trains, save/load, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import adapter_config, batch, perturb_adapter, tiny_model
+from peft import PeftModel, get_peft_model
+
+from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, prepare_anchors, set_anchor_data
+
+
+def anchored(seed: int = 0, arch: str = "llama", **anchor_kwargs):
+    anchor = AnchorConfig(**{"num_samples": 8, "sample_length": 6, "batch_size": 4, "seed": seed, **anchor_kwargs})
+    model = get_peft_model(
+        tiny_model(arch), IMSMConfig(adapter_config=adapter_config("lora", identity=False), anchor=anchor, gate_dropout=0.0)
+    )
+    perturb_adapter(model)
+    model.train()
+    return model
+
+
+def labelled_batch():
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :6] = -100
+    return ids, mask, labels
+
+
+def test_self_anchor_sampling_is_deterministic_and_leaves_the_global_rng_alone():
+    a, b, c = anchored(seed=0), anchored(seed=0), anchored(seed=1)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    for m in (a, b, c):
+        prepare_anchors(m)
+    assert torch.equal(torch.rand(3), expected_next)
+    anchors = [m.base_model._anchors.input_ids for m in (a, b, c)]
+    assert anchors[0].shape == (8, 7) and (anchors[0][:, 0] == 1).all()  # BOS + 6 sampled tokens
+    assert torch.equal(anchors[0], anchors[1]) and not torch.equal(anchors[0], anchors[2])
+
+
+def test_anchor_term_is_added_and_vanishes_when_the_gate_is_one():
+    model = anchored()
+    ids, mask, labels = labelled_batch()
+    task_only = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    stats = model.base_model.pop_anchor_stats()
+    assert stats["anchor_kl"] > 0
+    anchor, model.peft_config["default"].anchor = model.peft_config["default"].anchor, None
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    model.peft_config["default"].anchor = anchor
+    torch.testing.assert_close(task_only.loss.detach(), reference + stats["anchor_kl"], rtol=1e-5, atol=1e-6)
+    model.base_model.gate.forced_value = 1.0
+    term = model.base_model._anchor_term(labels, None, task_only.loss)
+    assert float(term) == 0.0
+
+
+@pytest.mark.parametrize("train_adapter", [False, True])
+def test_anchor_gradients_reach_only_the_gate_by_default(train_adapter):
+    model = anchored(train_adapter=train_adapter)
+    ids, mask, labels = labelled_batch()
+    term = model.base_model._anchor_term(labels, None, torch.tensor(0.0))
+    term.backward()
+    for name, param in model.named_parameters():
+        if "imsm_gate" in name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        elif param.requires_grad:
+            reached = param.grad is not None and param.grad.abs().sum() > 0
+            assert reached == train_adapter, name
+
+
+def test_gradient_accumulation_weights_the_term_by_token_share():
+    model = anchored()
+    ids, mask, labels = labelled_batch()
+    n = int((labels[:, 1:] != -100).sum())
+    torch.manual_seed(0)
+    full = model.base_model._anchor_term(labels, None, torch.tensor(0.0))
+    model.base_model._anchors._pos -= 4  # replay the same anchor batch
+    half = model.base_model._anchor_term(labels, torch.tensor(2 * n), torch.tensor(0.0))
+    torch.testing.assert_close(half, full / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_data_anchors_and_trainer_logging(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from peft_imsm.bench.skills import build_tokenizer
+
+    tok = build_tokenizer()
+    model = anchored(source="data")
+    ids, mask, labels = labelled_batch()
+    with pytest.raises(ValueError, match="set_anchor_data"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    with pytest.raises(ValueError, match="tokenizer"):
+        set_anchor_data(model, ["abc"], None)
+    with pytest.raises(ValueError, match="empty"):
+        set_anchor_data(model, [], tok)
+    assert set_anchor_data(model, Dataset.from_dict({"text": ["capital of X?", "add 1+2=", "is 3>4?"]}), tok) == 3
+    rows = [{"input_ids": r, "labels": r} for r in torch.randint(3, 96, (16, 10)).tolist()]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=2, report_to=[],
+        save_strategy="no", use_cpu=True, remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=[IMSMLogCallback()])
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "anchor_kl" in h]
+    assert logged and all(h["anchor_kl"] >= 0 and "task_loss" in h for h in logged)
+
+
+def test_saved_anchored_adapter_loads_and_generates(tmp_path):
+    model = anchored(weight=0.5)
+    ids, mask, labels = labelled_batch()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert loaded.peft_config["default"].anchor == model.peft_config["default"].anchor
+    got = loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+def test_bad_anchor_config():
+    with pytest.raises(ValueError, match="anchor weight must be a number >= 0"):
+        AnchorConfig(weight=-1.0)
+    with pytest.raises(ValueError, match="anchor source"):
+        AnchorConfig(source="web")
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        AnchorConfig(num_samples=0)
+    model = anchored()
+    model.base_model.model.config.bos_token_id = None
+    model.base_model.model.generation_config.bos_token_id = None
+    with pytest.raises(ValueError, match="no bos_token_id.*start_tokens"):
+        prepare_anchors(model)
