@@ -32,6 +32,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
+from .anchors import AnchorConfig, AnchorSet, anchor_kl, sample_self_anchors
 from .cache import as_imsm_cache, is_imsm_cache
 from .config import IMSMConfig
 from .gate import IMSMGate
@@ -56,6 +57,7 @@ class _ForwardState:
     gate_log: list[torch.Tensor] | None = None
     row_adapters: list[str] | None = None  # per-row adapter names while both views run as one doubled batch
     stacked_rows: int | None = None  # rows per view in the doubled batch
+    detach_tuned: bool = False  # anchor term in gate-only mode: no gradient through the adapted view
     interweaved: int = 0  # interwoven forwards since IMSMModel.forward last began (a guard that the hooks run)
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -92,7 +94,9 @@ class IMSMModel(BaseTuner):
         adapter_config.inference_mode = imsm_config.inference_mode
         adapter_config.base_model_name_or_path = imsm_config.base_model_name_or_path
         tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[adapter_config.peft_type]
-        adapter_tuner = tuner_cls(model, {adapter_name: adapter_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        adapter_tuner = tuner_cls(
+            model, {adapter_name: adapter_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+        )
 
         self.model = model
         self.__dict__["adapter_tuner"] = adapter_tuner  # not a submodule: its parameters are `model`'s
@@ -110,6 +114,8 @@ class IMSMModel(BaseTuner):
 
         self._imsm_enabled = True
         self._state = _ForwardState()
+        self._anchors: AnchorSet | None = None
+        self._anchor_stats: list[float] = [0.0, 0.0, 0]  # sum of anchor KL, sum of task loss, count
         self._backbone_params = _bound_parameter_names(backbone)
         self._switchable_layers = [
             m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
@@ -163,6 +169,8 @@ class IMSMModel(BaseTuner):
                 f"{type(self.model).__name__}: this architecture does not feed its output head from the module IMSM "
                 "hooked. Please report the architecture."
             )
+        if self._anchoring_now(output):
+            output.loss = output.loss + self._anchor_term(labels, kwargs.get("num_items_in_batch"), output.loss)
         return output
 
     def generate(self, *args: Any, **kwargs: Any):
@@ -198,6 +206,70 @@ class IMSMModel(BaseTuner):
             yield log
         finally:
             self._state.gate_log = previous
+
+    # ------------------------------------------------------------------------------------------------ anchors
+    @property
+    def anchor_config(self) -> AnchorConfig | None:
+        return self.peft_config[self._active_name].anchor
+
+    def _anchoring_now(self, output: Any) -> bool:
+        config = self.anchor_config
+        return (
+            config is not None
+            and self._imsm_enabled
+            and self.training
+            and torch.is_grad_enabled()
+            and getattr(output, "loss", None) is not None
+        )
+
+    def _anchor_set(self) -> AnchorSet:
+        if self._anchors is None:
+            config = self.anchor_config
+            if config is None:
+                raise ValueError("This IMSM model has no anchor section (IMSMConfig(anchor=AnchorConfig(...))).")
+            if config.source == "data":
+                raise ValueError(
+                    "IMSMConfig.anchor.source is 'data' but no anchor texts were given: call "
+                    "peft_imsm.set_anchor_data(model, texts_or_dataset, tokenizer) before training."
+                )
+            with self._frozen_view():
+                self._anchors = sample_self_anchors(self.model, config, _model_device(self.model))
+        return self._anchors
+
+    def _anchor_term(
+        self, labels: torch.Tensor | None, num_items_in_batch: Any, task_loss: torch.Tensor
+    ) -> torch.Tensor:
+        """``weight * KL(p_frozen || p_imsm)`` on the next anchor batch, scaled for gradient accumulation.
+
+        With ``num_items_in_batch`` (the Trainer's token-normalised loss across accumulated micro-batches), the term
+        is weighted by this micro-batch's share of the supervised tokens, so the accumulated total carries it once.
+        """
+        config = self.anchor_config
+        ids, mask = self._anchor_set().next_batch(config.batch_size, _model_device(self.model))
+        with torch.no_grad(), self._frozen_view():
+            frozen_logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        self._state.detach_tuned = not config.train_adapter
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            self._state.detach_tuned = False
+        kl = anchor_kl(frozen_logits, logits, mask)
+        share = 1.0
+        if num_items_in_batch is not None and labels is not None:
+            supervised = (labels[..., 1:] != -100).sum()
+            share = supervised.to(kl.device).float() / torch.as_tensor(num_items_in_batch, device=kl.device).float()
+        self._anchor_stats[0] += float(kl.detach())
+        self._anchor_stats[1] += float(task_loss.detach())
+        self._anchor_stats[2] += 1
+        return config.weight * kl * share
+
+    def pop_anchor_stats(self) -> dict[str, float]:
+        """Mean anchor KL and task loss over the training forwards since the last call (for logging)."""
+        total_kl, total_task, count = self._anchor_stats
+        self._anchor_stats = [0.0, 0.0, 0]
+        if not count:
+            return {}
+        return {"anchor_kl": total_kl / count, "task_loss": total_task / count}
 
     # ------------------------------------------------------------------------------------------- the dual pass
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -242,7 +314,9 @@ class IMSMModel(BaseTuner):
                 prompt_length=state.prompt_length,
             )
             if cache is not None and not state.index.one_per_row:
-                raise ValueError("IMSM cannot keep a KV cache for packed (padding-free) sequences; pass use_cache=False.")
+                raise ValueError(
+                    "IMSM cannot keep a KV cache for packed (padding-free) sequences; pass use_cache=False."
+                )
 
         if stacked:
             # Both views in ONE pass: rows [frozen; adapted], LoRA applied to the adapted rows only (peft's mixed
@@ -272,6 +346,8 @@ class IMSMModel(BaseTuner):
             return None
         state.row_adapters = None
         hidden = _last_hidden_state(output)
+        if state.detach_tuned:
+            hidden = hidden.detach()
         if state.stacked_rows is not None:
             h_base, h_tuned = hidden[: state.stacked_rows], hidden[state.stacked_rows :]
             state.stacked_rows = None
