@@ -155,7 +155,7 @@ class IMSMModel(BaseTuner):
         previous = self._state.labels
         self._state.labels = labels
         # Reset, not a running count compared before/after: torch.compile guards on the integers it reads, so a
-        # count read on entry recompiled the whole model at every call (test_long_sequences.py::test_torch_compile).
+        # count read on entry recompiled the whole model at every call (see tests/test_long_sequences.py, torch.compile).
         self._state.interweaved = 0
         try:
             if labels is not None:
@@ -635,7 +635,7 @@ def _row_means(gate: torch.Tensor, attention_mask: torch.Tensor | None, seq_len:
     per_pos = gate.mean(dim=-1)  # [batch, seq]
     if attention_mask is None or attention_mask.dim() != 2:
         return per_pos.mean(dim=1).cpu()
-    mask = attention_mask[:, -seq_len:].to(per_pos.dtype)
+    mask = attention_mask[: per_pos.shape[0], -seq_len:].to(per_pos.dtype)  # (stacked views: both halves equal)
     return ((per_pos * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).cpu()
 
 

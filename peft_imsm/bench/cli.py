@@ -1,0 +1,253 @@
+"""``imsm-bench``: does IMSM learn the target task like LoRA and forget less? Measure it.
+
+With no arguments: the offline default (the project's own skills LM, a target task outside its skills, LoRA vs IMSM
+vs ablations vs baselines). With ``--model``/``--train``/``--eval``: your model and your JSONL sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from . import report
+from .runner import ADAPTERS, FinetuneSettings, Method, default_methods, encode_examples, finetune, mean_gate, summarize
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="imsm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="imsm-bench-results", help="output folder (must not hold results already)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
+    p.add_argument("--seeds", type=int, default=2, help="number of seeds (results are mean ± std)")
+    p.add_argument("--adapter", choices=ADAPTERS, default="lora")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--anchor-weights", default="0.3,1,3", help="anchor_weight sweep of IMSM + self anchors")
+    p.add_argument("--methods", default=None, help="comma-separated subset of method names to run")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("default run (offline skills LM)")
+    g.add_argument("--train-examples", type=int, default=1024)
+    g.add_argument("--eval-examples", type=int, default=100, help="test examples per task")
+    g.add_argument("--pretrain-steps", type=int, default=None, help="override the skills LM's pretraining steps")
+    g.add_argument("--cache-dir", default=None, help="where the skills LM is cached (default ~/.cache/peft_imsm)")
+    c = p.add_argument_group("your model and data")
+    c.add_argument("--model", default=None, help="local path or hub id of a causal LM")
+    c.add_argument("--train", default=None, help="training JSONL ({'input', 'output'} per line)")
+    c.add_argument("--eval", action="append", default=[], metavar="NAME=PATH", help="evaluation JSONL (repeatable)")
+    c.add_argument("--target", default=None, help="which --eval set is the target task (default: the first)")
+    c.add_argument("--metric", action="append", default=None, help="metric(s) for every --eval set (override)")
+    c.add_argument("--limit", type=int, default=None, help="use only the first N lines of every JSONL")
+    c.add_argument("--max-new-tokens", type=int, default=32)
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    return p.parse_args(argv)
+
+
+def prepare_out_dir(path: str, overwrite: bool) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: --out {path!r} is a file; give a folder.")
+    existing = [n for n in ("results.json", "results.png") if os.path.exists(os.path.join(path, n))]
+    if existing and not overwrite:
+        raise SystemExit(
+            f"error: {path!r} already holds results ({', '.join(existing)}); nothing was overwritten. Pass another "
+            "--out folder, or --overwrite to replace them."
+        )
+    os.makedirs(path, exist_ok=True)
+
+
+def settings_from(args: argparse.Namespace, **defaults: Any) -> FinetuneSettings:
+    settings = FinetuneSettings(adapter=args.adapter, **defaults)
+    for name in ("steps", "lr", "batch_size"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    return settings
+
+
+def select(methods: list[Method], names: str | None) -> list[Method]:
+    if not names:
+        return methods
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {m.name: m for m in methods}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; known: {list(known)}")
+    chosen = [known[n] for n in wanted]
+    for m in list(chosen):
+        if m.derive_from and m.derive_from not in wanted:
+            chosen.insert(0, known[m.derive_from])
+    if "base model" not in wanted:
+        chosen.insert(0, known["base model"])
+    return list(dict.fromkeys(chosen))
+
+
+def run(
+    base: Any,
+    tokenizer: Any,
+    methods: list[Method],
+    train_rows: list[dict],
+    eval_sets: dict[str, list[dict]],
+    score: Any,
+    target: str,
+    settings: FinetuneSettings,
+    seeds: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train every method for every seed, score every eval set, and aggregate (mean ± std over seeds)."""
+    train = encode_examples(tokenizer, train_rows, settings.max_length)
+    others = [name for name in eval_sets if name != target]
+    target_prompts = [r["input"] for r in eval_sets[target]]
+    other_prompts = [r["input"] for name in others for r in eval_sets[name]]
+    per_seed: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
+    t0 = time.perf_counter()
+    base_scores = score(base, eval_sets)
+    for seed in range(seeds):
+        for method in methods:
+            if method.kind == "base":
+                per_seed[method.name].append({"scores": base_scores})
+                continue
+            if method.kind == "derived":
+                continue
+            model, log = finetune(copy.deepcopy(base), tokenizer, method, train, settings, seed, progress)
+            entry = {"scores": score(model, eval_sets), "train_seconds": log["seconds"], "final_loss": log["loss"][-1]}
+            entry["gate_target"] = mean_gate(model, tokenizer, target_prompts)
+            entry["gate_others"] = mean_gate(model, tokenizer, other_prompts)
+            if log["anchor_kl"]:
+                entry["final_anchor_kl"] = log["anchor_kl"][-1]
+            per_seed[method.name].append(entry)
+            for derived in methods:
+                if derived.derive_from == method.name:
+                    variant = derived.derive(copy.deepcopy(model))
+                    per_seed[derived.name].append({"scores": score(variant, eval_sets)})
+            if progress:
+                done = {k: round(v, 1) for k, v in entry["scores"].items()}
+                print(f"  [{time.perf_counter() - t0:6.0f}s] seed {seed} {method.name}: {done}", file=sys.stderr)
+    methods_out: dict[str, Any] = {}
+    for method in methods:
+        runs = per_seed[method.name]
+        if not runs:
+            continue
+        row: dict[str, Any] = {"kind": method.kind, "group": method.group, "anchor_weight": method.anchor_weight,
+                               "gate_mode": method.gate_mode if method.kind == "imsm" else None}  # fmt: skip
+        row["scores"] = {name: summarize([r["scores"][name] for r in runs]) for name in eval_sets}
+        row["retention"] = summarize([sum(r["scores"][n] for n in others) / max(1, len(others)) for r in runs])
+        row["all"] = summarize([sum(r["scores"].values()) / len(eval_sets) for r in runs])
+        for key in ("gate_target", "gate_others", "train_seconds", "final_loss", "final_anchor_kl"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = summarize(values) if values else None
+        row["per_seed"] = runs
+        methods_out[method.name] = row
+    return {"target": target, "retention_tasks": others, "methods": methods_out, "seconds": time.perf_counter() - t0}
+
+
+def run_default(args: argparse.Namespace) -> dict[str, Any]:
+    from .pretrain import DEFAULT_RECIPE, evaluate_tasks, load_or_build_skills_model
+    from .skills import MIXTURE_TASKS, TARGET_TASK, make_examples
+
+    progress = not args.no_progress
+    recipe = DEFAULT_RECIPE
+    if args.pretrain_steps is not None:
+        from dataclasses import replace
+
+        recipe = replace(DEFAULT_RECIPE, steps=args.pretrain_steps)
+    torch.manual_seed(0)
+    base, tokenizer = load_or_build_skills_model(args.cache_dir, progress=progress, recipe=recipe)
+    train_rows = make_examples(TARGET_TASK, args.train_examples, seed=0, split="train")
+    eval_sets = {TARGET_TASK: make_examples(TARGET_TASK, args.eval_examples, seed=1, split="test")}
+    for task in MIXTURE_TASKS:
+        eval_sets[task] = make_examples(task, args.eval_examples, seed=1, split="test")
+    weights = tuple(float(w) for w in args.anchor_weights.split(",") if w.strip())
+    methods = select(default_methods(weights, default_weight=1.0), args.methods)
+    settings = settings_from(args)
+
+    def score(model: Any, sets: dict[str, list[dict]]) -> dict[str, float]:
+        return evaluate_tasks(model, tokenizer, sets)
+
+    results = run(base, tokenizer, methods, train_rows, eval_sets, score, TARGET_TASK, settings, args.seeds, progress)
+    results["title"] = f"imsm-bench default: skills LM fine-tuned on '{TARGET_TASK}' ({args.adapter})"
+    results["metric"] = "exact match (%)"
+    results["settings"] = {**vars(args), "finetune": vars(settings), "pretrain_recipe": vars(recipe)}
+    return results
+
+
+def run_custom(args: argparse.Namespace) -> dict[str, Any]:
+    from .data import load_jsonl, parse_eval_arg
+    from .metrics import METRICS_BY_SET, compute_metrics, get_metric
+    from .pretrain import generate_answers
+    from .runner import load_causal_lm
+
+    if not args.train or not args.eval:
+        raise SystemExit("error: with --model, pass --train FILE.jsonl and at least one --eval NAME=FILE.jsonl.")
+    try:
+        train_rows = load_jsonl(args.train, limit=args.limit)
+        eval_specs = [parse_eval_arg(e) for e in args.eval]
+        eval_sets = {name: load_jsonl(path, limit=args.limit) for name, path in eval_specs}
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    metric_names: dict[str, list[str]] = {}
+    for name in eval_sets:
+        names = args.metric or METRICS_BY_SET.get(name.lower())
+        if not names:
+            raise SystemExit(
+                f"error: no metric known for the eval set {name!r}; name it after a paper set "
+                f"({', '.join(METRICS_BY_SET)}) or pass --metric (e.g. --metric exact_match)."
+            )
+        for metric in names:
+            try:
+                get_metric(metric)
+            except ValueError as exc:
+                raise SystemExit(f"error: {exc}") from None
+        metric_names[name] = list(names)
+    target = args.target or next(iter(eval_sets))
+    if target not in eval_sets:
+        raise SystemExit(f"error: --target {target!r} is not one of the --eval names {list(eval_sets)}.")
+    base, tokenizer = load_causal_lm(args.model, dtype=args.dtype)
+    progress = not args.no_progress
+    weights = tuple(float(w) for w in args.anchor_weights.split(",") if w.strip())
+    all_methods = default_methods(weights, default_weight=1.0)
+    default_names = "base model,LoRA,IMSM,IMSM + self anchors, gate (w=1)"
+    methods = select(all_methods, args.methods or default_names)
+    settings = settings_from(args, steps=200, batch_size=8, lr=3e-4, r=16, lora_alpha=16, lora_dropout=0.1,
+                             max_length=512, anchor_length=64)  # fmt: skip
+    details: dict[str, dict[str, float]] = {}
+
+    def score(model: Any, sets: dict[str, list[dict]]) -> dict[str, float]:
+        out = {}
+        for name, rows in sets.items():
+            preds = generate_answers(model, tokenizer, [r["input"] for r in rows], 16, args.max_new_tokens)
+            figures = compute_metrics(metric_names[name], preds, [r["output"] for r in rows])
+            details.setdefault(name, {}).update(figures)
+            out[name] = figures[metric_names[name][0]]
+        return out
+
+    results = run(base, tokenizer, methods, train_rows, eval_sets, score, target, settings, args.seeds, progress)
+    results["title"] = f"imsm-bench: {args.model} fine-tuned on {os.path.basename(args.train)} ({args.adapter})"
+    results["metric"] = {name: names[0] for name, names in metric_names.items()}
+    results["settings"] = {**vars(args), "finetune": vars(settings)}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prepare_out_dir(args.out, args.overwrite)
+    if args.seeds < 1:
+        raise SystemExit("error: --seeds must be >= 1.")
+    start = time.perf_counter()
+    results = run_custom(args) if args.model else run_default(args)
+    results["wall_seconds"] = time.perf_counter() - start
+    text = report.table(results)
+    print(f"\n{results['title']}  ({args.seeds} seed(s), metric: {results['metric']})\n")
+    print(text)
+    json_path = report.write_json(results, args.out)
+    png_path = report.plot(results, args.out)
+    print(f"\nwrote {json_path} and {png_path} in {results['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

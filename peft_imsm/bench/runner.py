@@ -1,0 +1,305 @@
+"""The forgetting benchmark: fine-tune with LoRA, IMSM and baselines on the same data, score target and retention.
+
+Default run (offline, deterministic): the project's own skills LM (``pretrain.py``) is fine-tuned on a target task
+outside its skills mixture; every method gets the same data, hyper-parameters and seeds. Custom run: any causal LM
+and the user's JSONL sets in the paper's ``{"input", "output"}`` format, scored with the paper's metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
+from tqdm.auto import tqdm
+
+from ..anchors import AnchorConfig, anchor_kl, sample_self_anchors
+from ..config import IMSMConfig
+
+ADAPTERS = ("lora", "dora", "ia3", "adalora")
+
+
+@dataclass
+class FinetuneSettings:
+    """Hyper-parameters shared by every method of one benchmark run."""
+
+    adapter: str = "lora"
+    steps: int = 150
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    gate_rank: int = 8
+    gate_dropout: float = 0.1
+    max_length: int = 64
+    anchor_samples: int = 64
+    anchor_length: int = 24
+    anchor_batch_size: int = 8
+
+
+@dataclass
+class Method:
+    """One row of the results table.
+
+    ``kind``: ``"base"`` (no fine-tuning), ``"lora"`` (plain wrapped adapter), ``"imsm"``; ``derive`` turns a
+    trained plain-adapter model into a post-hoc variant (weight interpolation, intruder-dimension reduction) without
+    training again; ``anchor_weight`` adds the anchor KL term (IMSM: through the gate; LoRA: plain self-distillation).
+    """
+
+    name: str
+    kind: str
+    gate_mode: str = "query"
+    anchor_weight: float | None = None
+    anchor_train_adapter: bool = False
+    derive_from: str | None = None
+    derive: Callable[[Any], Any] | None = None
+    group: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def scale_lora(model: Any, factor: float = 0.5) -> Any:
+    """Weight-interpolation baseline: scale the LoRA update by ``factor`` (W0 + factor * dW)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.scaling:
+                module.scaling[name] *= factor
+    return model
+
+
+def reduce_intruders(model: Any) -> Any:
+    """peft's post-hoc forgetting mitigation for LoRA (``reduce_intruder_dimension``)."""
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+
+    reduce_intruder_dimension(model, logging_sink=None)
+    return model
+
+
+def default_methods(anchor_weights: tuple[float, ...] = (0.3, 1.0, 3.0), default_weight: float = 1.0) -> list[Method]:
+    methods = [
+        Method("base model", "base", group="reference"),
+        Method("LoRA", "lora", group="paper"),
+        Method("LoRA x0.5 (weight interpolation)", "derived", derive_from="LoRA", derive=scale_lora, group="baseline"),
+        Method("LoRA + intruder reduction (peft)", "derived", derive_from="LoRA", derive=reduce_intruders, group="baseline"),
+        Method("IMSM", "imsm", "query", group="paper"),
+        Method("IMSM w/o query", "imsm", "token", group="paper"),
+        Method("IMSM w/o gate", "imsm", "fixed", group="paper"),
+        Method(f"LoRA + anchor KL (w={default_weight:g})", "lora", anchor_weight=default_weight, group="anchor"),
+        Method(f"IMSM + self anchors, gate+adapter (w={default_weight:g})", "imsm", anchor_weight=default_weight,
+               anchor_train_adapter=True, group="anchor"),  # fmt: skip
+    ]
+    for w in anchor_weights:
+        methods.append(Method(f"IMSM + self anchors, gate (w={w:g})", "imsm", anchor_weight=w, group="anchor-sweep"))
+    return methods
+
+
+def adapter_config(settings: FinetuneSettings) -> Any:
+    common = dict(target_modules="all-linear", task_type="CAUSAL_LM")
+    if settings.adapter == "lora":
+        return LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, **common)
+    if settings.adapter == "dora":
+        return LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                          use_dora=True, **common)  # fmt: skip
+    if settings.adapter == "ia3":
+        return IA3Config(feedforward_modules=[], **common)
+    if settings.adapter == "adalora":
+        return AdaLoraConfig(init_r=settings.r, target_r=max(1, settings.r // 2), lora_alpha=settings.lora_alpha,
+                             total_step=settings.steps, tinit=settings.steps // 10, tfinal=settings.steps // 5,
+                             deltaT=max(1, settings.steps // 20), **common)  # fmt: skip
+    raise ValueError(f"Unknown adapter {settings.adapter!r}; choose one of {', '.join(ADAPTERS)}.")
+
+
+def encode_examples(tokenizer: Any, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` per example: prompt tokens, then answer + eos; labels -100 on the prompt."""
+    encoded = []
+    for row in rows:
+        prompt = tokenizer(row["input"])["input_ids"]
+        answer = tokenizer(_answer_text(row["output"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt + answer)[:max_length]
+        labels = ([-100] * len(prompt) + answer)[:max_length]
+        if any(label != -100 for label in labels[1:]):
+            encoded.append((ids, labels))
+    if not encoded:
+        raise ValueError("No training example left after tokenization (are the prompts longer than max_length?).")
+    return encoded
+
+
+def _answer_text(output: Any) -> str:
+    return output[0] if isinstance(output, list) else str(output)
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-pad a list of ``(input_ids, labels)`` into ``[batch, width]`` tensors."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(batch):
+        ids[i, width - len(row_ids) :] = torch.tensor(row_ids)
+        labels[i, width - len(row_labels) :] = torch.tensor(row_labels)
+        mask[i, width - len(row_ids) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int) -> Any:
+    torch.manual_seed(seed)
+    config = adapter_config(settings)
+    if method.kind == "lora":
+        return get_peft_model(base, config)
+    anchor = None
+    if method.anchor_weight is not None:
+        anchor = AnchorConfig(
+            weight=method.anchor_weight, num_samples=settings.anchor_samples, sample_length=settings.anchor_length,
+            batch_size=settings.anchor_batch_size, seed=seed, train_adapter=method.anchor_train_adapter,
+        )  # fmt: skip
+    imsm = IMSMConfig(adapter_config=config, gate_rank=settings.gate_rank, gate_mode=method.gate_mode,
+                      gate_dropout=settings.gate_dropout, anchor=anchor)  # fmt: skip
+    return get_peft_model(base, imsm)
+
+
+def finetune(
+    base: Any,
+    tokenizer: Any,
+    method: Method,
+    train: list[tuple[list[int], list[int]]],
+    settings: FinetuneSettings,
+    seed: int,
+    progress: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """Train one method on ``train`` (same batches for every method of a seed). Returns the model and its log."""
+    device = next(base.parameters()).device
+    model = build_model(base, method, settings, seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / settings.warmup_steps)
+        * 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps)),
+    )  # fmt: skip
+    lora_anchor = None
+    if method.kind == "lora" and method.anchor_weight is not None:
+        anchor_cfg = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=seed)
+        with model.disable_adapter():
+            lora_anchor = sample_self_anchors(model.get_base_model(), anchor_cfg, device)
+    rng = random.Random(seed)
+    order: list[int] = []
+    log: dict[str, Any] = {"loss": [], "anchor_kl": []}
+    start = time.perf_counter()
+    adalora = settings.adapter == "adalora"
+    bar = tqdm(range(settings.steps), desc=f"train {method.name} (seed {seed})", disable=not progress, leave=False)
+    for step in bar:
+        if len(order) < settings.batch_size:
+            more = list(range(len(train)))
+            rng.shuffle(more)
+            order += more
+        batch = collate([train[i] for i in order[: settings.batch_size]], tokenizer.pad_token_id, device)
+        order = order[settings.batch_size :]
+        out = model(**batch, use_cache=False)
+        loss = out.loss
+        if lora_anchor is not None:
+            ids, mask = lora_anchor.next_batch(settings.anchor_batch_size, device)
+            with torch.no_grad(), model.disable_adapter():
+                frozen = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            kl = anchor_kl(frozen, model(input_ids=ids, attention_mask=mask, use_cache=False).logits, mask)
+            log["anchor_kl"].append(float(kl))
+            loss = loss + method.anchor_weight * kl
+        loss.backward()
+        optimizer.step()
+        if adalora:
+            _adalora_tuner(model).update_and_allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        log["loss"].append(float(loss))
+        if method.kind == "imsm" and method.anchor_weight is not None:
+            stats = model.base_model.pop_anchor_stats()
+            if stats:
+                log["anchor_kl"].append(stats["anchor_kl"])
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    log["seconds"] = time.perf_counter() - start
+    model.eval()
+    return model, log
+
+
+def _adalora_tuner(model: Any) -> Any:
+    tuner = model.base_model
+    return tuner.__dict__.get("adapter_tuner", tuner)
+
+
+@torch.no_grad()
+def mean_gate(model: Any, tokenizer: Any, prompts: list[str], batch_size: int = 64) -> float | None:
+    """Mean gate value (weight of the frozen view) over the prompt tokens of ``prompts``; None without a gate."""
+    tuner = getattr(model, "base_model", None)
+    if not hasattr(tuner, "record_gate"):
+        return None
+    device = next(model.parameters()).device
+    values = []
+    with tuner.record_gate() as log:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i : i + batch_size], padding=True, return_tensors="pt").to(device)
+            model(**enc, use_cache=False)
+    values = torch.cat(log) if log else torch.empty(0)
+    return float(values.mean()) if values.numel() else None
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": spread, "n": len(values)}
+
+
+def fresh_copy(model: Any) -> Any:
+    return copy.deepcopy(model)
+
+
+def settings_dict(settings: FinetuneSettings) -> dict[str, Any]:
+    return asdict(settings)
+
+
+def method_dict(method: Method) -> dict[str, Any]:
+    out = {k: v for k, v in asdict(method).items() if k not in ("derive", "extra")}
+    return out
+
+
+def load_causal_lm(name_or_path: str, device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
+    """Load a user's model and tokenizer, with an actionable error when the hub is unreachable."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = os.path.isdir(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    except OSError as exc:
+        where = "local folder" if local else "hub id"
+        raise SystemExit(
+            f"error: could not load the model {name_or_path!r} ({where}): {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+            "If this machine cannot reach the Hugging Face hub, download the model elsewhere (e.g. "
+            "`huggingface-cli download ORG/NAME --local-dir ./NAME`), copy the folder here and pass "
+            "`--model ./NAME`."
+        ) from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def peft_state(model: Any) -> PeftModel:
+    return model
