@@ -40,8 +40,15 @@ def main() -> None:
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(
-            output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=32, learning_rate=3e-3,
-            logging_steps=25, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), max_length=64,
+            output_dir=args.out,
+            max_steps=args.steps,
+            per_device_train_batch_size=32,
+            learning_rate=3e-3,
+            logging_steps=25,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            max_length=64,
         ),  # fmt: skip
         train_dataset=dataset,
         processing_class=tokenizer,

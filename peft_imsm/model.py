@@ -113,6 +113,7 @@ class IMSMModel(BaseTuner):
         model.peft_config = self.peft_config
 
         self._imsm_enabled = True
+        self._gate_dtype_checked = False
         self._state = _ForwardState()
         self._anchors: AnchorSet | None = None
         self._anchor_stats: list[float] = [0.0, 0.0, 0]  # sum of anchor KL, sum of task loss, count
@@ -152,10 +153,12 @@ class IMSMModel(BaseTuner):
         ``labels`` (``[batch, seq]``, ``-100`` where unsupervised) also define the query: the tokens before each
         sequence's first supervised token.
         """
+        if self.training and not self._gate_dtype_checked:
+            self._keep_gate_float32()
         previous = self._state.labels
         self._state.labels = labels
         # Reset, not a running count compared before/after: torch.compile guards on the integers it reads, so a
-        # count read on entry recompiled the whole model at every call (see tests/test_long_sequences.py, torch.compile).
+        # count read on entry recompiled the whole model at every call (tests/test_long_sequences.py, torch.compile).
         self._state.interweaved = 0
         try:
             if labels is not None:
@@ -206,6 +209,18 @@ class IMSMModel(BaseTuner):
             yield log
         finally:
             self._state.gate_log = previous
+
+    def _keep_gate_float32(self) -> None:
+        """Put the gate's weights back in float32 before the first training step.
+
+        Some trainers cast every trainable parameter to the base model's half dtype after the model was built (TRL's
+        SFTTrainer does on quantized models); the gate is meant to train in float32. Done in place on the same
+        Parameter objects, before the optimizer has any state for them, and never on sharded (FSDP/DTensor) params.
+        """
+        self._gate_dtype_checked = True
+        for param in self.imsm_gate.parameters():
+            if param.dtype != torch.float32 and type(param) is nn.Parameter:
+                param.data = param.data.float()
 
     # ------------------------------------------------------------------------------------------------ anchors
     @property
@@ -525,7 +540,8 @@ class IMSMModel(BaseTuner):
             if "imsm_gate." in key and f"imsm_gate.{adapter_name}." not in key:
                 key = key.replace("imsm_gate.", f"imsm_gate.{adapter_name}.")
                 expected = model_state.get(key)
-                if expected is not None and expected.shape != value.shape:
+                # (a ZeRO-3-partitioned model reports empty shapes: nothing to compare there)
+                if expected is not None and expected.numel() > 0 and expected.shape != value.shape:
                     raise ValueError(
                         f"The saved IMSM gate weight {key.split('imsm_gate.')[-1]} has shape {tuple(value.shape)} "
                         f"but this model needs {tuple(expected.shape)}: the adapter was trained on a base model with "

@@ -119,7 +119,11 @@ def batch(seed: int = 0, batch_size: int = 3, seq_len: int = 12, left_pad: bool 
 
 @pytest.fixture
 def benchmarks_dir() -> Path:
-    path = Path(os.environ.get("IMSM_BENCHMARKS_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "imsm-benchmarks"))
+    path = Path(
+        os.environ.get(
+            "IMSM_BENCHMARKS_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "imsm-benchmarks"
+        )
+    )
     if not path.is_dir():
         pytest.skip(f"benchmark sets not found at {path} (set IMSM_BENCHMARKS_DIR)")
     return path

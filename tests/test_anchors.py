@@ -13,7 +13,8 @@ from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, prepare_anchors
 def anchored(seed: int = 0, arch: str = "llama", **anchor_kwargs):
     anchor = AnchorConfig(**{"num_samples": 8, "sample_length": 6, "batch_size": 4, "seed": seed, **anchor_kwargs})
     model = get_peft_model(
-        tiny_model(arch), IMSMConfig(adapter_config=adapter_config("lora", identity=False), anchor=anchor, gate_dropout=0.0)
+        tiny_model(arch),
+        IMSMConfig(adapter_config=adapter_config("lora", identity=False), anchor=anchor, gate_dropout=0.0),
     )
     perturb_adapter(model)
     model.train()
@@ -114,7 +115,9 @@ def test_saved_anchored_adapter_loads_and_generates(tmp_path):
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     model.eval()
     with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        expected = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+        )
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
     assert loaded.peft_config["default"].anchor == model.peft_config["default"].anchor

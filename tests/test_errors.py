@@ -49,9 +49,8 @@ def test_non_causal_lm_task_type():
 
 
 def test_model_without_output_embeddings():
-    from transformers import AutoModel
-
     from conftest import tiny_config
+    from transformers import AutoModel
 
     with pytest.raises(ValueError, match="no output embeddings.*AutoModelForCausalLM"):
         get_peft_model(AutoModel.from_config(tiny_config("llama")), IMSMConfig(adapter_config=lora()))

@@ -41,7 +41,13 @@ def left_padded(lengths=PROMPT_LENGTHS, seed: int = 0):
 
 def greedy(model, ids, mask, n=8, **kwargs):
     return model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        **kwargs,
     )
 
 
@@ -60,7 +66,9 @@ def reference_greedy(model, ids, mask, n=8):
             labels[:, :prompt_len] = -100
             if seq.shape[1] == prompt_len:
                 labels = None  # nothing generated yet: no labels, the query is the whole prompt
-            logits = model(input_ids=seq, attention_mask=att, position_ids=positions(att), labels=labels, use_cache=False).logits
+            logits = model(
+                input_ids=seq, attention_mask=att, position_ids=positions(att), labels=labels, use_cache=False
+            ).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
             att = torch.cat([att, torch.ones_like(nxt)], 1)
@@ -91,7 +99,9 @@ def test_step_logits_equal_teacher_forced_forward(arch, kind, stacked):
     labels[:, : ids.shape[1]] = -100
     att = torch.cat([mask, torch.ones(full.shape[0], full.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
     with torch.no_grad():
-        forced = model(input_ids=full, attention_mask=att, position_ids=positions(att), labels=labels, use_cache=False).logits
+        forced = model(
+            input_ids=full, attention_mask=att, position_ids=positions(att), labels=labels, use_cache=False
+        ).logits
     torch.testing.assert_close(step_logits, forced[:, ids.shape[1] - 1 : -1], atol=1e-4, rtol=1e-4)
     assert len(out.scores) == 6
 
@@ -154,7 +164,9 @@ def test_eos_stop_strings_and_streamer():
     ids, mask = left_padded()
     first = greedy(model, ids, mask, n=8)
     eos = int(first[0, ids.shape[1] + 2])  # make the 3rd generated token of row 0 the eos
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
     assert out[0, ids.shape[1] + 2] == eos and (out[0, ids.shape[1] + 3 :] == 0).all()
     one = ids[:1, -PROMPT_LENGTHS[0] :]
     text = tok.decode(greedy(model, one, torch.ones_like(one), n=8)[0, one.shape[1] :])
@@ -170,7 +182,9 @@ def test_eos_stop_strings_and_streamer():
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             streamed.append(text)
 
-    model.generate(input_ids=one, max_new_tokens=5, do_sample=False, streamer=Capture(tok, skip_prompt=True), pad_token_id=0)
+    model.generate(
+        input_ids=one, max_new_tokens=5, do_sample=False, streamer=Capture(tok, skip_prompt=True), pad_token_id=0
+    )
     assert "".join(streamed) == tok.decode(greedy(model, one, torch.ones_like(one), n=5)[0, one.shape[1] :])
 
 

@@ -48,10 +48,17 @@ def make_and_save(tmp_path: Path, arch: str, kind: str, gate_mode: str = "query"
 @pytest.mark.parametrize("kind", ADAPTERS)
 def test_saved_files_hold_only_adapter_and_gate(tmp_path, kind):
     model, _, adapter_dir = make_and_save(tmp_path, "llama", kind)
-    assert sorted(p.name for p in adapter_dir.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in adapter_dir.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "IMSM" and config["gate_rank"] == 8 and config["gate_mode"] == "query"
-    assert config["adapter_config"]["peft_type"] == {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "adalora": "ADALORA"}[kind]
+    assert (
+        config["adapter_config"]["peft_type"]
+        == {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "adalora": "ADALORA"}[kind]
+    )
     weights = load_file(adapter_dir / "adapter_model.safetensors")
     assert {"base_model.imsm_gate.W_A.weight", "base_model.imsm_gate.W_B.weight"} <= set(weights)
     assert weights["base_model.imsm_gate.W_A.weight"].shape == (8, 4 * 32)

@@ -83,7 +83,9 @@ def test_trl_sft_trainer_with_imsm_peft_config(tmp_path):
         logging_steps=5, report_to=[], save_strategy="no", use_cpu=True, max_length=64,
     )  # fmt: skip
     config = IMSMConfig(adapter_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=prompt_completion(), processing_class=tok, peft_config=config)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=prompt_completion(), processing_class=tok, peft_config=config
+    )
     before = snapshot(trainer.model)
     assert type(trainer.model.base_model).__name__ == "IMSMModel"
     trainer.train()

@@ -16,11 +16,22 @@ from typing import Any
 import torch
 
 from . import report
-from .runner import ADAPTERS, FinetuneSettings, Method, default_methods, encode_examples, finetune, mean_gate, summarize
+from .runner import (
+    ADAPTERS,
+    FinetuneSettings,
+    Method,
+    default_methods,
+    encode_examples,
+    finetune,
+    mean_gate,
+    summarize,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="imsm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="imsm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="imsm-bench-results", help="output folder (must not hold results already)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
     p.add_argument("--seeds", type=int, default=2, help="number of seeds (results are mean ± std)")

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from peft_imsm.bench.skills import MIXTURE_TASKS, VOCAB_SIZE, build_tokenizer, sample_example
+from peft_imsm.bench.skills import MIXTURE_TASKS, VOCAB_SIZE, build_tokenizer, make_examples, sample_example
 
 CODE_VERSION: str = "1"  # bump when the world (skills.py) or the training loop changes in a way the hash can't see
 CACHE_ENV_VAR: str = "PEFT_IMSM_CACHE"
@@ -54,7 +54,7 @@ class TrainRecipe:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     min_lr_ratio: float = 0.05
-    task_weights: tuple[float, ...] = (1.0, 3.0, 2.0, 1.0)  # sampling weights, aligned with MIXTURE_TASKS
+    task_weights: tuple[float, ...] = (1.0, 4.0, 2.0, 1.0)  # sampling weights, aligned with MIXTURE_TASKS
 
 
 DEFAULT_RECIPE = TrainRecipe()
@@ -146,11 +146,16 @@ def train_skills_model(
 # Cache
 # ---------------------------------------------------------------------------------------------------------------
 def skills_model_key(config: LlamaConfig, seed: int, recipe: TrainRecipe) -> str:
-    """Short hash of (config, recipe, seed, CODE_VERSION, mixture) naming the cache folder."""
+    """Short hash of (config, recipe, seed, CODE_VERSION, the mixture world) naming the cache folder.
+
+    The world enters through a fingerprint: a few generated train examples of every mixture task plus the whole
+    fact base (recall examples), so editing a task generator or the fact base changes the key by itself.
+    """
     volatile = ("transformers_version", "_name_or_path", "architectures", "dtype")  # set by save/load, not by us
     cfg = {k: v for k, v in config.to_dict().items() if k not in volatile}
+    world = {task: make_examples(task, 40, seed=0, split="train") for task in MIXTURE_TASKS}
     blob = json.dumps(
-        {"config": cfg, "recipe": asdict(recipe), "seed": seed, "code": CODE_VERSION, "tasks": MIXTURE_TASKS},
+        {"config": cfg, "recipe": asdict(recipe), "seed": seed, "code": CODE_VERSION, "world": world},
         sort_keys=True,
         default=str,
     )

@@ -90,13 +90,24 @@ def default_methods(anchor_weights: tuple[float, ...] = (0.3, 1.0, 3.0), default
         Method("base model", "base", group="reference"),
         Method("LoRA", "lora", group="paper"),
         Method("LoRA x0.5 (weight interpolation)", "derived", derive_from="LoRA", derive=scale_lora, group="baseline"),
-        Method("LoRA + intruder reduction (peft)", "derived", derive_from="LoRA", derive=reduce_intruders, group="baseline"),
+        Method(
+            "LoRA + intruder reduction (peft)",
+            "derived",
+            derive_from="LoRA",
+            derive=reduce_intruders,
+            group="baseline",
+        ),
         Method("IMSM", "imsm", "query", group="paper"),
         Method("IMSM w/o query", "imsm", "token", group="paper"),
         Method("IMSM w/o gate", "imsm", "fixed", group="paper"),
         Method(f"LoRA + anchor KL (w={default_weight:g})", "lora", anchor_weight=default_weight, group="anchor"),
-        Method(f"IMSM + self anchors, gate+adapter (w={default_weight:g})", "imsm", anchor_weight=default_weight,
-               anchor_train_adapter=True, group="anchor"),  # fmt: skip
+        Method(
+            f"IMSM + self anchors, gate+adapter (w={default_weight:g})",
+            "imsm",
+            anchor_weight=default_weight,
+            anchor_train_adapter=True,
+            group="anchor",
+        ),  # fmt: skip
     ]
     for w in anchor_weights:
         methods.append(Method(f"IMSM + self anchors, gate (w={w:g})", "imsm", anchor_weight=w, group="anchor-sweep"))
@@ -124,7 +135,9 @@ def encode_examples(tokenizer: Any, rows: list[dict], max_length: int) -> list[t
     encoded = []
     for row in rows:
         prompt = tokenizer(row["input"])["input_ids"]
-        answer = tokenizer(_answer_text(row["output"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(_answer_text(row["output"]), add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
         ids = (prompt + answer)[:max_length]
         labels = ([-100] * len(prompt) + answer)[:max_length]
         if any(label != -100 for label in labels[1:]):
