@@ -20,7 +20,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def run_fresh(code: str) -> None:
-    script = "import sys\nsys.path.insert(0, %r)\n" % str(TESTS) + textwrap.dedent(code)
+    script = f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(code)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
