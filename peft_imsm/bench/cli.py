@@ -94,7 +94,7 @@ def select(methods: list[Method], names: str | None) -> list[Method]:
             chosen.insert(0, known[m.derive_from])
     if "base model" not in wanted:
         chosen.insert(0, known["base model"])
-    return list(dict.fromkeys(chosen))
+    return list({m.name: m for m in chosen}.values())
 
 
 def run(
@@ -221,7 +221,7 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress
     weights = tuple(float(w) for w in args.anchor_weights.split(",") if w.strip())
     all_methods = default_methods(weights, default_weight=1.0)
-    default_names = "base model,LoRA,IMSM,IMSM + self anchors, gate (w=1)"
+    default_names = "base model,LoRA,IMSM,IMSM + self anchors [gate] (w=1)"
     methods = select(all_methods, args.methods or default_names)
     settings = settings_from(args, steps=200, batch_size=8, lr=3e-4, r=16, lora_alpha=16, lora_dropout=0.1,
                              max_length=512, anchor_length=64)  # fmt: skip

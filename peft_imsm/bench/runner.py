@@ -7,17 +7,16 @@ and the user's JSONL sets in the paper's ``{"input", "output"}`` format, scored 
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, IA3Config, LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from ..anchors import AnchorConfig, anchor_kl, sample_self_anchors
@@ -102,7 +101,7 @@ def default_methods(anchor_weights: tuple[float, ...] = (0.3, 1.0, 3.0), default
         Method("IMSM w/o gate", "imsm", "fixed", group="paper"),
         Method(f"LoRA + anchor KL (w={default_weight:g})", "lora", anchor_weight=default_weight, group="anchor"),
         Method(
-            f"IMSM + self anchors, gate+adapter (w={default_weight:g})",
+            f"IMSM + self anchors [gate+adapter] (w={default_weight:g})",
             "imsm",
             anchor_weight=default_weight,
             anchor_train_adapter=True,
@@ -110,7 +109,7 @@ def default_methods(anchor_weights: tuple[float, ...] = (0.3, 1.0, 3.0), default
         ),  # fmt: skip
     ]
     for w in anchor_weights:
-        methods.append(Method(f"IMSM + self anchors, gate (w={w:g})", "imsm", anchor_weight=w, group="anchor-sweep"))
+        methods.append(Method(f"IMSM + self anchors [gate] (w={w:g})", "imsm", anchor_weight=w, group="anchor-sweep"))
     return methods
 
 
@@ -233,7 +232,7 @@ def finetune(
             _adalora_tuner(model).update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        log["loss"].append(float(loss))
+        log["loss"].append(float(loss.detach()))
         if method.kind == "imsm" and method.anchor_weight is not None:
             stats = model.base_model.pop_anchor_stats()
             if stats:
@@ -272,19 +271,6 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": spread, "n": len(values)}
 
 
-def fresh_copy(model: Any) -> Any:
-    return copy.deepcopy(model)
-
-
-def settings_dict(settings: FinetuneSettings) -> dict[str, Any]:
-    return asdict(settings)
-
-
-def method_dict(method: Method) -> dict[str, Any]:
-    out = {k: v for k, v in asdict(method).items() if k not in ("derive", "extra")}
-    return out
-
-
 def load_causal_lm(name_or_path: str, device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
     """Load a user's model and tokenizer, with an actionable error when the hub is unreachable."""
     import os
@@ -312,7 +298,3 @@ def load_causal_lm(name_or_path: str, device: str | None = None, dtype: str = "a
     model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def peft_state(model: Any) -> PeftModel:
-    return model
