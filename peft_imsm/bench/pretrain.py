@@ -5,6 +5,11 @@ fresh ``train``-split examples drawn from the mixture (``peft_imsm.bench.skills`
 tokens only (the answer characters and the final eos; the bos and prompt characters are masked with -100). The
 result is saved with ``save_pretrained`` (model and tokenizer) into a cache folder keyed by a hash of the config,
 the training recipe, the seed and ``CODE_VERSION``; later calls load it from there.
+
+Cost: ~0.10 s a step with 2 free cores (~0.18 s with 1), i.e. ~2.7 min for the default 1500 steps. The build uses
+``torch.get_num_threads()`` threads; on a CPU shared with other busy processes prefer 1 thread (2 OpenMP threads on
+one free core ran 4x slower than 1 thread). Results: recall 100, add 98.4, reverse 100, compare 96.2 (% exact
+match, 500 test examples each, seed 0) and 0 on the target task.
 """
 
 import copy

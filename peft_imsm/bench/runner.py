@@ -30,9 +30,10 @@ class FinetuneSettings:
     """Hyper-parameters shared by every method of one benchmark run."""
 
     adapter: str = "lora"
-    steps: int = 150
+    target_modules: Any = "all-linear"
+    steps: int = 200
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup_steps: int = 10
     r: int = 8
     lora_alpha: int = 16
@@ -114,7 +115,7 @@ def default_methods(anchor_weights: tuple[float, ...] = (0.3, 1.0, 3.0), default
 
 
 def adapter_config(settings: FinetuneSettings) -> Any:
-    common = dict(target_modules="all-linear", task_type="CAUSAL_LM")
+    common = dict(target_modules=settings.target_modules, task_type="CAUSAL_LM")
     if settings.adapter == "lora":
         return LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, **common)
     if settings.adapter == "dora":

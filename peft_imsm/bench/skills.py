@@ -9,7 +9,7 @@ answer is appended to the prompt directly (no separator), and training appends t
 =========== ============================== ========== ========================================================
 task        prompt                          answer     train/test split
 =========== ============================== ========== ========================================================
-recall      ``capital of Zorvia?``          ``Plemt``  none: both splits draw from the same memorised fact base
+recall      ``capital of Rulaia?``          ``Mev``    none: both splits draw from the same memorised fact base
 add         ``add 12+7=``                   ``19``     disjoint (a, b) pairs
 reverse     ``reverse kobe=``               ``ebok``   disjoint words
 compare     ``is 17>9?``                    ``yes``    disjoint (a, b) pairs
@@ -99,7 +99,7 @@ def _syllable(rng: random.Random) -> str:
 
 
 def build_fact_base(num_facts: int = NUM_FACTS, seed: int = WORLD_SEED) -> dict[str, str]:
-    """Return the synthetic fact base ``{country: capital}`` (e.g. ``"Zorvia" -> "Plemt"``), fixed by ``seed``.
+    """Return the synthetic fact base ``{country: capital}`` (e.g. ``"Rulaia" -> "Mev"``), fixed by ``seed``.
 
     Countries are 2 syllables + an ending ("ia", "or", "an", "ek"); capitals are 1-2 syllables + a consonant.
     All names are distinct and capitalised.
