@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="imsm-bench-results", help="output folder (must not hold results already)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
-    p.add_argument("--seeds", type=int, default=2, help="number of seeds (results are mean ± std)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (results are mean ± std)")
     p.add_argument("--adapter", choices=ADAPTERS, default="lora")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method")
     p.add_argument("--lr", type=float, default=None)
@@ -176,7 +176,7 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
     methods = select(default_methods(weights, default_weight=1.0), args.methods)
     # LoRA r=8 on the attention's q/v projections: plain LoRA learns the target to 100% and forgets part of the
     # skills mixture (measured when the skills LM was designed), which is the regime where the methods differ.
-    settings = settings_from(args, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=1e-3, steps=200)
+    settings = settings_from(args, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3, steps=200)
 
     def score(model: Any, sets: dict[str, list[dict]]) -> dict[str, float]:
         return evaluate_tasks(model, tokenizer, sets)
