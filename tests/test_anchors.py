@@ -137,3 +137,58 @@ def test_bad_anchor_config():
     model.base_model.model.generation_config.bos_token_id = None
     with pytest.raises(ValueError, match="no bos_token_id.*start_tokens"):
         prepare_anchors(model)
+
+
+def test_each_process_rank_samples_its_own_anchors(monkeypatch):
+    import peft_imsm.anchors as anchors
+
+    rank0, rank1 = anchored(seed=0), anchored(seed=0)
+    prepare_anchors(rank0)
+    monkeypatch.setattr(anchors, "process_rank", lambda: 1)
+    prepare_anchors(rank1)
+    assert not torch.equal(rank0.base_model._anchors.input_ids, rank1.base_model._anchors.input_ids)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_anchors_with_gradient_checkpointing(reentrant):
+    base = tiny_model("llama")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    anchor = AnchorConfig(num_samples=8, sample_length=6, batch_size=4)
+    model = get_peft_model(base, IMSMConfig(adapter_config=adapter_config("lora"), anchor=anchor, gate_dropout=0.0))
+    model.enable_input_require_grads()
+    model.train()
+    ids, mask, labels = labelled_batch()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "imsm_gate" in n)
+    assert model.base_model.pop_anchor_stats()["anchor_kl"] >= 0
+
+
+def test_anchors_on_a_4bit_quantized_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )  # fmt: skip
+    ).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = prepare_model_for_kbit_training(
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+    )
+    anchor = AnchorConfig(num_samples=4, sample_length=4, batch_size=2)
+    model = get_peft_model(base, IMSMConfig(adapter_config=adapter_config("lora"), anchor=anchor))
+    model.train()
+    ids, mask, labels = labelled_batch()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.base_model.pop_anchor_stats()["anchor_kl"] >= 0

@@ -51,11 +51,12 @@ def plot(results: dict[str, Any], out_dir: str) -> str:
     fig, ax = plt.subplots(figsize=(8.5, 6))
     sweep = []
     markers = {"reference": "s", "paper": "o", "baseline": "^", "anchor": "D", "anchor-sweep": "D"}
-    for name, row in results["methods"].items():
+    colors = plt.get_cmap("tab20")
+    for i, (name, row) in enumerate(results["methods"].items()):
         x, y = row["retention"], row["scores"][results["target"]]
         group = row.get("group", "")
         ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=markers.get(group, "o"), capsize=3,
-                    label=name)  # fmt: skip
+                    color=colors(i % 20), label=name)  # fmt: skip
         if group == "anchor-sweep":
             sweep.append((row.get("anchor_weight"), x["mean"], y["mean"]))
     if len(sweep) > 1:
