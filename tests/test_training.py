@@ -10,7 +10,7 @@ from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from peft_imsm import AdaLoraBudgetCallback, IMSMConfig
-from peft_imsm.bench.skills import build_tokenizer, make_examples
+from peft_imsm.bench.skills import TARGET_TASK, build_tokenizer, make_examples
 
 
 def char_llama():
@@ -24,7 +24,7 @@ def char_llama():
 
 
 def prompt_completion(n: int = 64) -> Dataset:
-    rows = make_examples("shout", n, seed=0, split="train")
+    rows = make_examples(TARGET_TASK, n, seed=0, split="train")
     return Dataset.from_list([{"prompt": r["input"], "completion": r["output"]} for r in rows])
 
 
@@ -45,7 +45,7 @@ def losses(trainer) -> list[float]:
 def test_hf_trainer_trains_adapter_and_gate_only(tmp_path):
     model, tok = char_llama()
     model = get_peft_model(model, IMSMConfig(adapter_config=LoraConfig(r=8, target_modules="all-linear")))
-    rows = make_examples("shout", 64, seed=0, split="train")
+    rows = make_examples(TARGET_TASK, 64, seed=0, split="train")
     features = []
     for r in rows:
         prompt = tok(r["input"]).input_ids
