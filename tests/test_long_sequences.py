@@ -36,15 +36,6 @@ import peft_imsm.model as imsm_model_module
 from peft_imsm import IMSMConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and 2 threads on 2 shared cores are much slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lora(dropout: float = 0.0) -> LoraConfig:
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
 

@@ -43,15 +43,6 @@ QUANT_ARCHS = ["llama", "gpt2"]  # GPT-2's Conv1D layers are quantized to Linear
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and 2 threads on 2 shared cores are much slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def bnb_config(arch: str) -> transformers.PretrainedConfig:
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if arch == "llama":
