@@ -57,6 +57,7 @@ class _ForwardState:
     gate_log: list[torch.Tensor] | None = None
     row_adapters: list[str] | None = None  # per-row adapter names while both views run as one doubled batch
     stacked_rows: int | None = None  # rows per view in the doubled batch
+    given_h_base: torch.Tensor | None = None  # frozen view already computed by the caller (anchor term)
     detach_tuned: bool = False  # anchor term in gate-only mode: no gradient through the adapted view
     interweaved: int = 0  # interwoven forwards since IMSMModel.forward last began (a guard that the hooks run)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -261,13 +262,22 @@ class IMSMModel(BaseTuner):
         """
         config = self.anchor_config
         ids, mask = self._anchor_set().next_batch(config.batch_size, _model_device(self.model))
-        with torch.no_grad(), self._frozen_view():
-            frozen_logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        # The frozen view's logits (the KL target) and its final hidden states, which the IMSM pass below reuses
+        # instead of running the frozen view a second time.
+        captured: list[torch.Tensor] = []
+        capture = self._backbone.register_forward_hook(lambda m, a, out: captured.append(_last_hidden_state(out)))
+        try:
+            with torch.no_grad(), self._frozen_view():
+                frozen_logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            capture.remove()
+        self._state.given_h_base = captured[-1] if captured else None
         self._state.detach_tuned = not config.train_adapter
         try:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         finally:
             self._state.detach_tuned = False
+            self._state.given_h_base = None
         kl = anchor_kl(frozen_logits, logits, mask)
         share = 1.0
         if num_items_in_batch is not None and labels is not None:
@@ -347,6 +357,10 @@ class IMSMModel(BaseTuner):
             return args, kwargs
 
         state.stacked_rows = None
+        given, state.given_h_base = state.given_h_base, None
+        if given is not None and cache is None and given.shape[:2] == (batch_size, seq_len):
+            state.h_base = given  # the caller already ran the frozen view on these exact inputs (anchor term)
+            return args, kwargs
         frozen_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS}
         if cache is not None:
             frozen_kwargs[cache_key] = cache.imsm_frozen
