@@ -111,6 +111,11 @@ class IMSMModel(BaseTuner):
         gate.to(_model_device(model))
         gate.requires_grad_(not imsm_config.inference_mode)
         self.imsm_gate = nn.ModuleDict({adapter_name: gate})
+        # State the wrapped tuner keeps beside the model (e.g. VeRA's shared vera_A / vera_B projections) is
+        # registered here under the same names, so it is saved and loaded where peft's tuner expects it.
+        for name, child in adapter_tuner.named_children():
+            if name != "model" and name not in self._modules and name not in self.__dict__:
+                self._modules[name] = child  # (add_module would see the name through __getattr__)
         model.peft_config = self.peft_config
 
         self._imsm_enabled = True

@@ -200,3 +200,44 @@ def test_query_is_prompt_and_falls_back_to_first_token():
     )  # fmt: skip
     assert packed.mask.tolist() == [[True, True, False, False, True, False, False]]
     assert packed.segment.tolist() == [[0, 0, 0, 0, 1, 1, 1]]
+
+
+def _other_adapter(kind: str, identity: bool):
+    from peft import LoHaConfig, LoKrConfig, VeraConfig
+
+    if kind == "loha":
+        return LoHaConfig(r=4, alpha=8, target_modules="all-linear", init_weights=identity)
+    if kind == "lokr":
+        return LoKrConfig(r=4, alpha=8, target_modules="all-linear", init_weights=identity)
+    return VeraConfig(r=8, target_modules=["q_proj", "v_proj"], init_weights=identity)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "vera"])
+def test_other_weight_adapters_wrap_exactly_and_round_trip(kind, tmp_path):
+    from peft import PeftModel
+
+    ids, mask = batch()
+    base_logits = tiny_model("llama")(input_ids=ids, attention_mask=mask).logits
+    fresh = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=_other_adapter(kind, identity=True)))
+    fresh.eval()
+    torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits, base_logits, atol=1e-6, rtol=0)
+    model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=_other_adapter(kind, identity=False)))
+    perturb_adapter(model)
+    model.eval()
+    ref = get_peft_model(tiny_model("llama"), _other_adapter(kind, identity=False))
+    state = {k: v for k, v in get_peft_model_state_dict(model).items() if "imsm_gate" not in k}
+    set_peft_model_state_dict(ref, state)
+    ref.eval()
+    with torch.no_grad():
+        model.base_model.gate.forced_value = 0.0
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits,
+            atol=1e-6, rtol=0,
+        )  # fmt: skip
+        model.base_model.gate.forced_value = None
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert type(loaded.peft_config["default"].adapter_config).__name__.lower().startswith(kind[:3])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6, rtol=0)
