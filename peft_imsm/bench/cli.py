@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from . import report
+from .batching import encode_examples
 from .runner import (
     ADAPTERS,
     FinetuneSettings,
     Method,
     default_methods,
-    encode_examples,
     finetune,
     mean_gate,
     summarize,

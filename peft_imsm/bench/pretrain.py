@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from peft_imsm.bench.batching import collate, encode_examples
 from peft_imsm.bench.skills import MIXTURE_TASKS, VOCAB_SIZE, build_tokenizer, make_examples, sample_example
 
 CODE_VERSION: str = "1"  # bump when the world (skills.py) or the training loop changes in a way the hash can't see
@@ -80,20 +81,10 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]
         0, 1, ... on the real tokens, as ``generate`` computes them), ``labels`` (B, T) long with -100 on padding,
         bos and prompt.
     """
-    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
-    seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompt_ids, answer_ids)]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (seq, p) in enumerate(zip(seqs, prompt_ids)):
-        start = width - len(seq)
-        input_ids[i, start:] = torch.tensor(seq)
-        attention_mask[i, start:] = 1
-        labels[i, start + len(p) :] = torch.tensor(seq[len(p) :])
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+    rows = [{"input": prompt, "output": answer} for prompt, answer in pairs]
+    batch = collate(encode_examples(tokenizer, rows, max_length=2**31), tokenizer.pad_token_id)
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..anchors import AnchorConfig, anchor_kl, sample_self_anchors
 from ..config import IMSMConfig
+from .batching import collate
 
 ADAPTERS = ("lora", "dora", "ia3", "adalora")
 
@@ -128,40 +129,6 @@ def adapter_config(settings: FinetuneSettings) -> Any:
                              total_step=settings.steps, tinit=settings.steps // 10, tfinal=settings.steps // 5,
                              deltaT=max(1, settings.steps // 20), **common)  # fmt: skip
     raise ValueError(f"Unknown adapter {settings.adapter!r}; choose one of {', '.join(ADAPTERS)}.")
-
-
-def encode_examples(tokenizer: Any, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` per example: prompt tokens, then answer + eos; labels -100 on the prompt."""
-    encoded = []
-    for row in rows:
-        prompt = tokenizer(row["input"])["input_ids"]
-        answer = tokenizer(_answer_text(row["output"]), add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
-        ids = (prompt + answer)[:max_length]
-        labels = ([-100] * len(prompt) + answer)[:max_length]
-        if any(label != -100 for label in labels[1:]):
-            encoded.append((ids, labels))
-    if not encoded:
-        raise ValueError("No training example left after tokenization (are the prompts longer than max_length?).")
-    return encoded
-
-
-def _answer_text(output: Any) -> str:
-    return output[0] if isinstance(output, list) else str(output)
-
-
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Left-pad a list of ``(input_ids, labels)`` into ``[batch, width]`` tensors."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(batch):
-        ids[i, width - len(row_ids) :] = torch.tensor(row_ids)
-        labels[i, width - len(row_labels) :] = torch.tensor(row_labels)
-        mask[i, width - len(row_ids) :] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int) -> Any:
