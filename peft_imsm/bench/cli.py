@@ -232,7 +232,8 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
     def score(model: Any, sets: dict[str, list[dict]]) -> dict[str, float]:
         out = {}
         for name, rows in sets.items():
-            preds = generate_answers(model, tokenizer, [r["input"] for r in rows], 16, args.max_new_tokens)
+            desc = None if args.no_progress else f"eval {name}"
+            preds = generate_answers(model, tokenizer, [r["input"] for r in rows], 16, args.max_new_tokens, desc)
             figures = compute_metrics(metric_names[name], preds, [r["output"] for r in rows])
             details.setdefault(name, {}).update(figures)
             out[name] = figures[metric_names[name][0]]

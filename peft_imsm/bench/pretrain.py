@@ -233,8 +233,11 @@ def generate_answers(
     prompts: list[str],
     batch_size: int = 64,
     max_new_tokens: int = 8,
+    desc: str | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, cut at the first eos, special tokens removed.
+
+    ``desc``: show a progress bar with this label (for long evaluations).
 
     Uses only the generic ``model.generate(input_ids=(B, T), attention_mask=(B, T), max_new_tokens, do_sample=False,
     eos_token_id, pad_token_id)`` API on left-padded prompts, so a peft-wrapped model works too.
@@ -243,7 +246,8 @@ def generate_answers(
     was_training = model.training
     model.eval()
     answers: list[str] = []
-    for i in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for i in tqdm(starts, desc=desc, disable=desc is None, leave=False):
         enc = tokenizer(prompts[i : i + batch_size], padding=True, return_tensors="pt")
         input_ids = enc["input_ids"].to(device)  # (B, T), left-padded, bos first
         attention_mask = enc["attention_mask"].to(device)  # (B, T)
