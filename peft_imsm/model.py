@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.lora import LoraLayer, LoraModel, ParamWrapper
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -55,7 +55,7 @@ class _ForwardState:
     index: QueryIndex | None = None
     cache: Cache | None = None
     gate_log: list[torch.Tensor] | None = None
-    row_adapters: list[str] | None = None  # per-row adapter names while both views run as one doubled batch
+    frozen_rows: torch.Tensor | None = None  # [2 * batch] bool, True on the frozen rows of the doubled batch
     stacked_rows: int | None = None  # rows per view in the doubled batch
     given_h_base: torch.Tensor | None = None  # frozen view already computed by the caller (anchor term)
     detach_tuned: bool = False  # anchor term in gate-only mode: no gradient through the adapted view
@@ -138,9 +138,10 @@ class IMSMModel(BaseTuner):
         ]
         if self._supports_row_adapters:
             self._hooks += [
-                m.register_forward_pre_hook(self._inject_row_adapters, with_kwargs=True)
+                lora_A.register_forward_hook(self._zero_frozen_rows)
                 for m in model.modules()
                 if isinstance(m, LoraLayer)
+                for lora_A in m.lora_A.values()
             ]
 
     # ------------------------------------------------------------------------------------------------ public API
@@ -304,7 +305,7 @@ class IMSMModel(BaseTuner):
     # ------------------------------------------------------------------------------------------- the dual pass
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self._state
-        state.row_adapters = None
+        state.frozen_rows = None
         if state.in_frozen_view or not self._imsm_enabled:
             return None
         kwargs = dict(kwargs)
@@ -317,7 +318,18 @@ class IMSMModel(BaseTuner):
         if first is None:
             first = kwargs.get("inputs_embeds")
         batch_size, seq_len, device = first.shape[0], first.shape[1], first.device
-        stacked = self._can_stack(kwargs, cache)
+        index = None
+        if not (is_imsm_cache(cache) and cache.imsm_has_query):
+            index = build_query_index(
+                batch_size,
+                seq_len,
+                device,
+                attention_mask=kwargs.get("attention_mask"),
+                labels=self._matching_labels(batch_size, seq_len),
+                position_ids=kwargs.get("position_ids"),
+                prompt_length=state.prompt_length,
+            )
+        stacked = self._can_stack(kwargs, cache, index)
         if cache is None:
             use_cache = kwargs.get("use_cache")
             if use_cache is None:
@@ -327,37 +339,27 @@ class IMSMModel(BaseTuner):
             else:
                 kwargs["use_cache"] = False
         if cache is not None:
+            if index is not None and not index.one_per_row:
+                raise ValueError(
+                    "IMSM cannot keep a KV cache for packed (padding-free) sequences; pass use_cache=False."
+                )
             cache = as_imsm_cache(cache, stacked=stacked)
             stacked = cache.imsm_stacked
             kwargs[cache_key] = cache
 
         state.cache = cache
-        state.index = None
-        if cache is None or not cache.imsm_has_query:
-            state.index = build_query_index(
-                batch_size,
-                seq_len,
-                device,
-                attention_mask=kwargs.get("attention_mask"),
-                labels=self._matching_labels(batch_size, seq_len),
-                position_ids=kwargs.get("position_ids"),
-                prompt_length=state.prompt_length,
-            )
-            if cache is not None and not state.index.one_per_row:
-                raise ValueError(
-                    "IMSM cannot keep a KV cache for packed (padding-free) sequences; pass use_cache=False."
-                )
+        state.index = index
 
         if stacked:
-            # Both views in ONE pass: rows [frozen; adapted], LoRA applied to the adapted rows only (peft's mixed
-            # adapter batches). Only without autograd (generation / evaluation).
+            # Both views in ONE pass: rows [frozen; adapted], the LoRA update zeroed on the frozen rows (see
+            # _zero_frozen_rows). Only without autograd (generation / evaluation).
             if cache is not None:
                 cache.imsm_half_rows = batch_size
             for key in _BATCHED_KWARGS:
                 value = kwargs.get(key)
                 if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
                     kwargs[key] = torch.cat([value, value])
-            state.row_adapters = ["__base__"] * batch_size + [self._active_name] * batch_size
+            state.frozen_rows = torch.arange(2 * batch_size, device=device) < batch_size
             state.stacked_rows = batch_size
             return args, kwargs
 
@@ -378,7 +380,7 @@ class IMSMModel(BaseTuner):
         state = self._state
         if state.in_frozen_view or not self._imsm_enabled:
             return None
-        state.row_adapters = None
+        state.frozen_rows = None
         hidden = _last_hidden_state(output)
         if state.detach_tuned:
             hidden = hidden.detach()
@@ -414,35 +416,45 @@ class IMSMModel(BaseTuner):
         mixed = IMSMGate.interweave(h_base, h_tuned, g)
         return _replace_last_hidden_state(output, mixed)
 
-    def _can_stack(self, kwargs: dict, cache: Cache | None) -> bool:
+    def _can_stack(self, kwargs: dict, cache: Cache | None, index: QueryIndex | None) -> bool:
         """Whether both views can run as one doubled batch (see :attr:`stacked_views`)."""
         if not (self.stacked_views and self._supports_row_adapters) or torch.is_grad_enabled():
             return False
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
             return False
+        if is_imsm_cache(cache):
+            return cache.imsm_stacked  # decided at prefill
         mask = kwargs.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             return False
-        if mask is None and kwargs.get("position_ids") is not None:
-            return False  # possibly packed sequences
+        if index is not None and not index.one_per_row:
+            return False  # packed sequences: doubling the batch would break the padding-free attention
         if cache is None:
             return True
-        if is_imsm_cache(cache):
-            return cache.imsm_stacked
         return type(cache) is DynamicCache and cache.get_seq_length() == 0
 
-    def _inject_row_adapters(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Forward pre-hook on each LoRA layer: per-row adapter names while both views run stacked."""
-        names = self._state.row_adapters
-        if names is None:
+    def _zero_frozen_rows(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook on each ``lora_A``: while both views run stacked, zero the frozen rows' LoRA activations.
+
+        LoRA adds ``lora_B(lora_A(x)) * scaling`` to the base layer's output; with ``lora_A``'s output zeroed on the
+        frozen rows (and no LoRA bias, see ``_supports_row_adapters``) that update is exactly 0 there, so those rows
+        get the base layer's output bit for bit while the adapted rows get plain LoRA. peft's own mixed-adapter
+        batches (``adapter_names=``) give the same result but index the batch with Python lists in every layer,
+        which measured ~3 ms per decode step on the benchmark model (``benchmarks/generation_speed.py``).
+        """
+        frozen = self._state.frozen_rows
+        if frozen is None:
             return None
-        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-        rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 1 else len(names)
-        if rows != len(names) and rows % len(names) == 0:
-            # Some layers see the batch flattened to [batch * seq, d] (e.g. GPT-2's Conv1D): one name per token.
-            per_row = rows // len(names)
-            names = [name for name in names for _ in range(per_row)]
-        return args, {**kwargs, "adapter_names": names}
+        rows = output.shape[0]
+        if rows != frozen.shape[0]:
+            if rows % frozen.shape[0]:
+                raise RuntimeError(
+                    f"IMSM stacked views: a LoRA layer saw {rows} rows for a doubled batch of {frozen.shape[0]}; "
+                    "set `model.base_model.stacked_views = False` to run the two views as separate passes."
+                )
+            # Some layers see the batch flattened to [batch * seq, ...]: one flag per token.
+            frozen = frozen.repeat_interleave(rows // frozen.shape[0])
+        return output.masked_fill(frozen.view(-1, *([1] * (output.dim() - 1))), 0.0)
 
     @contextmanager
     def _frozen_view(self):
@@ -647,16 +659,22 @@ def _replace_last_hidden_state(output: Any, hidden: torch.Tensor) -> Any:
 
 
 def _supports_row_adapters(adapter_tuner: nn.Module, model: nn.Module) -> bool:
-    """Plain LoRA (not DoRA, not AdaLoRA) layers only, without modules_to_save / trainable-token wrappers."""
+    """Whether both views can share one doubled batch (see ``IMSMModel._zero_frozen_rows``).
+
+    Plain LoRA only: every adapter layer a LoRA layer whose update is ``lora_B(lora_A(x)) * scaling`` (no DoRA or
+    other variant, no LoRA bias, no embedding or parameter LoRA), and no modules_to_save / trainable-token wrappers.
+    """
     if type(adapter_tuner) is not LoraModel:
         return False
     for module in model.modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
             return False
         if isinstance(module, BaseTunerLayer):
-            if not isinstance(module, LoraLayer) or not hasattr(module, "_mixed_batch_forward"):
+            if not isinstance(module, LoraLayer) or isinstance(module, ParamWrapper) or not module.lora_A:
                 return False
-            if any(module.use_dora.values()) or module.lora_variant:
+            if module.lora_embedding_A or any(module.use_dora.values()) or module.lora_variant:
+                return False
+            if any(module.lora_bias.values()):
                 return False
     return True
 

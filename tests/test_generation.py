@@ -234,3 +234,69 @@ def test_stacked_and_two_pass_views_agree():
         model.base_model.stacked_views = False
         two_pass = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(stacked, two_pass, atol=1e-5, rtol=1e-5)
+
+
+def count_backbone_passes(model) -> list[int]:
+    calls = [0]
+    model.base_model._backbone.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unpadded_prompts_run_one_doubled_batch(arch, with_mask):
+    """Without padding, generate() may drop the all-ones mask; both views must still share one pass per step."""
+    model = imsm(arch)
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    kwargs = {"attention_mask": torch.ones_like(ids)} if with_mask else {}
+    calls = count_backbone_passes(model)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0,
+            return_dict_in_generate=True, **kwargs,
+        )  # fmt: skip
+    assert out.past_key_values.imsm_stacked
+    assert calls[0] == 5  # one backbone pass per new token (prefill + 4 cached steps), not two
+    model.base_model.stacked_views = False
+    with torch.no_grad():
+        two_pass = model.generate(
+            input_ids=ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs
+        )
+    assert torch.equal(out.sequences, two_pass)
+    assert torch.equal(out.sequences, reference_greedy(model, ids, torch.ones_like(ids), n=5))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_stacked_frozen_rows_get_the_base_model_exactly(arch):
+    """In the doubled batch the LoRA update is zeroed on the frozen rows: gate = 1 gives the base model's logits."""
+    model = imsm(arch)
+    model.base_model.gate.forced_value = 1.0
+    ids, mask = left_padded()
+    with torch.no_grad():
+        imsm_logits = model(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            base = model(input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask])).logits[: len(ids)]
+    torch.testing.assert_close(imsm_logits, base, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"lora_bias": True}, {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}, {"modules_to_save": ["lm_head"]}],
+    ids=["lora_bias", "embedding_lora", "modules_to_save"],
+)
+def test_lora_that_cannot_stack_falls_back_to_two_passes(extra):
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        **{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False, **extra}
+    )
+    model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=config))
+    perturb_adapter(model, scale=0.5)
+    model.eval()
+    assert not model.base_model._supports_row_adapters
+    ids, mask = left_padded()
+    calls = count_backbone_passes(model)
+    with torch.no_grad():
+        out = greedy(model, ids, mask, n=4)
+    assert calls[0] == 2 * 4  # frozen view + adapted view at every step
+    assert torch.equal(out, reference_greedy(model, ids, mask, n=4))
