@@ -4,7 +4,7 @@ Model: a ~60M-parameter Llama built from a config (random weights: speed does no
 linear layers, 64-token prompts, 64 new tokens (greedy, no early stop), batch 1 and 8. Also the speed-up of IMSM's
 two KV caches over recomputing the whole sequence at every token (what the paper's code does), at 256 new tokens.
 
-    python benchmarks/generation_speed.py [--repeats 3] [--device cpu|cuda] [--json out.json]
+    python benchmarks/generation_speed.py [--repeats 3] [--device cpu|cuda] [--dtypes float32,bfloat16] [--json out.json]
 
 Prints tokens/s (new tokens x batch / wall time) for each setting and the IMSM/LoRA ratio, for IMSM's two ways of
 running the views: one doubled batch (rows [frozen; adapted], LoRA on the adapted rows only — the default with
@@ -60,23 +60,13 @@ def timed_generate(model, ids, mask, new_tokens: int, use_cache: bool = True) ->
     return new_tokens * ids.shape[0] / elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--long-new", type=int, default=256, help="new tokens for the cache vs recompute comparison")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+def run_dtype(args: argparse.Namespace, dtype_name: str) -> dict:
+    dtype = getattr(torch, dtype_name)
     models = {kind: build(kind, args.device, dtype) for kind in ("lora", "imsm", "imsm-2pass")}
     params = sum(p.numel() for p in models["lora"].get_base_model().parameters())
-    print(f"model: Llama {params / 1e6:.1f}M params, LoRA r=16 all-linear, device={args.device}, dtype={args.dtype}, "
+    print(f"model: Llama {params / 1e6:.1f}M params, LoRA r=16 all-linear, device={args.device}, dtype={dtype_name}, "
           f"threads={torch.get_num_threads()}, prompt={args.prompt}")  # fmt: skip
-    results: dict = {"params": params, "device": args.device, "dtype": args.dtype, "rows": []}
+    results: dict = {"params": params, "dtype": dtype_name, "rows": []}
     gen = torch.Generator().manual_seed(0)
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = torch.randint(3, CONFIG["vocab_size"], (batch, args.prompt), generator=gen).to(args.device)
@@ -100,6 +90,26 @@ def main() -> None:
     results["long"] = {"new_tokens": args.long_new, "cached_tok_s": cached, "recompute_tok_s": recompute}
     print(f"batch  1, {args.long_new} new tokens: IMSM two KV caches {cached:.1f} tok/s | no-cache recompute "
           f"{recompute:.1f} tok/s | speed-up {cached / recompute:.1f}x")  # fmt: skip
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--long-new", type=int, default=256, help="new tokens for the cache vs recompute comparison")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    for name in args.dtypes.split(","):
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            parser.error(f"--dtypes: {name!r} is not a torch dtype (use float32, bfloat16 or float16)")
+    results: dict = {"device": args.device, "threads": torch.get_num_threads(), "runs": []}
+    for dtype_name in args.dtypes.split(","):
+        results["runs"].append(run_dtype(args, dtype_name))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

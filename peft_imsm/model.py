@@ -55,7 +55,6 @@ class _ForwardState:
     index: QueryIndex | None = None
     cache: Cache | None = None
     gate_log: list[torch.Tensor] | None = None
-    frozen_rows: torch.Tensor | None = None  # [2 * batch] bool, True on the frozen rows of the doubled batch
     stacked_rows: int | None = None  # rows per view in the doubled batch
     given_h_base: torch.Tensor | None = None  # frozen view already computed by the caller (anchor term)
     detach_tuned: bool = False  # anchor term in gate-only mode: no gradient through the adapted view
@@ -305,7 +304,7 @@ class IMSMModel(BaseTuner):
     # ------------------------------------------------------------------------------------------- the dual pass
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self._state
-        state.frozen_rows = None
+        state.stacked_rows = None
         if state.in_frozen_view or not self._imsm_enabled:
             return None
         kwargs = dict(kwargs)
@@ -359,7 +358,6 @@ class IMSMModel(BaseTuner):
                 value = kwargs.get(key)
                 if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
                     kwargs[key] = torch.cat([value, value])
-            state.frozen_rows = torch.arange(2 * batch_size, device=device) < batch_size
             state.stacked_rows = batch_size
             return args, kwargs
 
@@ -380,7 +378,6 @@ class IMSMModel(BaseTuner):
         state = self._state
         if state.in_frozen_view or not self._imsm_enabled:
             return None
-        state.frozen_rows = None
         hidden = _last_hidden_state(output)
         if state.detach_tuned:
             hidden = hidden.detach()
@@ -433,28 +430,28 @@ class IMSMModel(BaseTuner):
             return True
         return type(cache) is DynamicCache and cache.get_seq_length() == 0
 
-    def _zero_frozen_rows(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def _zero_frozen_rows(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """Forward hook on each ``lora_A``: while both views run stacked, zero the frozen rows' LoRA activations.
 
         LoRA adds ``lora_B(lora_A(x)) * scaling`` to the base layer's output; with ``lora_A``'s output zeroed on the
         frozen rows (and no LoRA bias, see ``_supports_row_adapters``) that update is exactly 0 there, so those rows
         get the base layer's output bit for bit while the adapted rows get plain LoRA. peft's own mixed-adapter
         batches (``adapter_names=``) give the same result but index the batch with Python lists in every layer,
-        which measured ~3 ms per decode step on the benchmark model (``benchmarks/generation_speed.py``).
+        which cost ~3 ms per decode step on the benchmark model (``benchmarks/generation_speed.py``).
+
+        The frozen rows are the first half of dim 0, also for layers that see the batch flattened to
+        ``[batch * seq, ...]`` (e.g. OPT's MLP). Zeroed in place: stacking only runs without autograd.
         """
-        frozen = self._state.frozen_rows
-        if frozen is None:
-            return None
+        half = self._state.stacked_rows
+        if half is None:
+            return
         rows = output.shape[0]
-        if rows != frozen.shape[0]:
-            if rows % frozen.shape[0]:
-                raise RuntimeError(
-                    f"IMSM stacked views: a LoRA layer saw {rows} rows for a doubled batch of {frozen.shape[0]}; "
-                    "set `model.base_model.stacked_views = False` to run the two views as separate passes."
-                )
-            # Some layers see the batch flattened to [batch * seq, ...]: one flag per token.
-            frozen = frozen.repeat_interleave(rows // frozen.shape[0])
-        return output.masked_fill(frozen.view(-1, *([1] * (output.dim() - 1))), 0.0)
+        if rows % (2 * half):
+            raise RuntimeError(
+                f"IMSM stacked views: a LoRA layer saw {rows} rows for a doubled batch of {2 * half}; set "
+                "`model.base_model.stacked_views = False` to run the two views as separate passes."
+            )
+        output[: rows // 2].zero_()
 
     @contextmanager
     def _frozen_view(self):
