@@ -172,12 +172,7 @@ class IMSMModel(BaseTuner):
             output = self.adapter_tuner(*args, **kwargs)
         finally:
             self._state.labels = previous
-        if self._imsm_enabled and self._state.interweaved == 0:
-            raise RuntimeError(
-                f"IMSM's hooks on {type(self._backbone).__name__} did not run during the forward of "
-                f"{type(self.model).__name__}: this architecture does not feed its output head from the module IMSM "
-                "hooked. Please report the architecture."
-            )
+        self._check_hooks_ran("forward")
         if self._anchoring_now(output):
             output.loss = output.loss + self._anchor_term(labels, kwargs.get("num_items_in_batch"), output.loss)
         return output
@@ -195,10 +190,25 @@ class IMSMModel(BaseTuner):
             _check_generation_prompt(attention_mask)
         previous = self._state.prompt_length
         self._state.prompt_length = prompt.shape[1] if prompt is not None else None
+        self._state.interweaved = 0
         try:
-            return self.model.generate(*args, **kwargs)
+            output = self.model.generate(*args, **kwargs)
         finally:
             self._state.prompt_length = previous
+        sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
+        generated = sequences is not None and (input_ids is None or sequences.shape[-1] > input_ids.shape[-1])
+        if generated:
+            self._check_hooks_ran("generate")
+        return output
+
+    def _check_hooks_ran(self, what: str) -> None:
+        """A model whose output head is not fed by the hooked backbone would silently skip the gate: refuse it."""
+        if self._imsm_enabled and self._state.interweaved == 0:
+            raise RuntimeError(
+                f"IMSM's hooks on {type(self._backbone).__name__} did not run during {what}() of "
+                f"{type(self.model).__name__}: this architecture does not feed its output head from the module IMSM "
+                "hooked, so the gate would be skipped. Please report the architecture."
+            )
 
     @contextmanager
     def record_gate(self):

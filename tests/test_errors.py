@@ -78,3 +78,18 @@ def test_second_adapter_is_refused():
     model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora")))
     with pytest.raises(ValueError, match="exactly one IMSM adapter"):
         model.add_adapter("other", IMSMConfig(adapter_config=adapter_config("lora")))
+
+
+def test_forward_and_generate_refuse_to_skip_the_gate():
+    """If the output head were not fed by the hooked backbone, the gate would be skipped: both entry points refuse."""
+    model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora")))
+    model.eval()
+    ids = torch.randint(3, 90, (1, 5))
+    for hook in model.base_model._hooks[:2]:  # the backbone's pre- and post-hook: as if the head read another module
+        hook.remove()
+    with pytest.raises(RuntimeError, match="did not run during forward"):
+        model(input_ids=ids)
+    with pytest.raises(RuntimeError, match="did not run during generate"):
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with model.disable_adapter():  # the plain base model needs no hooks
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
