@@ -168,6 +168,15 @@ def test_qlora_shares_quantized_weights_and_trains_adapter_and_gate(saved_fp32, 
     first = first[:, -1]
     assert torch.isfinite(out.logits[0]).all()
     torch.testing.assert_close(out.logits[0], first, atol=1e-5, rtol=0)
+    # Quantized LoRA layers stack both views in one batch too: same as two separate passes.
+    assert model.base_model._supports_row_adapters
+    model.base_model.stacked_views = False
+    two_pass = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+        eos_token_id=None, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(two_pass.sequences, out.sequences)
+    torch.testing.assert_close(torch.stack(two_pass.logits), torch.stack(out.logits), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
