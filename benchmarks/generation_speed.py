@@ -1,15 +1,21 @@
 """Decode speed of IMSM versus plain peft LoRA, measured side by side in one run.
 
 Model: a ~60M-parameter Llama built from a config (random weights: speed does not depend on them), LoRA r=16 on all
-linear layers, 64-token prompts, 64 new tokens (greedy, no early stop), batch 1 and 8. Also the speed-up of IMSM's
-two KV caches over recomputing the whole sequence at every token (what the paper's code does), at 256 new tokens.
+linear layers, 64-token prompts, 64 new tokens (greedy, no early stop), batch 1 and 8, float32 and bfloat16. Also
+the speed-up of IMSM's two KV caches over recomputing the whole sequence at every token (what the paper's code
+does), at 256 new tokens.
 
-    python benchmarks/generation_speed.py [--repeats 3] [--device cpu|cuda] [--dtypes float32,bfloat16] [--json out.json]
+    python benchmarks/generation_speed.py [--repeats 5] [--device cpu|cuda] [--dtypes float32,bfloat16] [--json F]
 
-Prints tokens/s (new tokens x batch / wall time) for each setting and the IMSM/LoRA ratio, for IMSM's two ways of
-running the views: one doubled batch (rows [frozen; adapted], LoRA on the adapted rows only — the default with
-LoRA) and two passes (``model.base_model.stacked_views = False``; the path of every other adapter). Runs are interleaved
-(LoRA, IMSM, LoRA, IMSM, ...) and the median is reported, so machine noise hits both alike.
+For each setting and each of LoRA, IMSM as one doubled batch (rows [frozen; adapted], the default with LoRA) and
+IMSM as two passes (``model.base_model.stacked_views = False``, the path of every other adapter) it prints:
+
+* prefill: wall time of ``generate(max_new_tokens=1)`` (the prompt's forward and the first token), in ms;
+* decode: tokens/s of the decoding steps alone, ``(new - 1) x batch / (t(new tokens) - t(1 token))``;
+* end to end: ``new x batch / t(new tokens)``;
+
+and IMSM/LoRA ratios. Runs are interleaved (LoRA, IMSM, IMSM two passes, LoRA, ...) and medians are reported, so
+machine noise hits all alike.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ def build(kind: str, device: str, dtype: torch.dtype):
 
 
 def timed_generate(model, ids, mask, new_tokens: int, use_cache: bool = True) -> float:
+    """Wall time in seconds of one greedy ``generate()`` of exactly ``new_tokens`` tokens."""
     if ids.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -57,15 +64,19 @@ def timed_generate(model, ids, mask, new_tokens: int, use_cache: bool = True) ->
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + new_tokens
-    return new_tokens * ids.shape[0] / elapsed
+    return elapsed
+
+
+KINDS = ("lora", "imsm", "imsm-2pass")
+LABELS = {"lora": "LoRA", "imsm": "IMSM (one doubled batch)", "imsm-2pass": "IMSM (two passes)"}
 
 
 def run_dtype(args: argparse.Namespace, dtype_name: str) -> dict:
     dtype = getattr(torch, dtype_name)
-    models = {kind: build(kind, args.device, dtype) for kind in ("lora", "imsm", "imsm-2pass")}
+    models = {kind: build(kind, args.device, dtype) for kind in KINDS}
     params = sum(p.numel() for p in models["lora"].get_base_model().parameters())
     print(f"model: Llama {params / 1e6:.1f}M params, LoRA r=16 all-linear, device={args.device}, dtype={dtype_name}, "
-          f"threads={torch.get_num_threads()}, prompt={args.prompt}")  # fmt: skip
+          f"threads={torch.get_num_threads()}, prompt={args.prompt}, new tokens={args.new}")  # fmt: skip
     results: dict = {"params": params, "dtype": dtype_name, "rows": []}
     gen = torch.Generator().manual_seed(0)
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -73,29 +84,44 @@ def run_dtype(args: argparse.Namespace, dtype_name: str) -> dict:
         mask = torch.ones_like(ids)
         for model in models.values():  # warm-up
             timed_generate(model, ids, mask, 4)
-        speeds: dict[str, list[float]] = {kind: [] for kind in models}
+        first: dict[str, list[float]] = {kind: [] for kind in KINDS}
+        full: dict[str, list[float]] = {kind: [] for kind in KINDS}
         for _ in range(args.repeats):
             for kind, model in models.items():
-                speeds[kind].append(timed_generate(model, ids, mask, args.new))
-        lora, imsm, two = (statistics.median(speeds[k]) for k in ("lora", "imsm", "imsm-2pass"))
-        row = {"batch": batch, "new_tokens": args.new, "lora_tok_s": lora, "imsm_tok_s": imsm, "ratio": imsm / lora,
-               "imsm_two_pass_tok_s": two, "two_pass_ratio": two / lora}  # fmt: skip
+                first[kind].append(timed_generate(model, ids, mask, 1))
+                full[kind].append(timed_generate(model, ids, mask, args.new))
+        row: dict = {"batch": batch, "new_tokens": args.new}
+        for kind in KINDS:
+            t1, tn = statistics.median(first[kind]), statistics.median(full[kind])
+            row[kind] = {
+                "prefill_ms": t1 * 1e3,
+                "decode_tok_s": (args.new - 1) * batch / (tn - t1),
+                "end_to_end_tok_s": args.new * batch / tn,
+            }
         results["rows"].append(row)
-        print(f"batch {batch:>2}: LoRA {lora:8.1f} tok/s | IMSM (one doubled batch) {imsm:8.1f} tok/s = "
-              f"{imsm / lora:.2f}x | IMSM (two passes) {two:8.1f} tok/s = {two / lora:.2f}x")  # fmt: skip
+        lora = row["lora"]
+        print(f"batch {batch}:")
+        for kind in KINDS:
+            r = row[kind]
+            ratios = "" if kind == "lora" else (
+                f" | decode {r['decode_tok_s'] / lora['decode_tok_s']:.2f}x, end to end "
+                f"{r['end_to_end_tok_s'] / lora['end_to_end_tok_s']:.2f}x of LoRA"
+            )  # fmt: skip
+            print(f"  {LABELS[kind]:<26} prefill {r['prefill_ms']:7.1f} ms | decode {r['decode_tok_s']:7.1f} tok/s | "
+                  f"end to end {r['end_to_end_tok_s']:7.1f} tok/s{ratios}")  # fmt: skip
     ids = torch.randint(3, CONFIG["vocab_size"], (1, args.prompt), generator=gen).to(args.device)
     mask = torch.ones_like(ids)
-    cached = timed_generate(models["imsm"], ids, mask, args.long_new)
-    recompute = timed_generate(models["imsm"], ids, mask, args.long_new, use_cache=False)
+    cached = args.long_new / timed_generate(models["imsm"], ids, mask, args.long_new)
+    recompute = args.long_new / timed_generate(models["imsm"], ids, mask, args.long_new, use_cache=False)
     results["long"] = {"new_tokens": args.long_new, "cached_tok_s": cached, "recompute_tok_s": recompute}
-    print(f"batch  1, {args.long_new} new tokens: IMSM two KV caches {cached:.1f} tok/s | no-cache recompute "
-          f"{recompute:.1f} tok/s | speed-up {cached / recompute:.1f}x")  # fmt: skip
+    print(f"batch 1, {args.long_new} new tokens, end to end: IMSM two KV caches {cached:.1f} tok/s | no-cache "
+          f"recompute {recompute:.1f} tok/s | speed-up {cached / recompute:.1f}x")  # fmt: skip
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
     parser.add_argument("--prompt", type=int, default=64)

@@ -126,16 +126,16 @@ class IMSMModel(BaseTuner):
         self._switchable_layers = [
             m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
         ]
-        #: Run both views as one doubled batch when autograd is off (generation, evaluation) and the wrapped
-        #: adapter supports per-row adapter selection (plain LoRA: peft's mixed-adapter batches). Set to False to
-        #: always run two passes; results are the same up to float rounding.
+        #: Run both views as one doubled batch (rows [frozen; adapted]) when autograd is off (generation,
+        #: evaluation) and the wrapped adapter is plain LoRA (see _zero_frozen_rows). Set to False to always run
+        #: two passes; results are the same up to float rounding.
         self.stacked_views = True
-        self._supports_row_adapters = _supports_row_adapters(adapter_tuner, model)
+        self._supports_stacked_views = _supports_stacked_views(adapter_tuner, model)
         self._hooks = [
             backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True),
             backbone.register_forward_hook(self._backbone_post_hook, with_kwargs=True),
         ]
-        if self._supports_row_adapters:
+        if self._supports_stacked_views:
             self._hooks += [
                 lora_A.register_forward_hook(self._zero_frozen_rows)
                 for m in model.modules()
@@ -425,7 +425,7 @@ class IMSMModel(BaseTuner):
 
     def _can_stack(self, kwargs: dict, cache: Cache | None, index: QueryIndex | None) -> bool:
         """Whether both views can run as one doubled batch (see :attr:`stacked_views`)."""
-        if not (self.stacked_views and self._supports_row_adapters) or torch.is_grad_enabled():
+        if not (self.stacked_views and self._supports_stacked_views) or torch.is_grad_enabled():
             return False
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
             return False
@@ -444,7 +444,7 @@ class IMSMModel(BaseTuner):
         """Forward hook on each ``lora_A``: while both views run stacked, zero the frozen rows' LoRA activations.
 
         LoRA adds ``lora_B(lora_A(x)) * scaling`` to the base layer's output; with ``lora_A``'s output zeroed on the
-        frozen rows (and no LoRA bias, see ``_supports_row_adapters``) that update is exactly 0 there, so those rows
+        frozen rows (and no LoRA bias, see ``_supports_stacked_views``) that update is exactly 0 there, so those rows
         get the base layer's output bit for bit while the adapted rows get plain LoRA. peft's own mixed-adapter
         batches (``adapter_names=``) give the same result but index the batch with Python lists in every layer,
         which cost ~3 ms per decode step on the benchmark model (``benchmarks/generation_speed.py``).
@@ -665,7 +665,7 @@ def _replace_last_hidden_state(output: Any, hidden: torch.Tensor) -> Any:
     return output
 
 
-def _supports_row_adapters(adapter_tuner: nn.Module, model: nn.Module) -> bool:
+def _supports_stacked_views(adapter_tuner: nn.Module, model: nn.Module) -> bool:
     """Whether both views can share one doubled batch (see ``IMSMModel._zero_frozen_rows``).
 
     Plain LoRA only: every adapter layer a LoRA layer whose update is ``lora_B(lora_A(x)) * scaling`` (no DoRA or

@@ -293,7 +293,7 @@ def test_lora_that_cannot_stack_falls_back_to_two_passes(extra):
     model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=config))
     perturb_adapter(model, scale=0.5)
     model.eval()
-    assert not model.base_model._supports_row_adapters
+    assert not model.base_model._supports_stacked_views
     ids, mask = left_padded()
     calls = count_backbone_passes(model)
     with torch.no_grad():
