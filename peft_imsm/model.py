@@ -56,6 +56,7 @@ class _ForwardState:
     cache: Cache | None = None
     gate_log: list[torch.Tensor] | None = None
     stacked_rows: int | None = None  # rows per view in the doubled batch
+    stacked_tokens: int = 0  # rows * seq per view in the doubled batch (layers that flatten the batch)
     given_h_base: torch.Tensor | None = None  # frozen view already computed by the caller (anchor term)
     detach_tuned: bool = False  # anchor term in gate-only mode: no gradient through the adapted view
     interweaved: int = 0  # interwoven forwards since IMSMModel.forward last began (a guard that the hooks run)
@@ -369,6 +370,7 @@ class IMSMModel(BaseTuner):
                 if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
                     kwargs[key] = torch.cat([value, value])
             state.stacked_rows = batch_size
+            state.stacked_tokens = batch_size * seq_len
             return args, kwargs
 
         state.stacked_rows = None
@@ -452,14 +454,15 @@ class IMSMModel(BaseTuner):
         The frozen rows are the first half of dim 0, also for layers that see the batch flattened to
         ``[batch * seq, ...]`` (e.g. OPT's MLP). Zeroed in place: stacking only runs without autograd.
         """
-        half = self._state.stacked_rows
-        if half is None:
+        state = self._state
+        if state.stacked_rows is None:
             return
         rows = output.shape[0]
-        if rows % (2 * half):
+        if rows != 2 * state.stacked_rows and rows != 2 * state.stacked_tokens:
             raise RuntimeError(
-                f"IMSM stacked views: a LoRA layer saw {rows} rows for a doubled batch of {2 * half}; set "
-                "`model.base_model.stacked_views = False` to run the two views as separate passes."
+                f"IMSM stacked views: a LoRA layer saw {rows} rows where the doubled batch has {2 * state.stacked_rows}"
+                f" rows ({2 * state.stacked_tokens} tokens), so its frozen rows cannot be told apart (tokens routed "
+                "to experts?). Set `model.base_model.stacked_views = False` to run the two views as separate passes."
             )
         output[: rows // 2].zero_()
 
@@ -670,10 +673,13 @@ def _supports_stacked_views(adapter_tuner: nn.Module, model: nn.Module) -> bool:
 
     Plain LoRA only: every adapter layer a LoRA layer whose update is ``lora_B(lora_A(x)) * scaling`` (no DoRA or
     other variant, no LoRA bias, no embedding or parameter LoRA), and no modules_to_save / trainable-token wrappers.
+    Not for LoRA on mixture-of-experts experts: an expert sees the tokens routed to it, not the batch's rows.
     """
     if type(adapter_tuner) is not LoraModel:
         return False
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and "expert" in name.lower() and "shared_expert" not in name.lower():
+            return False
         if isinstance(module, AuxiliaryTrainingWrapper):
             return False
         if isinstance(module, BaseTunerLayer):

@@ -300,3 +300,49 @@ def test_lora_that_cannot_stack_falls_back_to_two_passes(extra):
         out = greedy(model, ids, mask, n=4)
     assert calls[0] == 2 * 4  # frozen view + adapted view at every step
     assert torch.equal(out, reference_greedy(model, ids, mask, n=4))
+
+
+@pytest.mark.parametrize(
+    "targets,stacks", [("all-linear", False), (["q_proj", "v_proj"], True)], ids=["experts", "attention"]
+)
+def test_mixture_of_experts_generation(targets, stacks):
+    """Mixtral: LoRA on the experts (peft wraps their fused parameters) runs two passes; on attention only it stacks.
+
+    Both give the no-cache reference loop's tokens.
+    """
+    from peft import LoraConfig
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    base = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0,
+        )
+    )  # fmt: skip
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(base, IMSMConfig(adapter_config=config))
+    perturb_adapter(model, scale=0.5)
+    model.eval()
+    assert model.base_model._supports_stacked_views == stacks
+    ids, mask = left_padded()
+    calls = count_backbone_passes(model)
+    out = greedy(model, ids, mask, n=5)
+    assert calls[0] == (5 if stacks else 10)  # one pass per token, or frozen + adapted
+    assert torch.equal(out, reference_greedy(model, ids, mask, n=5))
+
+
+def test_stacked_views_refuse_rows_they_cannot_attribute():
+    """A LoRA layer seeing neither the doubled batch's rows nor its tokens (e.g. routed experts) raises clearly."""
+    model = imsm("llama")
+    state = model.base_model._state
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    state.stacked_rows, state.stacked_tokens = 2, 10
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="stacked_views = False"):
+            layer(torch.randn(3, layer.in_features))
+        with torch.no_grad():
+            out = layer(torch.randn(4, 1, layer.in_features))  # 2 frozen rows + 2 adapted rows: fine
+        assert out.shape[0] == 4
+    finally:
+        state.stacked_rows = None
