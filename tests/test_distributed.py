@@ -1,6 +1,7 @@
-"""Multi-process training: 2 CPU processes (torchrun, gloo) run the HF Trainer on an IMSM LoRA model under DDP.
+"""Multi-process training: 2 CPU processes (torchrun, gloo) run the HF Trainer on an IMSM LoRA model under DDP, and
+a plain training loop under FSDP2 (``tests/scripts/fsdp2_train.py``, see its test).
 
-The training script is ``tests/scripts/ddp_train.py``. What is checked:
+The DDP training script is ``tests/scripts/ddp_train.py``. What is checked:
 
 * DDP keeps the ranks in sync: the adapter AND gate weights are identical on both ranks after training (the gate is
   a registered submodule of the peft model, so DDP broadcasts it at wrap time and all-reduces its gradients), and
@@ -39,8 +40,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, *script_args: str) -> list[dict]:
-    """Run the script on 2 CPU processes with torchrun; return each rank's dump."""
+def launch(out: Path, *script_args: str, script: Path = SCRIPT) -> list[dict]:
+    """Run ``script`` on 2 CPU processes with torchrun; return each rank's dump."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -51,7 +52,7 @@ def launch(out: Path, *script_args: str) -> list[dict]:
     }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(out), *script_args,
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(out), *script_args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -125,3 +126,30 @@ def test_example_accelerate_configs_load():
         assert (
             load_config_from_file(str(folder / f"deepspeed_zero{stage}.yaml")).deepspeed_config["zero_stage"] == stage
         )
+
+
+def test_fsdp2_training_equals_single_process_training(tmp_path):
+    """FSDP2 (fully_shard per decoder layer + root, gloo): the gate and LoRA shard like any parameter, the frozen
+    view runs through the sharded layers, and 3 steps on 2 ranks give the weights of 3 single-process steps on the
+    two ranks' batches together (same token count per rank, so the averaged gradient is the full batch's)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import fsdp2_train
+
+    dumps = launch(tmp_path, script=SCRIPT.parent / "fsdp2_train.py")
+    rank0, rank1 = dumps
+    assert any("imsm_gate" in n for n in rank0["sharded"]) and any("lora_A" in n for n in rank0["sharded"])
+    for name in rank0["trained"]:
+        assert torch.equal(rank0["trained"][name], rank1["trained"][name]), f"ranks differ: {name}"
+
+    model = fsdp2_train.build_model()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(fsdp2_train.STEPS):
+        ids = torch.cat([rank0["batches"][step], rank1["batches"][step]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    reference = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(reference) == sorted(rank0["trained"])
+    for name, value in reference.items():
+        torch.testing.assert_close(rank0["trained"][name], value, atol=1e-5, rtol=1e-4, msg=name)
