@@ -346,3 +346,20 @@ def test_stacked_views_refuse_rows_they_cannot_attribute():
         assert out.shape[0] == 4
     finally:
         state.stacked_rows = None
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_inputs_embeds_generate_and_forward_like_input_ids(stacked):
+    model = imsm("llama", stacked=stacked)
+    ids, mask = left_padded()
+    embeds = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        from_embeds = model.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=None,
+            pad_token_id=0,
+        )  # fmt: skip
+        assert torch.equal(from_embeds, greedy(model, ids, mask, n=5)[:, ids.shape[1] :])
+    labels = ids.masked_fill(mask == 0, -100)
+    loss_ids = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss_embeds = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss_embeds, loss_ids, atol=1e-6, rtol=0)
