@@ -436,6 +436,9 @@ class IMSMModel(BaseTuner):
         mask = kwargs.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             return False
+        positions = kwargs.get("position_ids")
+        if positions is not None and (not isinstance(positions, torch.Tensor) or positions.dim() != 2):
+            return False  # e.g. multimodal rotary positions [3, batch, seq]: not batch-first, cannot be doubled
         if index is not None and not index.one_per_row:
             return False  # packed sequences: doubling the batch would break the padding-free attention
         if cache is None:

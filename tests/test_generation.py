@@ -363,3 +363,17 @@ def test_inputs_embeds_generate_and_forward_like_input_ids(stacked):
     loss_ids = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss_embeds = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(loss_embeds, loss_ids, atol=1e-6, rtol=0)
+
+
+def test_inputs_that_are_not_batch_first_are_not_stacked():
+    """Multimodal rotary position ids ([3, batch, seq]) or 4D masks cannot be doubled along the batch: two passes."""
+    model = imsm("llama")
+    tuner = model.base_model
+    ids = torch.ones(3, 4, dtype=torch.long)
+    with torch.no_grad():
+        assert tuner._can_stack({"input_ids": ids, "position_ids": torch.zeros(3, 4, dtype=torch.long)}, None, None)
+        assert not tuner._can_stack(
+            {"input_ids": ids, "position_ids": torch.zeros(3, 3, 4, dtype=torch.long)}, None, None
+        )
+        assert not tuner._can_stack({"input_ids": ids, "attention_mask": torch.ones(3, 1, 4, 4)}, None, None)
+    assert not tuner._can_stack({"input_ids": ids}, None, None)  # autograd on: never stacked
