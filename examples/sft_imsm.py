@@ -2,7 +2,7 @@
 
 The base model is the project's own tiny "pretrained" skills LM (Llama-style, a few million parameters, trained by
 code in ``peft_imsm.bench`` from a fixed seed and cached on disk after the first build, ~3 min on 2 CPU cores).
-The target task (write a word in capitals) is not one of its skills. Swap in your own model and dataset: nothing
+The target task (`<kobe> ends:` -> `ke`, first and last letter of a word) is not one of its skills. Swap in your own model and dataset: nothing
 below is specific to IMSM except the ``peft_config``.
 
     python examples/sft_imsm.py [--steps 150] [--out imsm-example-adapter]
