@@ -2,8 +2,8 @@
 
 The base model is the project's own tiny "pretrained" skills LM (Llama-style, a few million parameters, trained by
 code in ``peft_imsm.bench`` from a fixed seed and cached on disk after the first build, ~3 min on 2 CPU cores).
-The target task (`<kobe> ends:` -> `ke`, first and last letter of a word) is not one of its skills. Swap in your own model and dataset: nothing
-below is specific to IMSM except the ``peft_config``.
+The target task (``<kobe> ends:`` -> ``ke``, the first and last letter of a word) is not one of its skills. Swap in
+your own model and dataset: nothing below is specific to IMSM except the ``peft_config``.
 
     python examples/sft_imsm.py [--steps 150] [--out imsm-example-adapter]
 """
