@@ -1,6 +1,6 @@
 """Fine-tune a small local model with IMSM through TRL's SFTTrainer, then generate an answer. Fully offline.
 
-The base model is the project's own tiny "pretrained" skills LM (Llama-style, a few million parameters, trained by
+The base model is the project's own tiny "pretrained" skills LM (Llama-style, about 1.06M parameters, trained by
 code in ``peft_imsm.bench`` from a fixed seed and cached on disk after the first build, ~3 min on 2 CPU cores).
 The target task (``<kobe> ends:`` -> ``ke``, the first and last letter of a word) is not one of its skills. Swap in
 your own model and dataset: nothing below is specific to IMSM except the ``peft_config``.
