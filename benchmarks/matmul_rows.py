@@ -5,7 +5,9 @@ multiplies 2 rows where plain LoRA multiplies 1. Where decoding is bound by read
 nearly free; this script measures what it costs on the machine at hand, for the weights of the 8-layer model of
 ``generation_speed.py`` (too large for the CPU caches, as in a real decode step).
 
-    python benchmarks/matmul_rows.py [--dtypes float32,bfloat16] [--device cpu|cuda]
+    python benchmarks/matmul_rows.py [--dtypes float32,bfloat16] [--device cpu|cuda] [--batches 1,8]
+
+For each batch size n it prints the time of the sweep on 2n rows (IMSM's doubled batch) over that on n rows (LoRA).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes n: n rows vs 2n rows")
     args = parser.parse_args()
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name, None)
@@ -48,13 +51,14 @@ def main() -> None:
             parser.error(f"--dtypes: {name!r} is not a torch dtype")
         weights = [torch.randn(o, i, dtype=dtype, device=args.device) for _ in range(LAYERS) for o, i in SHAPES]
         sweep_ms(weights, 1, 3)  # warm-up
-        one, two = [], []
-        for _ in range(3):  # interleaved, so noise hits both
-            one.append(sweep_ms(weights, 1, args.repeats))
-            two.append(sweep_ms(weights, 2, args.repeats))
-        t1, t2 = statistics.median(one), statistics.median(two)
-        print(f"{name:>9} on {args.device}: 1 row {t1:6.2f} ms | 2 rows {t2:6.2f} ms | 2 rows / 1 row = {t2 / t1:.2f}x "
-              f"(threads={torch.get_num_threads()})")  # fmt: skip
+        for n in [int(b) for b in args.batches.split(",")]:
+            single, double = [], []
+            for _ in range(3):  # interleaved, so noise hits both
+                single.append(sweep_ms(weights, n, args.repeats))
+                double.append(sweep_ms(weights, 2 * n, args.repeats))
+            t1, t2 = statistics.median(single), statistics.median(double)
+            print(f"{name:>9} on {args.device}: {n:>2} rows {t1:6.2f} ms | {2 * n:>2} rows {t2:6.2f} ms | ratio "
+                  f"{t2 / t1:.2f}x (threads={torch.get_num_threads()})")  # fmt: skip
 
 
 if __name__ == "__main__":
