@@ -122,7 +122,9 @@ class IMSMModel(BaseTuner):
         self._gate_dtype_checked = False
         self._state = _ForwardState()
         self._anchors: AnchorSet | None = None
-        self._anchor_stats: list[float] = [0.0, 0.0, 0]  # sum of anchor KL, sum of task loss, count
+        # Sums of the anchor KL and of the task loss (device tensors, so a training step never waits for the device
+        # to read them back), and their count; read by pop_anchor_stats when the Trainer logs.
+        self._anchor_stats: list[Any] = [0.0, 0.0, 0]
         self._backbone_params = _bound_parameter_names(backbone)
         self._switchable_layers = [
             m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
@@ -299,8 +301,9 @@ class IMSMModel(BaseTuner):
         if num_items_in_batch is not None and labels is not None:
             supervised = (labels[..., 1:] != -100).sum()
             share = supervised.to(kl.device).float() / torch.as_tensor(num_items_in_batch, device=kl.device).float()
-        self._anchor_stats[0] += float(kl.detach())
-        self._anchor_stats[1] += float(task_loss.detach())
+        sum_dtype = torch.float32 if kl.device.type == "mps" else torch.float64  # (MPS has no float64)
+        self._anchor_stats[0] = self._anchor_stats[0] + kl.detach().to(sum_dtype)
+        self._anchor_stats[1] = self._anchor_stats[1] + task_loss.detach().to(sum_dtype)
         self._anchor_stats[2] += 1
         return config.weight * kl * share
 
@@ -310,7 +313,7 @@ class IMSMModel(BaseTuner):
         self._anchor_stats = [0.0, 0.0, 0]
         if not count:
             return {}
-        return {"anchor_kl": total_kl / count, "task_loss": total_task / count}
+        return {"anchor_kl": float(total_kl) / count, "task_loss": float(total_task) / count}
 
     # ------------------------------------------------------------------------------------------- the dual pass
     def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

@@ -206,7 +206,7 @@ def finetune(
             if stats:
                 log["anchor_kl"].append(stats["anchor_kl"])
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{log['loss'][-1]:.3f}")
     log["seconds"] = time.perf_counter() - start
     model.eval()
     return model, log
