@@ -26,15 +26,11 @@ import statistics
 import time
 
 import torch
+from bench_model import CONFIG  # benchmarks/bench_model.py (the script's folder is on sys.path)
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_imsm
-
-CONFIG = dict(
-    vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-    num_key_value_heads=8, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
 
 
 def build(kind: str, device: str, dtype: torch.dtype):

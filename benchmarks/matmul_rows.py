@@ -18,9 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-SHAPES = [(512, 512)] * 4 + [(1376, 512), (1376, 512), (512, 1376)]  # (out, in): q, k, v, o, gate, up, down
-LAYERS = 8
+from bench_model import linear_shapes  # benchmarks/bench_model.py
 
 
 def sweep_ms(weights: list[torch.Tensor], rows: int, repeats: int) -> float:
@@ -49,7 +47,7 @@ def main() -> None:
         dtype = getattr(torch, name, None)
         if not isinstance(dtype, torch.dtype):
             parser.error(f"--dtypes: {name!r} is not a torch dtype")
-        weights = [torch.randn(o, i, dtype=dtype, device=args.device) for _ in range(LAYERS) for o, i in SHAPES]
+        weights = [torch.randn(o, i, dtype=dtype, device=args.device) for o, i in linear_shapes()]
         sweep_ms(weights, 1, 3)  # warm-up
         for n in [int(b) for b in args.batches.split(",")]:
             single, double = [], []

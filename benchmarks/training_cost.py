@@ -47,6 +47,7 @@ from pathlib import Path
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler's start/stop log lines out of the table
 
 import torch  # noqa: E402
+from bench_model import CONFIG  # noqa: E402  (benchmarks/bench_model.py)
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -54,10 +55,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import peft_imsm  # noqa: E402
 
-CONFIG = dict(
-    vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-    num_key_value_heads=8, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
 SETTINGS = {
     "fp32": "fp32",
     "gc": "fp32 + grad ckpt",
