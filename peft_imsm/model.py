@@ -14,6 +14,10 @@ Where things happen:
      replaces the backbone's ``last_hidden_state`` with the interwoven state. The model's own head, logit
      post-processing (soft-capping, scaling) and loss function then run on it, once.
 
+  Without autograd (generation, evaluation) and with plain LoRA, steps 1 and 2 are one pass instead: the pre-hook
+  doubles the batch (rows ``[frozen; adapted]``), ``_zero_frozen_rows`` (a hook on every ``lora_A``) cancels the
+  LoRA update on the frozen rows, and the post-hook splits the two halves; see ``_can_stack``.
+
 * Two KV caches: see :mod:`peft_imsm.cache`. The query rule: see :mod:`peft_imsm.query`.
 """
 
