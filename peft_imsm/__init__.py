@@ -3,14 +3,19 @@
 ``import peft_imsm`` registers the method with peft under the type ``IMSM``; then::
 
     model = get_peft_model(base_model, IMSMConfig(adapter_config=LoraConfig(...)))
+
+Modules, in import order (each imports only those before it): ``peft_type`` (the enum member), ``gate``, ``query``,
+``cache``, ``anchors`` (anchor config, sampling, KL), ``config`` (``IMSMConfig``), ``dual_pass`` (the two views),
+``model`` (``IMSMModel``, the peft tuner), ``callbacks`` (Trainer callbacks), ``registration`` (peft registration).
 """
 
-from .anchors import AnchorConfig, IMSMLogCallback, prepare_anchors, set_anchor_data
-from .callbacks import AdaLoraBudgetCallback
+from .anchors import AnchorConfig
+from .callbacks import AdaLoraBudgetCallback, IMSMLogCallback
 from .config import IMSMConfig
 from .gate import IMSMGate
-from .model import IMSMModel
-from .registration import IMSM_PEFT_TYPE, register
+from .model import IMSMModel, find_imsm_tuner, prepare_anchors, set_anchor_data
+from .peft_type import IMSM_PEFT_TYPE
+from .registration import register
 
 register()
 
@@ -23,6 +28,7 @@ __all__ = [
     "AnchorConfig",
     "set_anchor_data",
     "prepare_anchors",
+    "find_imsm_tuner",
     "AdaLoraBudgetCallback",
     "IMSMLogCallback",
     "IMSM_PEFT_TYPE",

@@ -20,15 +20,11 @@ By default only the gate learns from the anchor term: the adapted view's hidden 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
-
-if TYPE_CHECKING:
-    from .model import IMSMModel
 
 ANCHOR_SOURCES = ("self", "data")
 
@@ -65,7 +61,6 @@ class AnchorConfig:
     seed: int = 0
     train_adapter: bool = False
     max_length: int = 64
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.source not in ANCHOR_SOURCES:
@@ -86,32 +81,59 @@ class AnchorConfig:
 
 
 class AnchorSet:
-    """The anchors of one process: ``input_ids`` / ``attention_mask`` ``[num_anchors, length]``, left-padded."""
+    """The anchors of one process: ``input_ids`` / ``attention_mask`` ``[num_anchors, length]``, left-padded.
+
+    Batches are drawn by index: draw ``k`` takes positions ``k * batch_size ...`` of an endless sequence of seeded
+    permutations of the anchors (a new permutation each time the anchors are used up), so the batch of a draw depends
+    only on the seed and ``k``. The IMSM tuner counts its draws and saves the count with the adapter, which makes a
+    Trainer run resumed from a checkpoint draw exactly the batches the uninterrupted run would have drawn.
+    """
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> None:
         if input_ids.shape[0] == 0:
             raise ValueError("The anchor set is empty: give at least one anchor text (or num_samples >= 1).")
         self.input_ids = input_ids
         self.attention_mask = attention_mask
+        self.seed = seed
+        self._permutations: list[torch.Tensor] = []
         self._generator = torch.Generator().manual_seed(seed)
-        self._order = torch.randperm(input_ids.shape[0], generator=self._generator)
-        self._pos = 0
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def next_batch(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next ``batch_size`` anchors (cycling through a seeded order), columns of all-padding dropped."""
+    @property
+    def length(self) -> int:
+        """Tokens per anchor (padded width)."""
+        return self.input_ids.shape[1]
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        while len(self._permutations) <= epoch:
+            self._permutations.append(torch.randperm(len(self), generator=self._generator))
+        return self._permutations[epoch]
+
+    def batch(self, draw: int, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The anchors of draw number ``draw`` (``[batch_size, length]`` ids and mask), all-padding columns dropped."""
         picked = []
-        while len(picked) < batch_size:
-            if self._pos == len(self._order):
-                self._order = torch.randperm(len(self), generator=self._generator)
-                self._pos = 0
-            picked.append(int(self._order[self._pos]))
-            self._pos += 1
+        for position in range(draw * batch_size, (draw + 1) * batch_size):
+            epoch, offset = divmod(position, len(self))
+            picked.append(int(self._permutation(epoch)[offset]))
         ids, mask = self.input_ids[picked], self.attention_mask[picked]
         keep = mask.any(dim=0)
         return ids[:, keep].to(device), mask[:, keep].to(device)
+
+
+def check_anchor_length(length: int, limit: int | None, config: AnchorConfig) -> None:
+    """Refuse anchors longer than the model's position limit (learned positions would fail with an IndexError)."""
+    if limit is None or length <= limit:
+        return
+    if config.source == "self":
+        field_hint = f"AnchorConfig.sample_length (now {config.sample_length}) plus the start tokens"
+    else:
+        field_hint = f"AnchorConfig.max_length (now {config.max_length})"
+    raise ValueError(
+        f"The anchors are {length} tokens long but this model takes at most {limit} positions. Lower {field_hint} "
+        f"so that anchors fit in {limit} tokens."
+    )
 
 
 def process_rank() -> int:
@@ -177,6 +199,11 @@ def tokenize_anchor_data(
         )
     if data is None:
         raise ValueError("Anchor source 'data' needs anchor texts: set_anchor_data(model, texts, tokenizer).")
+    if isinstance(data, (str, bytes)):
+        raise TypeError(
+            "Anchor data must be a list of texts (or a datasets.Dataset), got a single string: it would make one "
+            "anchor per character. Pass [text] for a single anchor, or a list of texts."
+        )
     if hasattr(data, "column_names"):
         if column not in data.column_names:
             raise ValueError(f"The anchor dataset has no column {column!r}; its columns are {data.column_names}.")
@@ -201,28 +228,6 @@ def tokenize_anchor_data(
     return AnchorSet(ids, mask, seed + process_rank())
 
 
-def set_anchor_data(model: Any, data: Any, tokenizer: Any, column: str = "text") -> int:
-    """Give an IMSM model with ``anchor.source="data"`` its anchor texts. Returns the number of anchors.
-
-    Args:
-        model: the ``PeftModel`` (or its ``IMSMModel``).
-        data: a list of strings, or a ``datasets.Dataset`` with a text ``column``.
-        tokenizer: the model's tokenizer.
-    """
-    tuner = _imsm_tuner(model)
-    config = tuner.anchor_config
-    if config is None:
-        raise ValueError("This IMSM model has no anchor section: IMSMConfig(anchor=AnchorConfig(source='data')).")
-    tuner._anchors = tokenize_anchor_data(data, tokenizer, column, config.max_length, config.seed)
-    return len(tuner._anchors)
-
-
-def prepare_anchors(model: Any) -> int:
-    """Build the anchors now (self sampling otherwise happens at the first training forward). Returns their count."""
-    tuner = _imsm_tuner(model)
-    return len(tuner._anchor_set())
-
-
 def anchor_kl(frozen_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``KL(p_frozen || p)`` per token, averaged over the tokens where ``mask`` is 1.
 
@@ -235,35 +240,3 @@ def anchor_kl(frozen_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Ten
     per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
     weights = mask.to(per_token.dtype)
     return (per_token * weights).sum() / weights.sum().clamp(min=1)
-
-
-def _imsm_tuner(model: Any) -> IMSMModel:
-    from .model import IMSMModel
-
-    for candidate in (
-        model,
-        getattr(model, "base_model", None),
-        getattr(getattr(model, "module", None), "base_model", None),
-    ):
-        if isinstance(candidate, IMSMModel):
-            return candidate
-    raise TypeError(f"Expected an IMSM peft model, got {type(model).__name__}.")
-
-
-class IMSMLogCallback(TrainerCallback):
-    """Adds IMSM's own figures to the Trainer's logs: ``anchor_kl`` (mean anchor KL since the last log, before
-    weighting) and ``task_loss`` next to the Trainer's ``loss`` (which includes the weighted anchor term)."""
-
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is None or model is None:
-            return
-        try:
-            tuner = _imsm_tuner(getattr(model, "module", model))
-        except TypeError:
-            return
-        stats = tuner.pop_anchor_stats()
-        if stats:
-            # The Trainer appends a copy of `logs` to `state.log_history` before calling `on_log`: update both.
-            logs.update(stats)
-            if state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1].update(stats)

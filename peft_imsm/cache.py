@@ -34,19 +34,19 @@ class IMSMCacheMixin:
     Attributes:
         imsm_frozen: the frozen view's cache in the two-cache layout, else None.
         imsm_half_rows: in the stacked layout, the number of rows of each view.
-        imsm_query_base: ``[batch, d]`` float32 query summary of the frozen view, set at prefill.
-        imsm_query_tuned: ``[batch, d]`` float32 query summary of the adapted view, set at prefill.
+        imsm_query_frozen: ``[batch, d]`` float32 query summary of the frozen view, set at prefill.
+        imsm_query_adapted: ``[batch, d]`` float32 query summary of the adapted view, set at prefill.
     """
 
     imsm_frozen: Cache | None
     imsm_half_rows: int | None
-    imsm_query_base: torch.Tensor | None
-    imsm_query_tuned: torch.Tensor | None
+    imsm_query_frozen: torch.Tensor | None
+    imsm_query_adapted: torch.Tensor | None
 
     def _imsm_rows(self, fn) -> None:
-        if self.imsm_query_base is not None:
-            self.imsm_query_base = fn(self.imsm_query_base)
-            self.imsm_query_tuned = fn(self.imsm_query_tuned)
+        if self.imsm_query_frozen is not None:
+            self.imsm_query_frozen = fn(self.imsm_query_frozen)
+            self.imsm_query_adapted = fn(self.imsm_query_adapted)
 
     @property
     def imsm_stacked(self) -> bool:
@@ -60,8 +60,8 @@ class IMSMCacheMixin:
         super().reset()
         if self.imsm_frozen is not None:
             self.imsm_frozen.reset()
-        self.imsm_query_base = None
-        self.imsm_query_tuned = None
+        self.imsm_query_frozen = None
+        self.imsm_query_adapted = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.imsm_stacked:
@@ -108,7 +108,7 @@ class IMSMCacheMixin:
 
     @property
     def imsm_has_query(self) -> bool:
-        return self.imsm_query_base is not None
+        return self.imsm_query_frozen is not None
 
 
 @functools.cache
@@ -146,6 +146,6 @@ def as_imsm_cache(cache: Cache, stacked: bool = False) -> Cache:
     cache.__class__ = _imsm_cache_class(type(cache))
     cache.imsm_frozen = frozen
     cache.imsm_half_rows = None
-    cache.imsm_query_base = None
-    cache.imsm_query_tuned = None
+    cache.imsm_query_frozen = None
+    cache.imsm_query_adapted = None
     return cache

@@ -1,10 +1,47 @@
-"""Trainer callbacks for IMSM models."""
+"""Trainer callbacks for IMSM models: IMSM's figures in the logs, and AdaLoRA's budget schedule."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .model import find_imsm_tuner
+
+
+class IMSMLogCallback(TrainerCallback):
+    """Adds IMSM's own figures to the Trainer's logs (means since the previous log):
+
+    * ``gate_mean``: the gate (weight of the frozen view) on the supervised tokens of the training batches;
+    * ``anchor_gate_mean``: the same on the anchors (with an anchor section);
+    * ``anchor_kl``: the anchor KL before weighting, and ``task_loss`` next to the Trainer's ``loss`` (which
+      includes the weighted anchor term).
+
+    ::
+
+        trainer = SFTTrainer(model=model, ..., callbacks=[peft_imsm.IMSMLogCallback()])
+    """
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs is None or model is None:
+            return
+        tuner = find_imsm_tuner(model, required=False)
+        if tuner is None:
+            return
+        stats = tuner.pop_training_stats()
+        if stats:
+            # The Trainer appends a copy of `logs` to `state.log_history` before calling `on_log`: update both.
+            logs.update(stats)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(stats)
 
 
 class AdaLoraBudgetCallback(TrainerCallback):
@@ -22,8 +59,7 @@ class AdaLoraBudgetCallback(TrainerCallback):
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        model = kwargs.get("model")
-        tuner = _find_adalora_tuner(model)
+        tuner = _find_adalora_tuner(kwargs.get("model"))
         if tuner is None:
             raise ValueError(
                 "AdaLoraBudgetCallback is attached but the model has no AdaLoRA adapter: remove the callback or "
@@ -36,13 +72,11 @@ class AdaLoraBudgetCallback(TrainerCallback):
 def _find_adalora_tuner(model: Any) -> Any:
     from peft.tuners.adalora import AdaLoraModel
 
-    seen = 0
-    while model is not None and seen < 8:
-        if isinstance(model, AdaLoraModel):
+    imsm = find_imsm_tuner(model, required=False)
+    if imsm is not None:
+        return imsm.adapter_tuner if isinstance(imsm.adapter_tuner, AdaLoraModel) else None
+    for _ in range(8):
+        if isinstance(model, AdaLoraModel) or model is None:
             return model
-        inner = getattr(model, "__dict__", {}).get("adapter_tuner")
-        if isinstance(inner, AdaLoraModel):
-            return inner
         model = getattr(model, "module", None) or getattr(model, "base_model", None)
-        seen += 1
     return None

@@ -7,14 +7,16 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from peft.config import PeftConfig
-from peft.utils.peft_types import PeftType, TaskType
+from peft.utils.peft_types import TaskType
 
 from .anchors import AnchorConfig
 from .gate import GATE_MODES
-from .registration import IMSM_PEFT_TYPE
+from .peft_type import IMSM_PEFT_TYPE
 
 # Adapters that run a second model pass of their own or replace the forward; IMSM cannot wrap them.
-_UNSUPPORTED_ADAPTERS = {"XLORA", "POLY", "ADAPTION_PROMPT", "IMSM", "TRAINABLE_TOKENS"}
+# AdaMSS reads peft's per-layer switch directly instead of through `disable_adapters`, so the frozen view (see
+# peft_imsm.registration) cannot switch it off.
+_UNSUPPORTED_ADAPTERS = {"XLORA", "POLY", "ADAPTION_PROMPT", "IMSM", "TRAINABLE_TOKENS", "ADAMSS"}
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -41,6 +43,8 @@ class IMSMConfig(PeftConfig):
         gate_dropout: dropout after each gate projection (0.1 in the authors' settings).
         anchor: an :class:`~peft_imsm.anchors.AnchorConfig` (or its dict) to add the anchor KL term that teaches the
             gate what general, non-target inputs look like; None (default) is the paper's method.
+        freeze_adapter: keep the wrapped adapter's weights frozen (never trainable, also when loaded with
+            ``is_trainable=True``): only the gate trains. Used to retrofit a gate onto an adapter trained before.
 
     Attributes that TRL and peft read or set on a config (``target_modules``, ``modules_to_save``,
     ``trainable_token_indices``) read and write the wrapped adapter's config. ``task_type`` must be
@@ -64,6 +68,9 @@ class IMSMConfig(PeftConfig):
     anchor: AnchorConfig | dict | None = field(
         default=None, metadata={"help": "Self-anchored gate (off by default); see peft_imsm.anchors.AnchorConfig."}
     )
+    freeze_adapter: bool = field(
+        default=False, metadata={"help": "Keep the wrapped adapter frozen: only the gate trains."}
+    )
 
     def __post_init__(self) -> None:
         if self.task_type is None:
@@ -82,8 +89,12 @@ class IMSMConfig(PeftConfig):
             raise ValueError(f"Unknown gate_mode {self.gate_mode!r}; choose one of {', '.join(GATE_MODES)}.")
         if not 0.0 <= float(self.gate_dropout) < 1.0:
             raise ValueError(f"gate_dropout must be in [0, 1), got {self.gate_dropout!r}.")
+        if not isinstance(self.freeze_adapter, bool):
+            raise ValueError(f"freeze_adapter must be True or False, got {self.freeze_adapter!r}.")
         if isinstance(self.anchor, dict):
-            self.anchor = AnchorConfig(**self.anchor)
+            anchor = dict(self.anchor)
+            anchor.pop("extra", None)  # (an unused field that peft-imsm 0.1.0 wrote into every saved config)
+            self.anchor = AnchorConfig(**anchor)
         if self.anchor is not None and not isinstance(self.anchor, AnchorConfig):
             raise TypeError(f"anchor must be an AnchorConfig, a dict or None, got {type(self.anchor).__name__}.")
 
@@ -162,6 +173,3 @@ class IMSMConfig(PeftConfig):
                 "use modules_to_save=['embed_tokens'] instead."
             )
         self.adapter_config.trainable_token_indices = value
-
-
-assert PeftType  # re-exported type used in annotations by users

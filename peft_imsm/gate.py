@@ -2,7 +2,7 @@
 
 It knows nothing of peft or of generation: it takes the two views' final hidden states (and, in ``"query"`` mode,
 the two views' query summaries) and returns the per-token, per-dimension gate ``g`` with which the interwoven memory
-is ``h = g * h_base + (1 - g) * h_tuned``.
+is ``h = g * h_frozen + (1 - g) * h_adapted``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ GATE_MODES: tuple[str, ...] = ("query", "token", "fixed")
 class IMSMGate(nn.Module):
     """Query-aware gate of IMSM (Song et al., AAAI 2025).
 
-    ``g[t] = sigmoid(dropout(dropout(concat(q_base, h_base[t], h_tuned[t], q_tuned) @ W_A) @ W_B))``
+    ``g[t] = sigmoid(dropout(dropout(concat(q_frozen, h_frozen[t], h_adapted[t], q_adapted) @ W_A) @ W_B))``
 
     Args:
         hidden_size: ``d``, the size of the final hidden states.
         rank: ``r``, the inner size of the low-rank gate projection.
         mode: ``"query"`` (the paper's gate, input ``4d``), ``"token"`` (the paper's "w/o query" ablation, input
-            ``concat(h_base[t], h_tuned[t])`` of size ``2d``) or ``"fixed"`` (the "w/o gate" ablation: ``g = 0.5``,
+            ``concat(h_frozen[t], h_adapted[t])`` of size ``2d``) or ``"fixed"`` (the "w/o gate" ablation: ``g = 0.5``,
             no parameters).
         dropout: dropout probability applied after each projection, as in the authors' code.
 
@@ -57,46 +57,46 @@ class IMSMGate(nn.Module):
 
     def forward(
         self,
-        h_base: torch.Tensor,
-        h_tuned: torch.Tensor,
-        q_base: torch.Tensor | None = None,
-        q_tuned: torch.Tensor | None = None,
+        h_frozen: torch.Tensor,
+        h_adapted: torch.Tensor,
+        q_frozen: torch.Tensor | None = None,
+        q_adapted: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute the gate.
 
         Args:
-            h_base: ``[batch, seq, d]`` final hidden states of the frozen view.
-            h_tuned: ``[batch, seq, d]`` final hidden states of the adapted view.
-            q_base: ``[batch, seq, d]`` query summary of the frozen view for each position (needed in query mode).
-            q_tuned: ``[batch, seq, d]`` query summary of the adapted view for each position (needed in query mode).
+            h_frozen: ``[batch, seq, d]`` final hidden states of the frozen view.
+            h_adapted: ``[batch, seq, d]`` final hidden states of the adapted view.
+            q_frozen: ``[batch, seq, d]`` query summary of the frozen view for each position (needed in query mode).
+            q_adapted: ``[batch, seq, d]`` query summary of the adapted view for each position (needed in query mode).
 
         Returns:
             ``[batch, seq, d]`` float32 gate values in ``[0, 1]``; the weight of the frozen view.
         """
         if self.forced_value is not None:
-            return torch.full(h_tuned.shape, float(self.forced_value), dtype=torch.float32, device=h_tuned.device)
+            return torch.full(h_adapted.shape, float(self.forced_value), dtype=torch.float32, device=h_adapted.device)
         if self.mode == "fixed":
-            return torch.full(h_tuned.shape, 0.5, dtype=torch.float32, device=h_tuned.device)
+            return torch.full(h_adapted.shape, 0.5, dtype=torch.float32, device=h_adapted.device)
         if self.mode == "query":
-            if q_base is None or q_tuned is None:
-                raise ValueError("The query-mode gate needs the query summaries q_base and q_tuned.")
-            parts = (q_base, h_base, h_tuned, q_tuned)
+            if q_frozen is None or q_adapted is None:
+                raise ValueError("The query-mode gate needs the query summaries q_frozen and q_adapted.")
+            parts = (q_frozen, h_frozen, h_adapted, q_adapted)
         else:
-            parts = (h_base, h_tuned)
-        with torch.autocast(device_type=h_tuned.device.type, enabled=False):
+            parts = (h_frozen, h_adapted)
+        with torch.autocast(device_type=h_adapted.device.type, enabled=False):
             x = torch.cat([p.float() for p in parts], dim=-1)
             x = self.dropout(F.linear(x, self.W_A.weight.float()))
             x = self.dropout(F.linear(x, self.W_B.weight.float()))
             return torch.sigmoid(x)
 
     @staticmethod
-    def interweave(h_base: torch.Tensor, h_tuned: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """``g * h_base + (1 - g) * h_tuned``, computed in float32 and cast back to ``h_tuned``'s dtype.
+    def interweave(h_frozen: torch.Tensor, h_adapted: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``g * h_frozen + (1 - g) * h_adapted``, computed in float32 and cast back to ``h_adapted``'s dtype.
 
-        ``torch.lerp`` is exact at both ends: ``g = 0`` returns ``h_tuned`` and ``g = 1`` returns ``h_base``, and
+        ``torch.lerp`` is exact at both ends: ``g = 0`` returns ``h_adapted`` and ``g = 1`` returns ``h_frozen``, and
         equal views give that view back whatever the gate.
         """
-        return torch.lerp(h_tuned.float(), h_base.float(), gate).to(h_tuned.dtype)
+        return torch.lerp(h_adapted.float(), h_frozen.float(), gate).to(h_adapted.dtype)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, rank={self.rank}, mode={self.mode!r}"

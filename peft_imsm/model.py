@@ -1,70 +1,58 @@
-"""The IMSM tuner: one model, two views (wrapped adapter off / on), interwoven by a gate before the output head.
+"""``IMSMModel``, the peft tuner of IMSM: wiring, public API, the anchor term, peft's tuner interface, save/load.
 
-Where things happen:
+Where things are:
 
-* ``IMSMModel.__init__`` wraps the user's adapter (LoRA, DoRA, (IA)3, AdaLoRA, ...) by building peft's own tuner
-  for it on the same model, and adds one :class:`~peft_imsm.gate.IMSMGate`.
-* The dual pass lives in two hooks on the model's backbone (the module whose output feeds the output head, e.g.
-  ``LlamaModel``), so it runs the same way for ``forward``, the HF ``Trainer``, TRL, and ``generate()``:
+* ``IMSMModel.__init__`` wraps the user's adapter (LoRA, DoRA, (IA)3, AdaLoRA, ...) by building peft's own tuner for
+  it on the same model, adds one :class:`~peft_imsm.gate.IMSMGate`, and installs the dual pass
+  (:class:`~peft_imsm.dual_pass.DualPass`: the backbone hooks, the frozen view, stacking; read that module to change
+  how the two views run).
+* ``forward`` / ``generate`` open one :class:`~peft_imsm.dual_pass.CallContext` per call (labels, prompt length,
+  what to record) and run the wrapped model; nothing of a call is stored on this object, so one model can serve
+  several threads at once.
+* The anchor term (``_anchor_term``): the frozen view's KL target on the next anchor batch; anchors and the KL are
+  functions of :mod:`peft_imsm.anchors`.
+* peft's tuner interface: what IMSM supports of ``BaseTuner`` and of the wrapped tuner is defined here, method by
+  method; everything else of the wrapped tuner is refused with a clear error (see ``__getattr__``).
+* Save/load: peft's ``_get_adapter_state_dict`` / ``_remap_adapter_state_dict_for_load`` hooks; loading warns about
+  missing and unused keys.
 
-  1. ``_backbone_pre_hook`` runs the FROZEN view: the backbone again, under ``torch.no_grad()`` with every adapter
-     layer switched off, on its own KV cache; it also finds the query tokens.
-  2. The backbone then runs as usual: the ADAPTED view, with autograd.
-  3. ``_backbone_post_hook`` computes the gate from both views' final hidden states and the query summaries and
-     replaces the backbone's ``last_hidden_state`` with the interwoven state. The model's own head, logit
-     post-processing (soft-capping, scaling) and loss function then run on it, once.
-
-  Without autograd (generation, evaluation) and with plain LoRA, steps 1 and 2 are one pass instead: the pre-hook
-  doubles the batch (rows ``[frozen; adapted]``), ``_zero_frozen_rows`` (a hook on every ``lora_A``) cancels the
-  LoRA update on the frozen rows, and the post-hook splits the two halves; see ``_can_stack``.
-
-* Two KV caches: see :mod:`peft_imsm.cache`. The query rule: see :mod:`peft_imsm.query`.
+A direct call of the inner model (``peft_model.get_base_model()(...)`` or its backbone) is the ADAPTED view alone:
+the base model with the adapter injected and no gate, as in peft.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
+import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners.lora import LoraLayer, LoraModel, ParamWrapper
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
 
-from .anchors import AnchorConfig, AnchorSet, anchor_kl, sample_self_anchors
-from .cache import as_imsm_cache, is_imsm_cache
+from .anchors import (
+    AnchorConfig,
+    AnchorSet,
+    anchor_kl,
+    check_anchor_length,
+    sample_self_anchors,
+    tokenize_anchor_data,
+)
 from .config import IMSMConfig
+from .dual_pass import CallContext, DualPass, frozen_view
 from .gate import IMSMGate
-from .query import QueryIndex, build_query_index, per_token, query_summary
 
-# Backbone inputs with a batch dimension, doubled when both views run as one batch.
-_BATCHED_KWARGS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
-# Keyword arguments of a causal LM's forward that belong to its head or loss, not to the backbone.
-_HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "return_dict")
+# Key under which the number of anchor batches drawn so far is saved with the adapter (exact resumes).
+_ANCHOR_DRAWS_KEY = "base_model.imsm_anchor_draws"
+# Methods of the wrapped tuner that IMSM passes on unchanged.
+_PASSED_TO_ADAPTER_TUNER = frozenset({"update_and_allocate"})  # AdaLoRA's rank-budget step
 
-
-@dataclass
-class _ForwardState:
-    """What the pre-hook hands to the post-hook within one forward pass."""
-
-    labels: torch.Tensor | None = None  # [batch, seq] set by IMSMModel.forward
-    prompt_length: int | None = None  # set by IMSMModel.generate
-    in_frozen_view: bool = False
-    h_base: torch.Tensor | None = None  # [batch, seq, d]
-    index: QueryIndex | None = None
-    cache: Cache | None = None
-    gate_log: list[torch.Tensor] | None = None
-    stacked_rows: int | None = None  # rows per view in the doubled batch
-    stacked_tokens: int = 0  # rows * seq per view in the doubled batch (layers that flatten the batch)
-    given_h_base: torch.Tensor | None = None  # frozen view already computed by the caller (anchor term)
-    detach_tuned: bool = False  # anchor term in gate-only mode: no gradient through the adapted view
-    interweaved: int = 0  # interwoven forwards since IMSMModel.forward last began (a guard that the hooks run)
-    extras: dict[str, Any] = field(default_factory=dict)
+_GATE_RECORDERS: ContextVar[tuple] = ContextVar("imsm_gate_recorders", default=())
+_STACKING_ALLOWED: ContextVar[bool] = ContextVar("imsm_stacking_allowed", default=True)
 
 
 class IMSMModel(BaseTuner):
@@ -75,6 +63,7 @@ class IMSMModel(BaseTuner):
         imsm_gate: ``ModuleDict`` adapter name -> :class:`IMSMGate`.
         adapter_tuner: peft's tuner of the wrapped adapter (e.g. a ``LoraModel``) on the same ``model``; not a
             registered submodule (its parameters are ``model``'s).
+        dual_pass: the :class:`~peft_imsm.dual_pass.DualPass` that runs both views.
     """
 
     prefix: str = "imsm_"
@@ -93,7 +82,6 @@ class IMSMModel(BaseTuner):
         imsm_config = config[adapter_name] if isinstance(config, dict) else config
         if not isinstance(imsm_config, IMSMConfig):
             raise TypeError(f"IMSMModel needs an IMSMConfig, got {type(imsm_config).__name__}.")
-        backbone = _find_backbone(model)
 
         adapter_config = imsm_config.adapter_config
         adapter_config.inference_mode = imsm_config.inference_mode
@@ -105,11 +93,12 @@ class IMSMModel(BaseTuner):
 
         self.model = model
         self.__dict__["adapter_tuner"] = adapter_tuner  # not a submodule: its parameters are `model`'s
-        self.__dict__["_backbone"] = backbone
         self.peft_config: dict[str, IMSMConfig] = {adapter_name: imsm_config}
         self.active_adapter: str | list[str] = adapter_name
         self.targeted_module_names = list(getattr(adapter_tuner, "targeted_module_names", []))
         self.targeted_parameter_names = list(getattr(adapter_tuner, "targeted_parameter_names", []))
+        # The wrapped adapter's own parameters (trainable right after injection), frozen with freeze_adapter.
+        self._adapter_param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         hidden_size = _hidden_size(model)
         gate = IMSMGate(hidden_size, imsm_config.gate_rank, imsm_config.gate_mode, imsm_config.gate_dropout)
         gate.to(_model_device(model))
@@ -121,34 +110,17 @@ class IMSMModel(BaseTuner):
             if name != "model" and name not in self._modules and name not in self.__dict__:
                 self._modules[name] = child  # (add_module would see the name through __getattr__)
         model.peft_config = self.peft_config
+        self._apply_freeze_adapter()
 
-        self._imsm_enabled = True
+        self.__dict__["dual_pass"] = DualPass(model, adapter_tuner, self._active_gate)
+        self._unloaded = False
         self._gate_dtype_checked = False
-        self._state = _ForwardState()
         self._anchors: AnchorSet | None = None
-        # Sums of the anchor KL and of the task loss (device tensors, so a training step never waits for the device
-        # to read them back), and their count; read by pop_anchor_stats when the Trainer logs.
-        self._anchor_stats: list[Any] = [0.0, 0.0, 0]
-        self._backbone_params = _bound_parameter_names(backbone)
-        self._switchable_layers = [
-            m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
-        ]
-        #: Run both views as one doubled batch (rows [frozen; adapted]) when autograd is off (generation,
-        #: evaluation) and the wrapped adapter is plain LoRA (see _zero_frozen_rows). Set to False to always run
-        #: two passes; results are the same up to float rounding.
-        self.stacked_views = True
-        self._supports_stacked_views = _supports_stacked_views(adapter_tuner, model)
-        self._hooks = [
-            backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True),
-            backbone.register_forward_hook(self._backbone_post_hook, with_kwargs=True),
-        ]
-        if self._supports_stacked_views:
-            self._hooks += [
-                lora_A.register_forward_hook(self._zero_frozen_rows)
-                for m in model.modules()
-                if isinstance(m, LoraLayer)
-                for lora_A in m.lora_A.values()
-            ]
+        #: Anchor batches drawn so far (saved with the adapter, so resumed runs draw the same batches).
+        self.anchor_draws = 0
+        # Sums for the Trainer's logs (device tensors, so a training step never waits for the device to read them
+        # back) and their counts; read and reset by pop_training_stats.
+        self._stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------ public API
     @property
@@ -156,9 +128,28 @@ class IMSMModel(BaseTuner):
         """The active adapter's gate."""
         return self.imsm_gate[self._active_name]
 
+    def _active_gate(self) -> IMSMGate:
+        return self.gate
+
     @property
     def _active_name(self) -> str:
         return self.active_adapter if isinstance(self.active_adapter, str) else self.active_adapter[0]
+
+    @property
+    def stacked_views(self) -> bool:
+        """Run both views as one doubled batch (rows ``[frozen; adapted]``) when autograd is off (generation,
+        evaluation) and the wrapped adapter is plain LoRA. Set to False to always run two passes; results are the
+        same up to float rounding."""
+        return self.dual_pass.stacked_views
+
+    @stacked_views.setter
+    def stacked_views(self, value: bool) -> None:
+        self.dual_pass.stacked_views = bool(value)
+
+    @property
+    def supports_stacked_views(self) -> bool:
+        """Whether the wrapped adapter allows both views in one doubled batch (plain LoRA)."""
+        return self.dual_pass.supports_stacking
 
     def forward(self, *args: Any, labels: torch.Tensor | None = None, **kwargs: Any):
         """Run the causal LM with IMSM. Same arguments and outputs as the wrapped model's forward.
@@ -166,20 +157,16 @@ class IMSMModel(BaseTuner):
         ``labels`` (``[batch, seq]``, ``-100`` where unsupervised) also define the query: the tokens before each
         sequence's first supervised token.
         """
+        self._check_usable()
         if self.training and not self._gate_dtype_checked:
             self._keep_gate_float32()
-        previous = self._state.labels
-        self._state.labels = labels
-        # Reset, not a running count compared before/after: torch.compile guards on the integers it reads, so a
-        # count read on entry recompiled the whole model at every call (tests/test_long_sequences.py, torch.compile).
-        self._state.interweaved = 0
-        try:
+        training = self.training and torch.is_grad_enabled()
+        on_gate = functools.partial(self._observe_gate, labels=labels if training else None)
+        with self.dual_pass.call(labels=labels, stacking=_STACKING_ALLOWED.get(), on_gate=on_gate) as call:
             if labels is not None:
                 kwargs["labels"] = labels
             output = self.adapter_tuner(*args, **kwargs)
-        finally:
-            self._state.labels = previous
-        self._check_hooks_ran("forward")
+        self._check_hooks_ran(call, "forward")
         if self._anchoring_now(output):
             output.loss = output.loss + self._anchor_term(labels, kwargs.get("num_items_in_batch"), output.loss)
         return output
@@ -189,49 +176,109 @@ class IMSMModel(BaseTuner):
 
         Takes exactly the arguments of transformers' ``generate()``. Prompts must be left-padded.
         """
+        self._check_usable()
         input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         inputs_embeds = kwargs.get("inputs_embeds")
         attention_mask = kwargs.get("attention_mask")
         prompt = input_ids if input_ids is not None else inputs_embeds
-        if self._imsm_enabled and prompt is not None:
+        if self.dual_pass.enabled and prompt is not None:
             _check_generation_prompt(attention_mask)
-        previous = self._state.prompt_length
-        self._state.prompt_length = prompt.shape[1] if prompt is not None else None
-        self._state.interweaved = 0
-        try:
+        prompt_length = prompt.shape[1] if prompt is not None else None
+        on_gate = functools.partial(self._observe_gate, labels=None)
+        with self.dual_pass.call(prompt_length=prompt_length, stacking=_STACKING_ALLOWED.get(), on_gate=on_gate) as c:
             output = self.model.generate(*args, **kwargs)
-        finally:
-            self._state.prompt_length = previous
         sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
         generated = sequences is not None and (input_ids is None or sequences.shape[-1] > input_ids.shape[-1])
         if generated:
-            self._check_hooks_ran("generate")
+            self._check_hooks_ran(c, "generate")
         return output
 
-    def _check_hooks_ran(self, what: str) -> None:
-        """A model whose output head is not fed by the hooked backbone would silently skip the gate: refuse it."""
-        if self._imsm_enabled and self._state.interweaved == 0:
+    def _check_usable(self) -> None:
+        if self._unloaded:
             raise RuntimeError(
-                f"IMSM's hooks on {type(self._backbone).__name__} did not run during {what}() of "
+                "IMSM was unloaded from this model (`unload()` returned the base model and removed the gate and the "
+                "wrapped adapter's layers), so this IMSM model can no longer run. Use the model `unload()` returned, "
+                "or load the saved adapter again with `PeftModel.from_pretrained`."
+            )
+
+    def _check_hooks_ran(self, call: CallContext, what: str) -> None:
+        """A model whose output head is not fed by the hooked backbone would silently skip the gate: refuse it."""
+        if self.dual_pass.enabled and call.interwoven == 0:
+            raise RuntimeError(
+                f"IMSM's hooks on {type(self.dual_pass.backbone).__name__} did not run during {what}() of "
                 f"{type(self.model).__name__}: this architecture does not feed its output head from the module IMSM "
                 "hooked, so the gate would be skipped. Please report the architecture."
             )
 
     @contextmanager
-    def record_gate(self):
-        """Context manager collecting, for every forward inside it, the mean gate value of each row.
+    def record_gate(self, per_token: bool = False) -> Iterator[list[torch.Tensor]]:
+        """Context manager collecting the gate of every IMSM forward inside it (in this thread only).
 
-        Yields a list that receives one ``[batch]`` float32 tensor per forward (mean over the non-padding positions
-        of that forward and over the hidden dimensions). Useful to compare how much each kind of prompt leans on
-        the frozen view (gate near 1) or on the adapted view (gate near 0).
+        Yields a list that receives one float32 CPU tensor per forward (per step in ``generate()``): with
+        ``per_token=False`` the ``[batch]`` mean gate of each row (over the non-padding positions and the hidden
+        dimensions); with ``per_token=True`` the ``[batch, seq]`` gate of each position (mean over the hidden
+        dimensions; padding positions included, mask them yourself). The gate is the weight of the frozen view:
+        near 1 the model leans on what it knew, near 0 on the adapter.
         """
         log: list[torch.Tensor] = []
-        previous = self._state.gate_log
-        self._state.gate_log = log
+        token = _GATE_RECORDERS.set((*_GATE_RECORDERS.get(), (log, per_token)))
         try:
             yield log
         finally:
-            self._state.gate_log = previous
+            _GATE_RECORDERS.reset(token)
+
+    def _observe_gate(
+        self,
+        gate: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        call: CallContext,
+        labels: torch.Tensor | None = None,
+        stat: str = "gate",
+    ) -> None:
+        """After each interwoven pass: feed :meth:`record_gate` and, in training, the logged mean gate.
+
+        ``labels`` (training forwards only) select the supervised tokens: the gate at position ``t`` makes the
+        logits that predict token ``t + 1``, so position ``t`` counts when ``labels[t + 1] != -100``.
+        """
+        per_position = gate.mean(dim=-1)  # [batch, seq]
+        for log, per_token in _GATE_RECORDERS.get():
+            log.append(per_position.float().cpu() if per_token else _row_means(per_position, attention_mask))
+        weights = None
+        if labels is not None and labels.shape == per_position.shape:
+            weights = torch.zeros_like(per_position)
+            weights[:, :-1] = (labels[:, 1:] != -100).to(per_position.dtype)
+        elif stat == "anchor_gate" and attention_mask is not None:
+            weights = attention_mask.to(per_position.dtype)
+        if weights is not None:
+            self._add_stat(f"{stat}_sum", (per_position * weights).sum())
+            self._add_stat(f"{stat}_count", weights.sum())
+
+    def _add_stat(self, name: str, value: torch.Tensor) -> None:
+        sum_dtype = torch.float32 if value.device.type == "mps" else torch.float64  # (MPS has no float64)
+        self._stats[name] = self._stats.get(name, 0.0) + value.detach().to(sum_dtype)
+
+    def pop_training_stats(self) -> dict[str, float]:
+        """IMSM's figures since the last call, for the Trainer's logs (see ``IMSMLogCallback``).
+
+        ``gate_mean``: mean gate (weight of the frozen view) on the supervised tokens of the training forwards;
+        ``anchor_gate_mean``: the same on the anchors; ``anchor_kl`` / ``task_loss``: mean anchor KL (before
+        weighting) and task loss of the anchored training forwards. Keys without data are left out.
+        """
+        stats, self._stats = self._stats, {}
+        out: dict[str, float] = {}
+        for name in ("gate", "anchor_gate"):
+            count = float(stats.get(f"{name}_count", 0.0))
+            if count > 0:
+                out[f"{name}_mean"] = float(stats[f"{name}_sum"]) / count
+        anchored = int(stats.get("anchor_forwards", 0))
+        if anchored:
+            out["anchor_kl"] = float(stats["anchor_kl"]) / anchored
+            out["task_loss"] = float(stats["task_loss"]) / anchored
+        return out
+
+    def pop_anchor_stats(self) -> dict[str, float]:
+        """Deprecated name of :meth:`pop_training_stats`."""
+        return self.pop_training_stats()
 
     def _keep_gate_float32(self) -> None:
         """Put the gate's weights back in float32 before the first training step.
@@ -245,22 +292,41 @@ class IMSMModel(BaseTuner):
             if param.dtype != torch.float32 and type(param) is nn.Parameter:
                 param.data = param.data.float()
 
+    def train(self, mode: bool = True) -> IMSMModel:
+        """Set training mode here, on the model, and on the wrapped tuner (which is not a submodule)."""
+        super().train(mode)
+        self.adapter_tuner.training = mode
+        return self
+
     # ------------------------------------------------------------------------------------------------ anchors
     @property
     def anchor_config(self) -> AnchorConfig | None:
         return self.peft_config[self._active_name].anchor
 
     def _anchoring_now(self, output: Any) -> bool:
-        config = self.anchor_config
         return (
-            config is not None
-            and self._imsm_enabled
+            self.anchor_config is not None
+            and self.dual_pass.enabled
             and self.training
             and torch.is_grad_enabled()
             and getattr(output, "loss", None) is not None
         )
 
-    def _anchor_set(self) -> AnchorSet:
+    def _position_limit(self) -> int | None:
+        config = self.model.config.get_text_config()
+        for name in ("n_positions", "max_position_embeddings"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def set_anchors(self, anchors: AnchorSet) -> None:
+        """Use these anchors (checked against the model's position limit) from the next training forward on."""
+        check_anchor_length(anchors.length, self._position_limit(), self.anchor_config)
+        self._anchors = anchors
+
+    def anchor_set(self) -> AnchorSet:
+        """The anchors, sampled from the frozen view on first use when ``source="self"``."""
         if self._anchors is None:
             config = self.anchor_config
             if config is None:
@@ -270,8 +336,12 @@ class IMSMModel(BaseTuner):
                     "IMSMConfig.anchor.source is 'data' but no anchor texts were given: call "
                     "peft_imsm.set_anchor_data(model, texts_or_dataset, tokenizer) before training."
                 )
-            with self._frozen_view():
-                self._anchors = sample_self_anchors(self.model, config, _model_device(self.model))
+            start = len(config.start_tokens) if config.start_tokens else (
+                config.start_length if config.start == "random" else 1
+            )  # fmt: skip
+            check_anchor_length(start + config.sample_length, self._position_limit(), config)
+            with frozen_view():
+                self.set_anchors(sample_self_anchors(self.model, config, _model_device(self.model)))
         return self._anchors
 
     def _anchor_term(
@@ -281,227 +351,31 @@ class IMSMModel(BaseTuner):
 
         With ``num_items_in_batch`` (the Trainer's token-normalised loss across accumulated micro-batches), the term
         is weighted by this micro-batch's share of the supervised tokens, so the accumulated total carries it once.
+        In gate-only mode (``train_adapter=False``) both views run without autograd; only the gate and the head
+        (frozen) are differentiated.
         """
         config = self.anchor_config
-        ids, mask = self._anchor_set().next_batch(config.batch_size, _model_device(self.model))
+        ids, mask = self.anchor_set().batch(self.anchor_draws, config.batch_size, _model_device(self.model))
+        self.anchor_draws += 1
         # The frozen view's logits (the KL target) and its final hidden states, which the IMSM pass below reuses
         # instead of running the frozen view a second time.
-        captured: list[torch.Tensor] = []
-        capture = self._backbone.register_forward_hook(lambda m, a, out: captured.append(_last_hidden_state(out)))
-        try:
-            with torch.no_grad(), self._frozen_view():
-                frozen_logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        finally:
-            capture.remove()
-        self._state.given_h_base = captured[-1] if captured else None
-        self._state.detach_tuned = not config.train_adapter
-        try:
+        with self.dual_pass.call(capture_frozen=[]) as frozen_call, torch.no_grad(), frozen_view():
+            frozen_logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        given = frozen_call.capture_frozen[-1] if frozen_call.capture_frozen else None
+        on_gate = functools.partial(self._observe_gate, stat="anchor_gate")
+        gate_only = not config.train_adapter
+        call = self.dual_pass.call(given_h_frozen=given, adapted_without_grad=gate_only, on_gate=on_gate)
+        with call, torch.enable_grad():
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        finally:
-            self._state.detach_tuned = False
-            self._state.given_h_base = None
         kl = anchor_kl(frozen_logits, logits, mask)
         share = 1.0
         if num_items_in_batch is not None and labels is not None:
             supervised = (labels[..., 1:] != -100).sum()
             share = supervised.to(kl.device).float() / torch.as_tensor(num_items_in_batch, device=kl.device).float()
-        sum_dtype = torch.float32 if kl.device.type == "mps" else torch.float64  # (MPS has no float64)
-        self._anchor_stats[0] = self._anchor_stats[0] + kl.detach().to(sum_dtype)
-        self._anchor_stats[1] = self._anchor_stats[1] + task_loss.detach().to(sum_dtype)
-        self._anchor_stats[2] += 1
+        self._add_stat("anchor_kl", kl)
+        self._add_stat("task_loss", task_loss)
+        self._stats["anchor_forwards"] = self._stats.get("anchor_forwards", 0) + 1
         return config.weight * kl * share
-
-    def pop_anchor_stats(self) -> dict[str, float]:
-        """Mean anchor KL and task loss over the training forwards since the last call (for logging)."""
-        total_kl, total_task, count = self._anchor_stats
-        self._anchor_stats = [0.0, 0.0, 0]
-        if not count:
-            return {}
-        return {"anchor_kl": float(total_kl) / count, "task_loss": float(total_task) / count}
-
-    # ------------------------------------------------------------------------------------------- the dual pass
-    def _backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        state = self._state
-        state.stacked_rows = None
-        if state.in_frozen_view or not self._imsm_enabled:
-            return None
-        kwargs = dict(kwargs)
-        if args:
-            kwargs.update(self._args_to_kwargs(module, args))
-            args = ()
-        cache_key = "past_key_values" if "past_key_values" in kwargs else "cache"
-        cache = kwargs.get(cache_key)
-        first = kwargs.get("input_ids")
-        if first is None:
-            first = kwargs.get("inputs_embeds")
-        batch_size, seq_len, device = first.shape[0], first.shape[1], first.device
-        index = None
-        if not (is_imsm_cache(cache) and cache.imsm_has_query):
-            index = build_query_index(
-                batch_size,
-                seq_len,
-                device,
-                attention_mask=kwargs.get("attention_mask"),
-                labels=self._matching_labels(batch_size, seq_len),
-                position_ids=kwargs.get("position_ids"),
-                prompt_length=state.prompt_length,
-            )
-        stacked = self._can_stack(kwargs, cache, index)
-        if cache is None:
-            use_cache = kwargs.get("use_cache")
-            if use_cache is None:
-                use_cache = getattr(module.config, "use_cache", False)
-            if use_cache and not module.training:
-                cache = DynamicCache(config=module.config)
-            else:
-                kwargs["use_cache"] = False
-        if cache is not None:
-            if index is not None and not index.one_per_row:
-                raise ValueError(
-                    "IMSM cannot keep a KV cache for packed (padding-free) sequences; pass use_cache=False."
-                )
-            cache = as_imsm_cache(cache, stacked=stacked)
-            stacked = cache.imsm_stacked
-            kwargs[cache_key] = cache
-
-        state.cache = cache
-        state.index = index
-
-        if stacked:
-            # Both views in ONE pass: rows [frozen; adapted], the LoRA update zeroed on the frozen rows (see
-            # _zero_frozen_rows). Only without autograd (generation / evaluation).
-            if cache is not None:
-                cache.imsm_half_rows = batch_size
-            for key in _BATCHED_KWARGS:
-                value = kwargs.get(key)
-                if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
-                    kwargs[key] = torch.cat([value, value])
-            state.stacked_rows = batch_size
-            state.stacked_tokens = batch_size * seq_len
-            return args, kwargs
-
-        state.stacked_rows = None
-        given, state.given_h_base = state.given_h_base, None
-        if given is not None and cache is None and given.shape[:2] == (batch_size, seq_len):
-            state.h_base = given  # the caller already ran the frozen view on these exact inputs (anchor term)
-            return args, kwargs
-        frozen_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS}
-        if cache is not None:
-            frozen_kwargs[cache_key] = cache.imsm_frozen
-        with torch.no_grad(), self._frozen_view():
-            out = module(**frozen_kwargs)
-        state.h_base = _last_hidden_state(out)
-        return args, kwargs
-
-    def _backbone_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        state = self._state
-        if state.in_frozen_view or not self._imsm_enabled:
-            return None
-        hidden = _last_hidden_state(output)
-        if state.detach_tuned:
-            hidden = hidden.detach()
-        if state.stacked_rows is not None:
-            h_base, h_tuned = hidden[: state.stacked_rows], hidden[state.stacked_rows :]
-            state.stacked_rows = None
-        elif state.h_base is not None:
-            h_base, h_tuned = state.h_base, hidden
-            state.h_base = None
-        else:
-            return None
-        gate = self.gate
-        q_base = q_tuned = None
-        cache = state.cache
-        if gate.mode == "query":
-            if state.index is None:
-                q_base = _expand_rows(cache.imsm_query_base, h_tuned)
-                q_tuned = _expand_rows(cache.imsm_query_tuned, h_tuned)
-            else:
-                summary_base = query_summary(h_base, state.index)
-                summary_tuned = query_summary(h_tuned, state.index)
-                q_base = per_token(summary_base, state.index)
-                q_tuned = per_token(summary_tuned, state.index)
-                if cache is not None:
-                    cache.imsm_query_base = summary_base.detach()
-                    cache.imsm_query_tuned = summary_tuned.detach()
-        g = gate(h_base, h_tuned, q_base, q_tuned)
-        if state.gate_log is not None:
-            state.gate_log.append(_row_means(g.detach(), kwargs.get("attention_mask"), h_tuned.shape[1]))
-        state.index = None
-        state.cache = None
-        state.interweaved += 1
-        mixed = IMSMGate.interweave(h_base, h_tuned, g)
-        return _replace_last_hidden_state(output, mixed)
-
-    def _can_stack(self, kwargs: dict, cache: Cache | None, index: QueryIndex | None) -> bool:
-        """Whether both views can run as one doubled batch (see :attr:`stacked_views`)."""
-        if not (self.stacked_views and self._supports_stacked_views) or torch.is_grad_enabled():
-            return False
-        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
-            return False
-        if is_imsm_cache(cache):
-            return cache.imsm_stacked  # decided at prefill
-        mask = kwargs.get("attention_mask")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-            return False
-        positions = kwargs.get("position_ids")
-        if positions is not None and (not isinstance(positions, torch.Tensor) or positions.dim() != 2):
-            return False  # e.g. multimodal rotary positions [3, batch, seq]: not batch-first, cannot be doubled
-        if index is not None and not index.one_per_row:
-            return False  # packed sequences: doubling the batch would break the padding-free attention
-        if cache is None:
-            return True
-        return type(cache) is DynamicCache and cache.get_seq_length() == 0
-
-    def _zero_frozen_rows(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        """Forward hook on each ``lora_A``: while both views run stacked, zero the frozen rows' LoRA activations.
-
-        LoRA adds ``lora_B(lora_A(x)) * scaling`` to the base layer's output; with ``lora_A``'s output zeroed on the
-        frozen rows (and no LoRA bias, see ``_supports_stacked_views``) that update is exactly 0 there, so those rows
-        get the base layer's output bit for bit while the adapted rows get plain LoRA. peft's own mixed-adapter
-        batches (``adapter_names=``) give the same result but index the batch with Python lists in every layer,
-        which made each decode step of ``benchmarks/generation_speed.py`` about 1 ms slower (float32, batch 1).
-
-        The frozen rows are the first half of dim 0, also for layers that see the batch flattened to
-        ``[batch * seq, ...]`` (e.g. OPT's MLP). Zeroed in place: stacking only runs without autograd.
-        """
-        state = self._state
-        if state.stacked_rows is None:
-            return
-        rows = output.shape[0]
-        if rows != 2 * state.stacked_rows and rows != 2 * state.stacked_tokens:
-            raise RuntimeError(
-                f"IMSM stacked views: a LoRA layer saw {rows} rows where the doubled batch has {2 * state.stacked_rows}"
-                f" rows ({2 * state.stacked_tokens} tokens), so its frozen rows cannot be told apart (tokens routed "
-                "to experts?). Set `model.base_model.stacked_views = False` to run the two views as separate passes."
-            )
-        output[: rows // 2].zero_()
-
-    @contextmanager
-    def _frozen_view(self):
-        """Every adapter layer (and modules_to_save / trainable-token wrapper) off, without touching requires_grad."""
-        layers = self._switchable_layers
-        saved = [m._disable_adapters for m in layers]
-        self._state.in_frozen_view = True
-        try:
-            for m in layers:
-                m._disable_adapters = True
-            yield
-        finally:
-            for m, s in zip(layers, saved):
-                m._disable_adapters = s
-            self._state.in_frozen_view = False
-
-    def _matching_labels(self, batch_size: int, seq_len: int) -> torch.Tensor | None:
-        labels = self._state.labels
-        if labels is None or labels.dim() != 2 or labels.shape != (batch_size, seq_len):
-            return None
-        return labels
-
-    def _args_to_kwargs(self, module: nn.Module, args: tuple) -> dict:
-        names = self._backbone_params
-        if len(args) > len(names):
-            raise TypeError(f"Too many positional arguments for {type(module).__name__}.forward.")
-        return dict(zip(names, args))
 
     # ------------------------------------------------------------------------- peft tuner interface
     def _prepare_adapter_config(self, peft_config, model_config):
@@ -517,6 +391,33 @@ class IMSMModel(BaseTuner):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         pass
 
+    def _apply_freeze_adapter(self) -> None:
+        if not self.peft_config[self._active_name].freeze_adapter:
+            return
+        names = set(self._adapter_param_names)
+        for name, param in self.model.named_parameters():
+            if name in names:
+                param.requires_grad_(False)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft's per-call hooks of the wrapped tuner (e.g. LoRA's ``adapter_names=`` mixed batches).
+
+        A mixed batch names one adapter per row, so both views run as separate passes for that call.
+        """
+        inner = getattr(self.adapter_tuner, "_enable_peft_forward_hooks", None)
+        mixed = kwargs.get("adapter_names") is not None
+        token = _STACKING_ALLOWED.set(False) if mixed else None
+        try:
+            if inner is None:
+                yield
+            else:
+                with inner(*args, **kwargs):
+                    yield
+        finally:
+            if token is not None:
+                _STACKING_ALLOWED.reset(token)
+
     def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(
             "An IMSM model holds exactly one IMSM adapter (one wrapped adapter and its gate); adding a second adapter "
@@ -526,12 +427,12 @@ class IMSMModel(BaseTuner):
     def enable_adapter_layers(self) -> None:
         """Turn IMSM back on (both the wrapped adapter and the gate)."""
         self.adapter_tuner.enable_adapter_layers()
-        self._imsm_enabled = True
+        self.dual_pass.enabled = True
 
     def disable_adapter_layers(self) -> None:
         """Turn IMSM off: the model is then the plain base model (used by ``PeftModel.disable_adapter()``)."""
         self.adapter_tuner.disable_adapter_layers()
-        self._imsm_enabled = False
+        self.dual_pass.enabled = False
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -541,6 +442,25 @@ class IMSMModel(BaseTuner):
         self.adapter_tuner.set_adapter(adapter_name, inference_mode=inference_mode)
         self.imsm_gate[names[0]].requires_grad_(not inference_mode)
         self.active_adapter = names[0]
+        self._apply_freeze_adapter()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Enable or disable gradients of the IMSM adapter (the wrapped adapter and the gate).
+
+        With ``freeze_adapter=True`` the wrapped adapter stays frozen; only the gate follows ``requires_grad``.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.imsm_gate]
+        if unknown:
+            raise ValueError(f"Unknown IMSM adapter(s) {unknown}; this model has {list(self.imsm_gate)}.")
+        self.adapter_tuner.set_requires_grad(names, requires_grad=requires_grad)
+        for name in names:
+            self.imsm_gate[name].requires_grad_(requires_grad)
+        self._apply_freeze_adapter()
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """IMSM cannot be expressed as a LoRA (it mixes two views at run time)."""
+        return False
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         self.adapter_tuner._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -551,11 +471,23 @@ class IMSMModel(BaseTuner):
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         raise ValueError(_MERGE_MESSAGE)
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "add_weighted_adapter is not supported on an IMSM model: it would add a combined adapter to the wrapped "
+            "LoRA layers only, without a gate, and IMSM holds exactly one adapter. Combine plain LoRA adapters "
+            "first (on a LoRA PeftModel), then wrap the result with IMSM."
+        )
+
+    def subtract_mutated_init(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "subtract_mutated_init (PiSSA/OLoRA conversion) is not supported on an IMSM model. Save the wrapped "
+            "adapter from a plain LoRA PeftModel to convert it."
+        )
+
     def unload(self) -> nn.Module:
         """Remove IMSM (gate and wrapped adapter) and return the untouched base model."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self.dual_pass.remove()
+        self._unloaded = True
         return self.adapter_tuner.unload()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -574,6 +506,9 @@ class IMSMModel(BaseTuner):
         )
         gate_prefix = f"imsm_gate.{adapter_name}."
         to_return.update({k: v for k, v in state_dict.items() if gate_prefix in k})
+        tuner = find_imsm_tuner(model, required=False)
+        if tuner is not None and config.anchor is not None and tuner.anchor_draws:
+            to_return[_ANCHOR_DRAWS_KEY] = torch.tensor(tuner.anchor_draws, dtype=torch.int64)
         return to_return
 
     @classmethod
@@ -585,6 +520,11 @@ class IMSMModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = dict(state_dict)
+        draws = state_dict.pop(_ANCHOR_DRAWS_KEY, None)
+        tuner = find_imsm_tuner(model, required=False)
+        if draws is not None and tuner is not None:
+            tuner.anchor_draws = int(draws)
         model_state = model.state_dict()
         remapped: dict[str, torch.Tensor] = {}
         for key, value in state_dict.items():
@@ -601,18 +541,34 @@ class IMSMModel(BaseTuner):
                     )
             remapped[key] = value
         inner_cls = PEFT_TYPE_TO_TUNER_MAPPING[config.adapter_config.peft_type]
-        return inner_cls._remap_adapter_state_dict_for_load(
+        remapped = inner_cls._remap_adapter_state_dict_for_load(
             model=model, config=config.adapter_config, adapter_name=adapter_name, state_dict=remapped
         )
+        _warn_about_unmatched_keys(model, config, adapter_name, remapped, model_state)
+        return remapped
 
     def __getattr__(self, name: str) -> Any:
-        """Forward missing attributes to the wrapped adapter's tuner (and through it to the model)."""
+        """Attributes of the transformers model (``config``, ``generation_config``, ...), as peft's tuners do.
+
+        The wrapped tuner's own methods are NOT reached this way (they would act on the wrapped adapter alone, e.g.
+        add a hidden adapter without a gate): the ones IMSM supports are defined on this class, the rest raise.
+        """
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("model", "adapter_tuner", "imsm_gate"):
+            if name in ("model", "adapter_tuner", "imsm_gate", "dual_pass") or name.startswith("__"):
                 raise
-            return getattr(self.__dict__["adapter_tuner"], name)
+        adapter_tuner = self.__dict__["adapter_tuner"]
+        if name in _PASSED_TO_ADAPTER_TUNER and hasattr(adapter_tuner, name):
+            return getattr(adapter_tuner, name)
+        tuner_cls = type(adapter_tuner)
+        if hasattr(tuner_cls, name) and not hasattr(BaseTuner, name):
+            raise AttributeError(
+                f"{tuner_cls.__name__}.{name} is not supported on an IMSM model: it would act on the wrapped "
+                f"{tuner_cls.__name__} alone, without IMSM's gate. Use it on a plain peft model before wrapping, "
+                "or call `unload()` to drop IMSM first."
+            )
+        return getattr(self.model, name)
 
 
 _MERGE_MESSAGE = (
@@ -622,28 +578,90 @@ _MERGE_MESSAGE = (
 )
 
 
-def _find_backbone(model: nn.Module) -> nn.Module:
-    """The module whose output feeds the output head (e.g. ``LlamaModel`` of ``LlamaForCausalLM``)."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    if get_out is None or get_out() is None:
-        raise ValueError(
-            f"IMSM needs a causal LM with an output head (lm_head), but {type(model).__name__} has no output "
-            "embeddings. Load the model with AutoModelForCausalLM (not AutoModel)."
+def find_imsm_tuner(model: Any, required: bool = True) -> IMSMModel | None:
+    """The :class:`IMSMModel` inside ``model``: a ``PeftModel``, or one wrapped by DDP / FSDP / DeepSpeed /
+    ``torch.compile`` (``.module`` / ``._orig_mod``), or the tuner itself.
+
+    Raises ``TypeError`` when there is none (returns None instead with ``required=False``).
+    """
+    seen = model
+    for _ in range(8):
+        if isinstance(model, IMSMModel):
+            return model
+        if model is None:
+            break
+        model = (
+            getattr(model, "_orig_mod", None)
+            or getattr(model, "module", None)
+            or model.__dict__.get("_modules", {}).get("base_model")
         )
-    # transformers' own lookup of the decoder stack (e.g. OPTForCausalLM calls `model.decoder`, not `model`).
-    get_decoder = getattr(model, "get_decoder", None)
-    try:
-        backbone = get_decoder() if get_decoder is not None else None
-    except (AttributeError, ValueError):
-        backbone = None
-    if backbone is None:
-        backbone = getattr(model, "base_model", None)
-    if backbone is None or backbone is model:
-        raise ValueError(
-            f"IMSM could not find the backbone of {type(model).__name__} (the module before the output head, named "
-            "by the model's `base_model_prefix`). Only transformers causal LMs are supported."
+    if required:
+        raise TypeError(f"Expected an IMSM peft model (get_peft_model with an IMSMConfig), got {type(seen).__name__}.")
+    return None
+
+
+def set_anchor_data(model: Any, data: Any, tokenizer: Any, column: str = "text") -> int:
+    """Give an IMSM model with ``anchor.source="data"`` its anchor texts. Returns the number of anchors.
+
+    Args:
+        model: the ``PeftModel`` (or its ``IMSMModel``).
+        data: a list of strings, or a ``datasets.Dataset`` with a text ``column``.
+        tokenizer: the model's tokenizer.
+    """
+    tuner = find_imsm_tuner(model)
+    config = tuner.anchor_config
+    if config is None:
+        raise ValueError("This IMSM model has no anchor section: IMSMConfig(anchor=AnchorConfig(source='data')).")
+    tuner.set_anchors(tokenize_anchor_data(data, tokenizer, column, config.max_length, config.seed))
+    return len(tuner.anchor_set())
+
+
+def prepare_anchors(model: Any) -> int:
+    """Build the anchors now (self sampling otherwise happens at the first training forward). Returns their count."""
+    return len(find_imsm_tuner(model).anchor_set())
+
+
+def _warn_about_unmatched_keys(
+    model: nn.Module, config: IMSMConfig, adapter_name: str, state_dict: dict, model_state: dict
+) -> None:
+    """Warn, naming the keys, when a saved IMSM adapter leaves weights of this model unloaded or holds weights that
+    nothing here uses (e.g. a file without the wrapped adapter's weights, or a config whose nested ``peft_type`` /
+    ``gate_mode`` no longer matches the weights): the adapter would silently keep its initial values."""
+    marker = f".{adapter_name}"
+    expected = {k for k in model_state if f"{marker}." in k or k.endswith(marker)}
+    # Shared state that peft does not save per adapter (VB-LoRA's vector bank; VeRA's projections without
+    # save_projection).
+    expected = {k for k in expected if "vblora_vector_bank" not in k}
+    if getattr(config.adapter_config, "save_projection", True) is False:
+        expected = {k for k in expected if ".vera_A." not in k and ".vera_B." not in k}
+    prefix = "base_model.model."
+    if not any(k.startswith(prefix) for k in model_state):
+        state_keys = {k.removeprefix(prefix) for k in state_dict}
+    else:
+        state_keys = set(state_dict)
+    missing = sorted(expected - state_keys)
+    unused = sorted(k for k in state_keys if k not in model_state)
+    if missing:
+        warnings.warn(
+            f"Loading the IMSM adapter '{adapter_name}' left {len(missing)} weight(s) of this model at their initial "
+            f"values because the saved adapter does not hold them: {_first(missing)}. The saved adapter_model file "
+            "does not match its adapter_config.json (wrapped peft_type "
+            f"{config.adapter_config.peft_type}, gate_mode {config.gate_mode!r}); save the adapter again from the "
+            "trained model, or load it with the config it was saved with.",
+            stacklevel=4,
         )
-    return backbone
+    if unused:
+        warnings.warn(
+            f"The saved IMSM adapter '{adapter_name}' holds {len(unused)} weight(s) that nothing in this model uses, "
+            f"so they were ignored: {_first(unused)}. The adapter_config.json (wrapped peft_type "
+            f"{config.adapter_config.peft_type}, gate_mode {config.gate_mode!r}) does not describe the saved weights.",
+            stacklevel=4,
+        )
+
+
+def _first(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
 def _hidden_size(model: nn.Module) -> int:
@@ -660,59 +678,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return weight.device if weight is not None else next(model.parameters()).device
 
 
-def _bound_parameter_names(module: nn.Module) -> list[str]:
-    params = inspect.signature(module.forward).parameters
-    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-
-def _last_hidden_state(output: Any) -> torch.Tensor:
-    if isinstance(output, tuple):
-        return output[0]
-    return output.last_hidden_state
-
-
-def _replace_last_hidden_state(output: Any, hidden: torch.Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (hidden, *output[1:])
-    output.last_hidden_state = hidden
-    return output
-
-
-def _supports_stacked_views(adapter_tuner: nn.Module, model: nn.Module) -> bool:
-    """Whether both views can share one doubled batch (see ``IMSMModel._zero_frozen_rows``).
-
-    Plain LoRA only: every adapter layer a LoRA layer whose update is ``lora_B(lora_A(x)) * scaling`` (no DoRA or
-    other variant, no LoRA bias, no embedding or parameter LoRA), and no modules_to_save / trainable-token wrappers.
-    Not for LoRA on mixture-of-experts experts: an expert sees the tokens routed to it, not the batch's rows.
-    """
-    if type(adapter_tuner) is not LoraModel:
-        return False
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer) and "expert" in name.lower() and "shared_expert" not in name.lower():
-            return False
-        if isinstance(module, AuxiliaryTrainingWrapper):
-            return False
-        if isinstance(module, BaseTunerLayer):
-            if not isinstance(module, LoraLayer) or isinstance(module, ParamWrapper) or not module.lora_A:
-                return False
-            if module.lora_embedding_A or any(module.use_dora.values()) or module.lora_variant:
-                return False
-            if any(module.lora_bias.values()):
-                return False
-    return True
-
-
-def _expand_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[batch, d]`` -> ``[batch, seq, d]`` shaped like ``like``."""
-    return rows[:, None, :].expand(like.shape[0], like.shape[1], rows.shape[-1])
-
-
-def _row_means(gate: torch.Tensor, attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor:
-    per_pos = gate.mean(dim=-1)  # [batch, seq]
-    if attention_mask is None or attention_mask.dim() != 2:
-        return per_pos.mean(dim=1).cpu()
-    mask = attention_mask[: per_pos.shape[0], -seq_len:].to(per_pos.dtype)  # (stacked views: both halves equal)
-    return ((per_pos * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).cpu()
+def _row_means(per_position: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[batch, seq]`` gate -> ``[batch]`` float32 CPU means over the non-padding positions."""
+    if attention_mask is None:
+        return per_position.float().mean(dim=1).cpu()
+    mask = attention_mask.to(per_position.dtype)
+    return ((per_position * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).float().cpu()
 
 
 def _check_generation_prompt(attention_mask: torch.Tensor | None) -> None:

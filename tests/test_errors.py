@@ -85,7 +85,7 @@ def test_forward_and_generate_refuse_to_skip_the_gate():
     model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora")))
     model.eval()
     ids = torch.randint(3, 90, (1, 5))
-    for hook in model.base_model._hooks[:2]:  # the backbone's pre- and post-hook: as if the head read another module
+    for hook in model.base_model.dual_pass._hooks[:2]:  # the backbone's pre- and post-hook: as if the head read another module
         hook.remove()
     with pytest.raises(RuntimeError, match="did not run during forward"):
         model(input_ids=ids)

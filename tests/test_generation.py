@@ -238,7 +238,7 @@ def test_stacked_and_two_pass_views_agree():
 
 def count_backbone_passes(model) -> list[int]:
     calls = [0]
-    model.base_model._backbone.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    model.base_model.dual_pass.backbone.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 
@@ -293,7 +293,7 @@ def test_lora_that_cannot_stack_falls_back_to_two_passes(extra):
     model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=config))
     perturb_adapter(model, scale=0.5)
     model.eval()
-    assert not model.base_model._supports_stacked_views
+    assert not model.base_model.supports_stacked_views
     ids, mask = left_padded()
     calls = count_backbone_passes(model)
     with torch.no_grad():
@@ -324,7 +324,7 @@ def test_mixture_of_experts_generation(targets, stacks):
     model = get_peft_model(base, IMSMConfig(adapter_config=config))
     perturb_adapter(model, scale=0.5)
     model.eval()
-    assert model.base_model._supports_stacked_views == stacks
+    assert model.base_model.supports_stacked_views == stacks
     ids, mask = left_padded()
     calls = count_backbone_passes(model)
     out = greedy(model, ids, mask, n=5)
@@ -334,18 +334,17 @@ def test_mixture_of_experts_generation(targets, stacks):
 
 def test_stacked_views_refuse_rows_they_cannot_attribute():
     """A LoRA layer seeing neither the doubled batch's rows nor its tokens (e.g. routed experts) raises clearly."""
+    from peft_imsm.dual_pass import BackbonePass
+
     model = imsm("llama")
-    state = model.base_model._state
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    state.stacked_rows, state.stacked_tokens = 2, 10
-    try:
+    with model.base_model.dual_pass.call() as call:
+        call.passes.append(BackbonePass(stacked_rows=2, stacked_tokens=10))
         with torch.no_grad(), pytest.raises(RuntimeError, match="stacked_views = False"):
             layer(torch.randn(3, layer.in_features))
         with torch.no_grad():
             out = layer(torch.randn(4, 1, layer.in_features))  # 2 frozen rows + 2 adapted rows: fine
         assert out.shape[0] == 4
-    finally:
-        state.stacked_rows = None
 
 
 @pytest.mark.parametrize("stacked", [True, False])
@@ -368,12 +367,12 @@ def test_inputs_embeds_generate_and_forward_like_input_ids(stacked):
 def test_inputs_that_are_not_batch_first_are_not_stacked():
     """Multimodal rotary position ids ([3, batch, seq]) or 4D masks cannot be doubled along the batch: two passes."""
     model = imsm("llama")
-    tuner = model.base_model
+    tuner = model.base_model.dual_pass
     ids = torch.ones(3, 4, dtype=torch.long)
     with torch.no_grad():
-        assert tuner._can_stack({"input_ids": ids, "position_ids": torch.zeros(3, 4, dtype=torch.long)}, None, None)
-        assert not tuner._can_stack(
+        assert tuner.can_stack({"input_ids": ids, "position_ids": torch.zeros(3, 4, dtype=torch.long)}, None, None)
+        assert not tuner.can_stack(
             {"input_ids": ids, "position_ids": torch.zeros(3, 3, 4, dtype=torch.long)}, None, None
         )
-        assert not tuner._can_stack({"input_ids": ids, "attention_mask": torch.ones(3, 1, 4, 4)}, None, None)
-    assert not tuner._can_stack({"input_ids": ids}, None, None)  # autograd on: never stacked
+        assert not tuner.can_stack({"input_ids": ids, "attention_mask": torch.ones(3, 1, 4, 4)}, None, None)
+    assert not tuner.can_stack({"input_ids": ids}, None, None)  # autograd on: never stacked

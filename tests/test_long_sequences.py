@@ -32,7 +32,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-import peft_imsm.model as imsm_model_module
+import peft_imsm.dual_pass as imsm_model_module
 from peft_imsm import IMSMConfig
 
 

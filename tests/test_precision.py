@@ -169,7 +169,7 @@ def test_qlora_shares_quantized_weights_and_trains_adapter_and_gate(saved_fp32, 
     assert torch.isfinite(out.logits[0]).all()
     torch.testing.assert_close(out.logits[0], first, atol=1e-5, rtol=0)
     # Quantized LoRA layers stack both views in one batch too: same as two separate passes.
-    assert model.base_model._supports_stacked_views
+    assert model.base_model.supports_stacked_views
     model.base_model.stacked_views = False
     two_pass = model.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=4, do_sample=False, pad_token_id=0,

@@ -1,0 +1,425 @@
+"""The dual pass: one model, two views (wrapped adapter off = FROZEN, on = ADAPTED), interwoven by the gate.
+
+This module knows the transformers model and peft's adapter layers, not peft's tuner plumbing. :class:`DualPass`
+puts two hooks on the model's backbone (the module whose output feeds the output head, e.g. ``LlamaModel``), so the
+dual pass runs the same way for ``forward``, the HF ``Trainer``, TRL and ``generate()``:
+
+1. ``_pre_hook`` runs the FROZEN view: the backbone again, under ``torch.no_grad()`` inside :func:`frozen_view`
+   (every adapter layer off), on its own KV cache; it also finds the query tokens.
+2. The backbone then runs as usual: the ADAPTED view, with autograd.
+3. ``_post_hook`` computes the gate from both views' final hidden states and query summaries and replaces the
+   backbone's ``last_hidden_state`` with the interwoven state; the model's own head and loss then run on it, once.
+
+Without autograd (generation, evaluation) and with plain LoRA, steps 1 and 2 are ONE pass instead: the pre-hook
+doubles the batch (rows ``[frozen; adapted]``), ``_zero_frozen_rows`` (a hook on every ``lora_A``) cancels the LoRA
+update on the frozen rows, and the post-hook splits the two halves (see :meth:`DualPass.can_stack`).
+
+Per-call state, safe when several threads share one model:
+
+* An IMSM call (``IMSMModel.forward`` / ``generate``, the anchor term) opens a :class:`CallContext` with
+  :meth:`DualPass.call`. It lives in a ``ContextVar``, so each thread (and each nested call) sees its own. Each
+  backbone pass inside the call pushes a :class:`BackbonePass` in the pre-hook and pops it in the post-hook; nothing
+  of a call is kept on the model.
+* :func:`frozen_view` switches the adapter layers off for the current thread only (a ``ContextVar`` read by the
+  layers' ``disable_adapters`` property, see :mod:`peft_imsm.registration`), never by flipping flags on the shared
+  layers.
+* Outside an IMSM call the hooks do nothing: a direct call of the inner model (``peft_model.get_base_model()(...)``
+  or its backbone) is the ADAPTED view alone, the base model with the adapter injected, as in peft.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer, LoraModel, ParamWrapper
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+
+from .cache import as_imsm_cache, is_imsm_cache
+from .gate import IMSMGate
+from .query import QueryIndex, build_query_index, per_token, query_summary
+
+# Backbone inputs with a batch dimension, doubled when both views run as one batch.
+_BATCHED_KWARGS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
+# Keyword arguments of a causal LM's forward that belong to its head or loss, not to the backbone.
+_HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "return_dict")
+
+_FROZEN_VIEW: ContextVar[bool] = ContextVar("imsm_frozen_view", default=False)
+
+
+def in_frozen_view() -> bool:
+    """True while the current thread runs the frozen view (every peft adapter layer reads as disabled)."""
+    return _FROZEN_VIEW.get()
+
+
+@contextmanager
+def frozen_view() -> Iterator[None]:
+    """Run the frozen view: in this thread (only), every peft adapter layer and modules_to_save wrapper is off."""
+    token = _FROZEN_VIEW.set(True)
+    try:
+        yield
+    finally:
+        _FROZEN_VIEW.reset(token)
+
+
+@dataclass
+class BackbonePass:
+    """What the pre-hook hands to the post-hook within one backbone pass."""
+
+    index: QueryIndex | None = None
+    cache: Cache | None = None
+    h_frozen: torch.Tensor | None = None  # [batch, seq, d] (two-pass layout)
+    stacked_rows: int | None = None  # rows per view in the doubled batch (stacked layout)
+    stacked_tokens: int = 0  # rows * seq per view (layers that flatten the batch, e.g. OPT's MLP)
+    grad_enabled: bool | None = None  # autograd state to restore after an adapted view run without it
+
+
+@dataclass
+class CallContext:
+    """The state of one IMSM call (a forward, a ``generate()``, an anchor pass), created for that call only.
+
+    Attributes:
+        labels: ``[batch, seq]`` labels of the forward (they define the query), or None.
+        prompt_length: prompt length of a ``generate()`` call (the query at prefill), or None.
+        given_h_frozen: ``[batch, seq, d]`` frozen view already computed by the caller on these exact inputs (the
+            anchor term reuses the frozen pass that gave its KL target).
+        adapted_without_grad: run the adapted view's backbone without autograd; the gate and the head still get
+            gradients (the anchor term in gate-only mode).
+        capture_frozen: when a list, the final hidden states of every backbone pass run in the frozen view within
+            this call are appended to it (the anchor term's KL-target pass).
+        stacking: whether this call may run both views as one doubled batch.
+        on_gate: called with ``(gate, attention_mask, call)`` after every interwoven pass (logging, recording).
+        passes: backbone passes in flight (pre-hook pushes, post-hook pops).
+        interwoven: number of interwoven backbone passes so far (a guard that the hooks ran).
+    """
+
+    labels: torch.Tensor | None = None
+    prompt_length: int | None = None
+    given_h_frozen: torch.Tensor | None = None
+    adapted_without_grad: bool = False
+    capture_frozen: list[torch.Tensor] | None = None
+    stacking: bool = True
+    on_gate: Callable[[torch.Tensor, torch.Tensor | None, CallContext], None] | None = None
+    passes: list[BackbonePass] = field(default_factory=list)
+    interwoven: int = 0
+
+
+_CALL: ContextVar[CallContext | None] = ContextVar("imsm_call", default=None)
+
+
+def current_call() -> CallContext | None:
+    """The IMSM call running in this thread, or None."""
+    return _CALL.get()
+
+
+class DualPass:
+    """The dual pass on one transformers causal LM: the backbone hooks, the frozen view, stacking.
+
+    Args:
+        model: the causal LM, with the wrapped adapter's layers already injected.
+        adapter_tuner: peft's tuner of the wrapped adapter (decides whether both views can share one batch).
+        get_gate: returns the gate to use (the active adapter's).
+
+    Attributes:
+        backbone: the hooked module (e.g. ``LlamaModel``).
+        enabled: False while IMSM is switched off (``disable_adapter()``): the hooks do nothing.
+        stacked_views: run both views as one doubled batch where possible (see :meth:`can_stack`); False always
+            runs two passes (same results up to float rounding).
+        supports_stacking: whether the wrapped adapter allows the doubled batch at all (plain LoRA only).
+        removed: True after :meth:`remove` (``unload()``).
+    """
+
+    def __init__(self, model: nn.Module, adapter_tuner: nn.Module, get_gate: Callable[[], IMSMGate]) -> None:
+        self.backbone = find_backbone(model)
+        self.enabled = True
+        self.stacked_views = True
+        self.removed = False
+        self.supports_stacking = supports_stacked_views(adapter_tuner, model)
+        self._get_gate = get_gate
+        self._positional_names = _bound_parameter_names(self.backbone)
+        self._hooks = [
+            self.backbone.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            self.backbone.register_forward_hook(self._post_hook, with_kwargs=True),
+        ]
+        if self.supports_stacking:
+            self._hooks += [
+                lora_A.register_forward_hook(_zero_frozen_rows)
+                for m in model.modules()
+                if isinstance(m, LoraLayer)
+                for lora_A in m.lora_A.values()
+            ]
+
+    def remove(self) -> None:
+        """Remove every hook (``unload()``); later IMSM calls raise."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.removed = True
+
+    @contextmanager
+    def call(self, **fields: Any) -> Iterator[CallContext]:
+        """Open one IMSM call in the current thread (nested calls get their own context)."""
+        context = CallContext(**fields)
+        token = _CALL.set(context)
+        try:
+            yield context
+        finally:
+            _CALL.reset(token)
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        call = _CALL.get()
+        if call is None or _FROZEN_VIEW.get() or not self.enabled:
+            return None
+        kwargs = dict(kwargs)
+        if args:
+            kwargs.update(self._args_to_kwargs(module, args))
+            args = ()
+        cache_key = "past_key_values" if "past_key_values" in kwargs else "cache"
+        cache = kwargs.get(cache_key)
+        first = kwargs.get("input_ids")
+        if first is None:
+            first = kwargs.get("inputs_embeds")
+        batch_size, seq_len, device = first.shape[0], first.shape[1], first.device
+        index = None
+        if not (is_imsm_cache(cache) and cache.imsm_has_query):
+            labels = call.labels
+            if labels is not None and (labels.dim() != 2 or labels.shape != (batch_size, seq_len)):
+                labels = None
+            index = build_query_index(
+                batch_size,
+                seq_len,
+                device,
+                attention_mask=kwargs.get("attention_mask"),
+                labels=labels,
+                position_ids=kwargs.get("position_ids"),
+                prompt_length=call.prompt_length,
+            )
+        stacked = call.stacking and self.can_stack(kwargs, cache, index)
+        if cache is None:
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(module.config, "use_cache", False)
+            if use_cache and not module.training:
+                cache = DynamicCache(config=module.config)
+            else:
+                kwargs["use_cache"] = False
+        if cache is not None:
+            if index is not None and not index.one_per_row:
+                raise ValueError(
+                    "IMSM cannot keep a KV cache for packed (padding-free) sequences; pass use_cache=False."
+                )
+            cache = as_imsm_cache(cache, stacked=stacked)
+            stacked = cache.imsm_stacked
+            kwargs[cache_key] = cache
+
+        step = BackbonePass(index=index, cache=cache)
+        if stacked:
+            # Both views in ONE pass: rows [frozen; adapted], the LoRA update zeroed on the frozen rows (see
+            # _zero_frozen_rows). Only without autograd (generation / evaluation).
+            if cache is not None:
+                cache.imsm_half_rows = batch_size
+            for key in _BATCHED_KWARGS:
+                value = kwargs.get(key)
+                if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
+                    kwargs[key] = torch.cat([value, value])
+            step.stacked_rows = batch_size
+            step.stacked_tokens = batch_size * seq_len
+            call.passes.append(step)
+            return args, kwargs
+
+        if call.adapted_without_grad:
+            step.grad_enabled = torch.is_grad_enabled()
+            torch.set_grad_enabled(False)  # restored by the post-hook (and by the caller's grad context on errors)
+        given, call.given_h_frozen = call.given_h_frozen, None
+        if given is not None and cache is None and given.shape[:2] == (batch_size, seq_len):
+            step.h_frozen = given  # the caller already ran the frozen view on these exact inputs (anchor term)
+        else:
+            frozen_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS}
+            if cache is not None:
+                frozen_kwargs[cache_key] = cache.imsm_frozen
+            with torch.no_grad(), frozen_view():
+                out = module(**frozen_kwargs)
+            step.h_frozen = last_hidden_state(out)
+        call.passes.append(step)
+        return args, kwargs
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        call = _CALL.get()
+        if call is None or not self.enabled:
+            return None
+        if _FROZEN_VIEW.get():
+            if call.capture_frozen is not None and not call.passes:
+                call.capture_frozen.append(last_hidden_state(output))
+            return None
+        if not call.passes:
+            return None
+        step = call.passes.pop()
+        if step.grad_enabled is not None:
+            torch.set_grad_enabled(step.grad_enabled)
+        hidden = last_hidden_state(output)
+        if step.stacked_rows is not None:
+            h_frozen, h_adapted = hidden[: step.stacked_rows], hidden[step.stacked_rows :]
+        else:
+            h_frozen, h_adapted = step.h_frozen, hidden
+        gate = self._get_gate()
+        q_frozen = q_adapted = None
+        cache = step.cache
+        if gate.mode == "query":
+            if step.index is None:
+                q_frozen = _expand_rows(cache.imsm_query_frozen, h_adapted)
+                q_adapted = _expand_rows(cache.imsm_query_adapted, h_adapted)
+            else:
+                summary_frozen = query_summary(h_frozen, step.index)
+                summary_adapted = query_summary(h_adapted, step.index)
+                q_frozen = per_token(summary_frozen, step.index)
+                q_adapted = per_token(summary_adapted, step.index)
+                if cache is not None:
+                    cache.imsm_query_frozen = summary_frozen.detach()
+                    cache.imsm_query_adapted = summary_adapted.detach()
+        g = gate(h_frozen, h_adapted, q_frozen, q_adapted)
+        call.interwoven += 1
+        if call.on_gate is not None:
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                mask = mask[: h_adapted.shape[0], -h_adapted.shape[1] :]  # (stacked views: both halves equal)
+            else:
+                mask = None
+            call.on_gate(g.detach(), mask, call)
+        mixed = IMSMGate.interweave(h_frozen, h_adapted, g)
+        return replace_last_hidden_state(output, mixed)
+
+    # ------------------------------------------------------------------------------------------------ stacking
+    def can_stack(self, kwargs: dict, cache: Cache | None, index: QueryIndex | None) -> bool:
+        """Whether both views can run as one doubled batch for a backbone call with these ``kwargs``."""
+        if not (self.stacked_views and self.supports_stacking) or torch.is_grad_enabled():
+            return False
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            return False
+        if is_imsm_cache(cache):
+            return cache.imsm_stacked  # decided at prefill
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            return False
+        positions = kwargs.get("position_ids")
+        if positions is not None and (not isinstance(positions, torch.Tensor) or positions.dim() != 2):
+            return False  # e.g. multimodal rotary positions [3, batch, seq]: not batch-first, cannot be doubled
+        if index is not None and not index.one_per_row:
+            return False  # packed sequences: doubling the batch would break the padding-free attention
+        if cache is None:
+            return True
+        return type(cache) is DynamicCache and cache.get_seq_length() == 0
+
+    def _args_to_kwargs(self, module: nn.Module, args: tuple) -> dict:
+        names = self._positional_names
+        if len(args) > len(names):
+            raise TypeError(f"Too many positional arguments for {type(module).__name__}.forward.")
+        return dict(zip(names, args))
+
+
+def _zero_frozen_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Forward hook on each ``lora_A``: while both views run stacked, zero the frozen rows' LoRA activations.
+
+    LoRA adds ``lora_B(lora_A(x)) * scaling`` to the base layer's output; with ``lora_A``'s output zeroed on the
+    frozen rows (and no LoRA bias, see :func:`supports_stacked_views`) that update is exactly 0 there, so those rows
+    get the base layer's output bit for bit while the adapted rows get plain LoRA. peft's own mixed-adapter batches
+    (``adapter_names=``) give the same result but index the batch with Python lists in every layer, which made each
+    decode step of ``benchmarks/generation_speed.py`` about 1 ms slower (float32, batch 1).
+
+    The frozen rows are the first half of dim 0, also for layers that see the batch flattened to
+    ``[batch * seq, ...]`` (e.g. OPT's MLP). Zeroed in place: stacking only runs without autograd.
+    """
+    call = _CALL.get()
+    if call is None or not call.passes:
+        return
+    step = call.passes[-1]
+    if step.stacked_rows is None:
+        return
+    rows = output.shape[0]
+    if rows != 2 * step.stacked_rows and rows != 2 * step.stacked_tokens:
+        raise RuntimeError(
+            f"IMSM stacked views: a LoRA layer saw {rows} rows where the doubled batch has {2 * step.stacked_rows} "
+            f"rows ({2 * step.stacked_tokens} tokens), so its frozen rows cannot be told apart (tokens routed to "
+            "experts?). Set `model.base_model.stacked_views = False` to run the two views as separate passes."
+        )
+    output[: rows // 2].zero_()
+
+
+def supports_stacked_views(adapter_tuner: nn.Module, model: nn.Module) -> bool:
+    """Whether both views can share one doubled batch (see :func:`_zero_frozen_rows`).
+
+    Plain LoRA only: every adapter layer a LoRA layer whose update is ``lora_B(lora_A(x)) * scaling`` (no DoRA or
+    other variant, no LoRA bias, no embedding or parameter LoRA), and no modules_to_save / trainable-token wrappers.
+    Not for LoRA on mixture-of-experts experts: an expert sees the tokens routed to it, not the batch's rows.
+    """
+    if type(adapter_tuner) is not LoraModel:
+        return False
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and "expert" in name.lower() and "shared_expert" not in name.lower():
+            return False
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            return False
+        if isinstance(module, BaseTunerLayer):
+            if not isinstance(module, LoraLayer) or isinstance(module, ParamWrapper) or not module.lora_A:
+                return False
+            if module.lora_embedding_A or any(module.use_dora.values()) or module.lora_variant:
+                return False
+            if any(module.lora_bias.values()):
+                return False
+    return True
+
+
+def find_backbone(model: nn.Module) -> nn.Module:
+    """The module whose output feeds the output head (e.g. ``LlamaModel`` of ``LlamaForCausalLM``)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_out is None or get_out() is None:
+        raise ValueError(
+            f"IMSM needs a causal LM with an output head (lm_head), but {type(model).__name__} has no output "
+            "embeddings. Load the model with AutoModelForCausalLM (not AutoModel)."
+        )
+    # transformers' own lookup of the decoder stack (e.g. OPTForCausalLM calls `model.decoder`, not `model`).
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        backbone = get_decoder() if get_decoder is not None else None
+    except (AttributeError, ValueError):
+        backbone = None
+    if backbone is None:
+        backbone = getattr(model, "base_model", None)
+    if backbone is None or backbone is model:
+        raise ValueError(
+            f"IMSM could not find the backbone of {type(model).__name__} (the module before the output head, named "
+            "by the model's `base_model_prefix`). Only transformers causal LMs are supported."
+        )
+    return backbone
+
+
+def _bound_parameter_names(module: nn.Module) -> list[str]:
+    params = inspect.signature(module.forward).parameters
+    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def last_hidden_state(output: Any) -> torch.Tensor:
+    """The ``[batch, seq, d]`` final hidden states of a backbone's output (tuple or ``ModelOutput``)."""
+    if isinstance(output, tuple):
+        return output[0]
+    return output.last_hidden_state
+
+
+def replace_last_hidden_state(output: Any, hidden: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    output.last_hidden_state = hidden
+    return output
+
+
+def _expand_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[batch, d]`` -> ``[batch, seq, d]`` shaped like ``like``."""
+    return rows[:, None, :].expand(like.shape[0], like.shape[1], rows.shape[-1])
