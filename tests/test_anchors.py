@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import adapter_config, batch, perturb_adapter, tiny_model
+from helpers import adapter_config, batch, perturb_adapter, tiny_model
 from peft import PeftModel, get_peft_model
 
 from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, prepare_anchors, set_anchor_data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ADAPTERS, ARCHS, adapter_config, batch, perturb_adapter, tiny_model
+from helpers import ADAPTERS, ARCHS, adapter_config, batch, perturb_adapter, tiny_model
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from peft_imsm import IMSMConfig

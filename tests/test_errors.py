@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import adapter_config, tiny_model
+from helpers import adapter_config, tiny_model
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
 from peft_imsm import IMSMConfig
@@ -49,7 +49,7 @@ def test_non_causal_lm_task_type():
 
 
 def test_model_without_output_embeddings():
-    from conftest import tiny_config
+    from helpers import tiny_config
     from transformers import AutoModel
 
     with pytest.raises(ValueError, match="no output embeddings.*AutoModelForCausalLM"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GENERATION_ARCHS, adapter_config, perturb_adapter, tiny_model
+from helpers import GENERATION_ARCHS, adapter_config, perturb_adapter, tiny_model
 from peft import get_peft_model
 from transformers import DynamicCache, GenerationConfig
 

@@ -27,8 +27,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import batch, perturb_adapter, tiny_model
 from datasets import Dataset
+from helpers import batch, perturb_adapter, tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 

@@ -25,8 +25,8 @@ import random
 import pytest
 import torch
 import transformers
-from conftest import batch, perturb_adapter, tiny_model
 from datasets import Dataset
+from helpers import batch, perturb_adapter, tiny_model
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 

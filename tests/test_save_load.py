@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ADAPTERS, adapter_config, batch, perturb_adapter, tiny_model
+from helpers import ADAPTERS, adapter_config, batch, perturb_adapter, tiny_model
 from peft import get_peft_model
 from safetensors.torch import load_file
 

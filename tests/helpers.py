@@ -1,0 +1,110 @@
+"""Shared test helpers: tiny causal LMs built from configs (no downloads), adapter configs for the test matrices,
+random batches. Imported by the tests as ``from helpers import ...`` (``conftest.py`` only sets up the session)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+import peft_imsm  # noqa: F401  (registers IMSM with peft)
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _llama_like(cls_name: str, **extra):
+    cfg = getattr(transformers, cls_name)(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **COMMON,
+        **extra,
+    )
+    return cfg
+
+
+def tiny_config(arch: str) -> transformers.PretrainedConfig:
+    if arch == "llama":
+        return _llama_like("LlamaConfig")
+    if arch == "qwen3":
+        return _llama_like("Qwen3Config", head_dim=8)
+    if arch == "qwen2":
+        return _llama_like("Qwen2Config")
+    if arch == "mistral":
+        return _llama_like("MistralConfig", sliding_window=8)
+    if arch == "gemma2":
+        return _llama_like(
+            "Gemma2Config", head_dim=8, final_logit_softcapping=2.0, attn_logit_softcapping=50.0, sliding_window=8
+        )
+    if arch == "cohere":
+        return _llama_like("CohereConfig", logit_scale=0.5)
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **COMMON)
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, **COMMON,
+        )  # fmt: skip
+    if arch == "opt":
+        return transformers.OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+            word_embed_proj_dim=32, **COMMON,
+        )  # fmt: skip
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "qwen3", "mistral", "gemma2", "cohere", "gpt2", "gpt_neox", "opt"]
+GENERATION_ARCHS = ["llama", "qwen3", "gemma2", "gpt2", "opt"]
+
+
+def tiny_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch))
+    model.eval()
+    return model
+
+
+def adapter_config(kind: str, identity: bool = True):
+    """A peft config of the given kind on all linear layers; identity-initialised when ``identity``."""
+    from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoraConfig
+
+    if kind == "lora":
+        return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=identity)
+    if kind == "dora":
+        return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights=identity)
+    if kind == "ia3":
+        return IA3Config(target_modules="all-linear", feedforward_modules=[], init_ia3_weights=identity)
+    if kind == "adalora":
+        return AdaLoraConfig(
+            init_r=4, target_r=2, total_step=20, tinit=2, tfinal=4, deltaT=2, target_modules="all-linear",
+            init_lora_weights=identity,
+        )  # fmt: skip
+    if kind == "loha":
+        return LoHaConfig(r=4, alpha=8, target_modules="all-linear", init_weights=identity)
+    raise ValueError(kind)
+
+
+ADAPTERS = ["lora", "dora", "ia3", "adalora"]
+
+
+def perturb_adapter(model, scale: float = 0.3, seed: int = 1) -> None:
+    """Give every wrapped-adapter parameter a random value, so the adapted view differs from the frozen one."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and "imsm_gate" not in name:
+                param.add_(torch.randn(param.shape, generator=gen) * scale)
+
+
+def batch(seed: int = 0, batch_size: int = 3, seq_len: int = 12, left_pad: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    if left_pad:
+        for row in range(1, batch_size):
+            attention_mask[row, : 2 * row] = 0
+            input_ids[row, : 2 * row] = 0
+    return input_ids, attention_mask
