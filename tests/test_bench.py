@@ -114,3 +114,156 @@ def test_bad_custom_input_gets_clear_errors(tmp_path):
     proc = run_cli("--model", "no-such-org/no-such-model", "--train", str(good), "--eval", f"x={good}",
                    "--metric", "exact_match", "--out", str(tmp_path / "o4"))  # fmt: skip
     assert proc.returncode != 0 and "--model ./NAME" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data sizes, fine-tuning options, chat templates, second metrics, gates read during the evaluation
+# ------------------------------------------------------------------------------------------------------------------
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def write_rows(path, n: int) -> str:
+    path.write_text(
+        "".join(json.dumps({"input": f"q{i}?", "output": "yes" if i % 2 else "no"}) + "\n" for i in range(n))
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize("size", [None, 0, 3, 10, 50])
+def test_sample_rows_is_a_seeded_shuffled_sample(size):
+    from peft_imsm.bench.data import sample_rows
+
+    rows = [{"input": str(i), "output": "x"} for i in range(10)]
+    picked = sample_rows(rows, size, seed=0)
+    assert len(picked) == (10 if size is None else min(size, 10))
+    assert picked == sample_rows(rows, size, seed=0)
+    assert len({r["input"] for r in picked}) == len(picked)  # without replacement
+    assert picked == sample_rows(rows, None, seed=0)[: len(picked)]  # a smaller sample is a prefix of a larger one
+    if size in (None, 10, 50):
+        assert picked != rows and sorted(picked, key=lambda r: int(r["input"])) == rows  # shuffled, not the head
+    with pytest.raises(ValueError, match=">= 0"):
+        sample_rows(rows, -1, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], {"r": 16, "lora_alpha": 16, "lora_dropout": 0.1, "lr": 3e-4, "batch_size": 8, "target_modules": "all-linear"}),
+        (["--rank", "4", "--alpha", "8", "--dropout", "0.05", "--lr", "1e-3", "--batch-size", "2",
+          "--target-modules", "q_proj, v_proj"],
+         {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "lr": 1e-3, "batch_size": 2, "target_modules": ["q_proj", "v_proj"]}),
+        (["--target-modules", "all-linear", "--steps", "7"], {"target_modules": "all-linear", "steps": 7}),
+    ],
+)  # fmt: skip
+def test_finetuning_options_reach_the_settings(argv, expected):
+    from peft_imsm.bench.cli import parse_args, settings_from
+
+    settings = settings_from(parse_args(argv), r=16, lora_alpha=16, lora_dropout=0.1, lr=3e-4, batch_size=8)
+    for name, value in expected.items():
+        assert getattr(settings, name) == value
+
+
+def test_bad_finetuning_option_is_refused():
+    from peft_imsm.bench.cli import parse_args, settings_from
+
+    with pytest.raises(SystemExit, match="r must be >= 1"):
+        settings_from(parse_args(["--rank", "0"]))
+
+
+def test_limit_is_an_eval_only_alias(capsys):
+    from peft_imsm.bench.cli import parse_args
+
+    args = parse_args(["--limit", "5"])
+    assert args.eval_size == 5 and args.train_size is None
+    assert "deprecated" in capsys.readouterr().err
+    assert parse_args(["--limit", "5", "--eval-size", "9"]).eval_size == 9
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_chat_template_prompts_for_training(chat):
+    from peft_imsm.bench.batching import encode_examples, prompt_ids
+
+    tok = build_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    (ids, labels), = encode_examples(tok, [{"input": "add 1+2=", "output": "3"}], 64, chat=chat)  # fmt: skip
+    prompt = "<|user|>add 1+2=\n<|assistant|>" if chat else "add 1+2="
+    expected_prompt = tok(prompt, add_special_tokens=not chat)["input_ids"]
+    assert prompt_ids(tok, "add 1+2=", chat) == expected_prompt
+    assert ids == expected_prompt + tok("3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert labels == [-100] * len(expected_prompt) + ids[len(expected_prompt) :]
+
+
+def tiny_imsm(seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    import peft_imsm  # noqa: F401
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    base = transformers.LlamaForCausalLM(config)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, peft_imsm.IMSMConfig(adapter_config=lora, gate_rank=4, gate_dropout=0.0))
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_gates_read_during_generation_equal_a_separate_forward(stacked):
+    from peft_imsm.bench.pretrain import generate_answers
+
+    model, tok = tiny_imsm()
+    model.base_model.stacked_views = stacked
+    prompts = ["add 12+7=", "reverse kobe=", "is 3>1?", "capital of Rulaia?", "<ab> ends:"]
+    gates: list[float] = []
+    answers = generate_answers(model, tok, prompts, batch_size=2, max_new_tokens=3, gates=gates)
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:  # one prompt at a time, no padding: the reference mean over the prompt tokens
+            with model.base_model.record_gate() as log:
+                model(**tok(prompt, return_tensors="pt"), use_cache=False)
+            expected.append(float(log[0][0]))
+    assert gates == pytest.approx(expected, abs=1e-5)
+    assert answers == generate_answers(model, tok, prompts, batch_size=1, max_new_tokens=3)
+
+
+def test_custom_run_keeps_every_metric_and_uses_the_chat_template(tmp_path, monkeypatch):
+    model_dir = tiny_local_model(tmp_path / "model")
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(model_dir)
+    train = write_rows(tmp_path / "train.jsonl", 40)
+    test = write_rows(tmp_path / "test.jsonl", 30)
+    seen: list[list[str]] = []
+    from peft_imsm.bench import pretrain
+
+    real_generate = pretrain.generate_answers
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        seen.append(list(prompts))
+        return real_generate(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "generate_answers", spy)
+    common = ["--model", model_dir, "--train", train, "--eval", f"mrpc={test}", "--steps", "1", "--seeds", "1",
+              "--max-new-tokens", "2", "--no-progress", "--methods", "LoRA,IMSM", "--eval-size", "6",
+              "--train-size", "12"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "chat")]) == 0
+    results = json.loads((tmp_path / "chat" / "results.json").read_text())
+    assert results["settings"]["chat_template"] is True
+    assert results["settings"]["train_rows"] == 12 and results["settings"]["eval_rows"] == {"mrpc": 6}
+    assert all(p.startswith("<|user|>") and p.endswith("<|assistant|>") for p in seen[0]) and len(seen[0]) == 6
+    assert [p[len("<|user|>") : -len("\n<|assistant|>")] for p in seen[0]] != [f"q{i}?" for i in range(6)]  # sampled
+    for row in results["methods"].values():
+        assert set(row["metrics"]["mrpc"]) == {"accuracy", "binary_f1"}
+        assert row["metrics"]["mrpc"]["accuracy"] == row["scores"]["mrpc"]
+        assert set(row["per_seed"][0]["metrics"]["mrpc"]) == {"accuracy", "binary_f1"}
+    assert results["methods"]["IMSM"]["gate_target"] is not None
+    seen.clear()
+    assert main([*common, "--no-chat-template", "--out", str(tmp_path / "raw")]) == 0
+    assert json.loads((tmp_path / "raw" / "results.json").read_text())["settings"]["chat_template"] is False
+    assert not any(p.startswith("<|user|>") for p in seen[0])

@@ -11,11 +11,18 @@ from typing import Any
 import torch
 
 
-def encode_examples(tokenizer: Any, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` per example: prompt tokens, then answer + eos; labels -100 on the prompt."""
+def encode_examples(
+    tokenizer: Any, rows: list[dict], max_length: int, chat: bool = False
+) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` per example: prompt tokens, then answer + eos; labels -100 on the prompt.
+
+    ``chat``: the prompt goes into the tokenizer's chat template (user turn + generation prompt, see
+    :func:`prompt_ids`); the answer then ends with the eos token, the end of the assistant's turn for chat models
+    whose eos is the end-of-turn token.
+    """
     encoded = []
     for row in rows:
-        prompt = tokenizer(row["input"])["input_ids"]
+        prompt = prompt_ids(tokenizer, row["input"], chat)
         answer = tokenizer(_answer_text(row["output"]), add_special_tokens=False)["input_ids"] + [
             tokenizer.eos_token_id
         ]
@@ -26,6 +33,25 @@ def encode_examples(tokenizer: Any, rows: list[dict], max_length: int) -> list[t
     if not encoded:
         raise ValueError("No training example left after tokenization (are the prompts longer than max_length?).")
     return encoded
+
+
+def format_prompt(tokenizer: Any, text: str, chat: bool) -> str:
+    """``text`` as the model sees it: the chat template's user turn + generation prompt when ``chat``, else as is."""
+    if not chat:
+        return text
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def prompt_ids(tokenizer: Any, text: str, chat: bool) -> list[int]:
+    """Token ids of a prompt; a chat-formatted prompt already holds its special tokens (none are added again)."""
+    return tokenizer(format_prompt(tokenizer, text, chat), add_special_tokens=not chat)["input_ids"]
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer carries a chat template (instruct models)."""
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _answer_text(output: Any) -> str:

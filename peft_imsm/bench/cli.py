@@ -9,23 +9,32 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypedDict
 
 import torch
 
 from . import report
-from .batching import encode_examples
+from .batching import encode_examples, format_prompt, has_chat_template
 from .runner import (
     ADAPTERS,
     FinetuneSettings,
     Method,
     default_methods,
     finetune,
-    mean_gate,
     summarize,
 )
+
+
+class Evaluation(TypedDict, total=False):
+    """What a benchmark's ``score(model, eval_sets)`` returns."""
+
+    scores: dict[str, float]  # set -> primary score (the table's cell)
+    metrics: dict[str, dict[str, float]]  # set -> every metric of the set (e.g. ROPES exact match AND token F1)
+    gates: dict[str, list[float]]  # set -> mean gate value of each scored prompt (IMSM only)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,28 +44,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="imsm-bench-results", help="output folder (must not hold results already)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (results are mean ± std)")
-    p.add_argument("--adapter", choices=ADAPTERS, default="lora")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--anchor-weights", default="0.3,1,3", help="anchor_weight sweep of IMSM + self anchors")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names to run")
     p.add_argument("--no-progress", action="store_true")
+    t = p.add_argument_group("fine-tuning (every method gets the same; defaults depend on the run)")
+    t.add_argument("--adapter", choices=ADAPTERS, default="lora")
+    t.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method")
+    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (10 warmup steps, cosine decay)")
+    t.add_argument("--batch-size", type=int, default=None, help="training examples per step")
+    t.add_argument("--rank", type=int, default=None, help="adapter rank r (LoRA/DoRA; AdaLoRA's init_r)")
+    t.add_argument("--alpha", type=float, default=None, help="LoRA alpha (scaling alpha / r)")
+    t.add_argument("--dropout", type=float, default=None, help="LoRA dropout")
+    t.add_argument(
+        "--target-modules", default=None, help="comma-separated module names (e.g. q_proj,v_proj) or all-linear"
+    )
     g = p.add_argument_group("default run (offline skills LM)")
     g.add_argument("--train-examples", type=int, default=2000)
     g.add_argument("--eval-examples", type=int, default=100, help="test examples per task")
     g.add_argument("--pretrain-steps", type=int, default=None, help="override the skills LM's pretraining steps")
-    g.add_argument("--cache-dir", default=None, help="where the skills LM is cached (default ~/.cache/peft_imsm)")
+    g.add_argument(
+        "--cache-dir", default=None, help="cache of the skills LM and of converted GGUF models (~/.cache/peft_imsm)"
+    )
     c = p.add_argument_group("your model and data")
-    c.add_argument("--model", default=None, help="local path or hub id of a causal LM")
+    c.add_argument(
+        "--model",
+        default=None,
+        help="local HF folder, hub id, or a GGUF file (or a folder holding one): converted once",
+    )
+    c.add_argument(
+        "--protocol", choices=["custom", "real"], default="custom",
+        help="custom: your --train/--eval JSONL files; real: the built-in real-model forgetting protocol "
+        "(docs/real-model-protocol.md; no data files needed)",
+    )  # fmt: skip
     c.add_argument("--train", default=None, help="training JSONL ({'input', 'output'} per line)")
     c.add_argument("--eval", action="append", default=[], metavar="NAME=PATH", help="evaluation JSONL (repeatable)")
     c.add_argument("--target", default=None, help="which --eval set is the target task (default: the first)")
     c.add_argument("--metric", action="append", default=None, help="metric(s) for every --eval set (override)")
-    c.add_argument("--limit", type=int, default=None, help="use only the first N lines of every JSONL")
+    c.add_argument("--train-size", type=int, default=None, help="train on a seeded random sample of N training rows")
+    c.add_argument("--eval-size", type=int, default=None, help="score a seeded random sample of N rows of each --eval")
+    c.add_argument("--data-seed", type=int, default=0, help="seed of the --train-size / --eval-size samples")
+    c.add_argument("--limit", type=int, default=None, help="deprecated: same as --eval-size (evaluation only)")
+    c.add_argument(
+        "--no-chat-template", action="store_true",
+        help="give instruct models raw prompts (default: the tokenizer's chat template, where it has one)",
+    )  # fmt: skip
+    c.add_argument(
+        "--general-data", default=None, metavar="DIR",
+        help="--protocol real: the paper's sets (<DIR>/<set>/test.jsonl); their short general inputs join the "
+        "retention prompts (default $IMSM_BENCHMARKS_DIR; without: the built-in chat prompts only)",
+    )  # fmt: skip
+    c.add_argument(
+        "--anchor-start", choices=["chat", "bos"], default="chat",
+        help="--protocol real: self anchors start from the chat template's user-turn prefix (chat) or the BOS token",
+    )  # fmt: skip
     c.add_argument("--max-new-tokens", type=int, default=32)
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.limit is not None:
+        print("imsm-bench: --limit is deprecated; it now means --eval-size (evaluation only).", file=sys.stderr)
+        if args.eval_size is None:
+            args.eval_size = args.limit
+    return args
 
 
 def prepare_out_dir(path: str, overwrite: bool) -> None:
@@ -72,11 +120,21 @@ def prepare_out_dir(path: str, overwrite: bool) -> None:
 
 
 def settings_from(args: argparse.Namespace, **defaults: Any) -> FinetuneSettings:
+    """The run's defaults, overridden by every fine-tuning option given on the command line."""
     settings = FinetuneSettings(adapter=args.adapter, **defaults)
-    for name in ("steps", "lr", "batch_size"):
-        value = getattr(args, name)
+    options = {"steps": "steps", "lr": "lr", "batch_size": "batch_size", "rank": "r", "alpha": "lora_alpha",
+               "dropout": "lora_dropout"}  # fmt: skip
+    for option, field_name in options.items():
+        value = getattr(args, option, None)
         if value is not None:
-            setattr(settings, name, value)
+            setattr(settings, field_name, value)
+    modules = getattr(args, "target_modules", None)
+    if modules:
+        names = [m.strip() for m in modules.split(",") if m.strip()]
+        settings.target_modules = "all-linear" if names == ["all-linear"] else names
+    for name in ("steps", "batch_size", "r"):
+        if getattr(settings, name) < 1:
+            raise SystemExit(f"error: {name} must be >= 1, got {getattr(settings, name)}.")
     return settings
 
 
@@ -101,40 +159,52 @@ def run(
     base: Any,
     tokenizer: Any,
     methods: list[Method],
-    train_rows: list[dict],
-    eval_sets: dict[str, list[dict]],
-    score: Any,
+    train: list[tuple[list[int], list[int]]],
+    eval_sets: dict[str, Any],
+    score: Callable[[Any, dict[str, Any]], Evaluation],
     target: str,
     settings: FinetuneSettings,
     seeds: int,
     progress: bool,
+    retention_tasks: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train every method for every seed, score every eval set, and aggregate (mean ± std over seeds)."""
-    train = encode_examples(tokenizer, train_rows, settings.max_length)
-    others = [name for name in eval_sets if name != target]
-    target_prompts = [r["input"] for r in eval_sets[target]]
-    other_prompts = [r["input"] for name in others for r in eval_sets[name]]
+    """Train every method for every seed, score every eval set, and aggregate (mean ± std over seeds).
+
+    ``train``: encoded ``(input_ids, labels)`` examples. ``score(model, eval_sets)`` returns an :class:`Evaluation`:
+    the primary score per set, every metric per set, and (IMSM) the mean gate of every scored prompt, read during
+    the scoring itself. ``retention_tasks``: the sets averaged into "retention" (default: every set but the target).
+    """
+    others = retention_tasks if retention_tasks is not None else [name for name in eval_sets if name != target]
     per_seed: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
     t0 = time.perf_counter()
-    base_scores = score(base, eval_sets)
+    base_eval = score(base, eval_sets)
+
+    def entry_of(evaluation: Evaluation) -> dict[str, Any]:
+        entry: dict[str, Any] = {"scores": evaluation["scores"], "metrics": evaluation["metrics"]}
+        gates = evaluation.get("gates") or {}
+        target_gates = gates.get(target) or []
+        other_gates = [g for name in eval_sets if name != target for g in gates.get(name) or []]
+        entry["gate_target"] = statistics.fmean(target_gates) if target_gates else None
+        entry["gate_others"] = statistics.fmean(other_gates) if other_gates else None
+        return entry
+
     for seed in range(seeds):
         for method in methods:
             if method.kind == "base":
-                per_seed[method.name].append({"scores": base_scores})
+                per_seed[method.name].append(entry_of(base_eval))
                 continue
             if method.kind == "derived":
                 continue
             model, log = finetune(copy.deepcopy(base), tokenizer, method, train, settings, seed, progress)
-            entry = {"scores": score(model, eval_sets), "train_seconds": log["seconds"], "final_loss": log["loss"][-1]}
-            entry["gate_target"] = mean_gate(model, tokenizer, target_prompts)
-            entry["gate_others"] = mean_gate(model, tokenizer, other_prompts)
+            entry = entry_of(score(model, eval_sets))
+            entry.update(train_seconds=log["seconds"], final_loss=log["loss"][-1])
             if log["anchor_kl"]:
                 entry["final_anchor_kl"] = log["anchor_kl"][-1]
             per_seed[method.name].append(entry)
             for derived in methods:
                 if derived.derive_from == method.name:
                     variant = derived.derive(copy.deepcopy(model))
-                    per_seed[derived.name].append({"scores": score(variant, eval_sets)})
+                    per_seed[derived.name].append(entry_of(score(variant, eval_sets)))
             if progress:
                 done = {k: round(v, 1) for k, v in entry["scores"].items()}
                 print(f"  [{time.perf_counter() - t0:6.0f}s] seed {seed} {method.name}: {done}", file=sys.stderr)
@@ -146,6 +216,12 @@ def run(
         row: dict[str, Any] = {"kind": method.kind, "group": method.group, "anchor_weight": method.anchor_weight,
                                "gate_mode": method.gate_mode if method.kind == "imsm" else None}  # fmt: skip
         row["scores"] = {name: summarize([r["scores"][name] for r in runs]) for name in eval_sets}
+        row["metrics"] = {
+            name: {
+                metric: summarize([r["metrics"][name][metric] for r in runs]) for metric in runs[0]["metrics"][name]
+            }
+            for name in eval_sets
+        }
         row["retention"] = summarize([sum(r["scores"][n] for n in others) / max(1, len(others)) for r in runs])
         row["all"] = summarize([sum(r["scores"].values()) / len(eval_sets) for r in runs])
         for key in ("gate_target", "gate_others", "train_seconds", "final_loss", "final_anchor_kl"):
@@ -178,10 +254,13 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
     # skills mixture (measured when the skills LM was designed), which is the regime where the methods differ.
     settings = settings_from(args, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3, steps=200)
 
-    def score(model: Any, sets: dict[str, list[dict]]) -> dict[str, float]:
-        return evaluate_tasks(model, tokenizer, sets)
+    def score(model: Any, sets: dict[str, list[dict]]) -> Evaluation:
+        gates: dict[str, list[float]] = {}
+        scores = evaluate_tasks(model, tokenizer, sets, gates=gates)
+        return {"scores": scores, "metrics": {k: {"exact_match": v} for k, v in scores.items()}, "gates": gates}
 
-    results = run(base, tokenizer, methods, train_rows, eval_sets, score, TARGET_TASK, settings, args.seeds, progress)
+    train = encode_examples(tokenizer, train_rows, settings.max_length)
+    results = run(base, tokenizer, methods, train, eval_sets, score, TARGET_TASK, settings, args.seeds, progress)
     results["title"] = f"imsm-bench default: skills LM fine-tuned on '{TARGET_TASK}' ({args.adapter})"
     results["metric"] = "exact match (%)"
     results["settings"] = {**vars(args), "finetune": vars(settings), "pretrain_recipe": vars(recipe)}
@@ -189,17 +268,16 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_custom(args: argparse.Namespace) -> dict[str, Any]:
-    from .data import load_jsonl, parse_eval_arg
+    from .data import load_jsonl, parse_eval_arg, sample_rows
     from .metrics import METRICS_BY_SET, compute_metrics, get_metric
     from .pretrain import generate_answers
-    from .runner import load_causal_lm
 
     if not args.train or not args.eval:
         raise SystemExit("error: with --model, pass --train FILE.jsonl and at least one --eval NAME=FILE.jsonl.")
     try:
-        train_rows = load_jsonl(args.train, limit=args.limit)
+        train_rows = sample_rows(load_jsonl(args.train), args.train_size, args.data_seed)
         eval_specs = [parse_eval_arg(e) for e in args.eval]
-        eval_sets = {name: load_jsonl(path, limit=args.limit) for name, path in eval_specs}
+        eval_sets = {name: sample_rows(load_jsonl(path), args.eval_size, args.data_seed) for name, path in eval_specs}
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     metric_names: dict[str, list[str]] = {}
@@ -219,7 +297,8 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
     target = args.target or next(iter(eval_sets))
     if target not in eval_sets:
         raise SystemExit(f"error: --target {target!r} is not one of the --eval names {list(eval_sets)}.")
-    base, tokenizer = load_causal_lm(args.model, dtype=args.dtype)
+    base, tokenizer = load_model(args)
+    chat = use_chat_template(args, tokenizer)
     progress = not args.no_progress
     weights = tuple(float(w) for w in args.anchor_weights.split(",") if w.strip())
     all_methods = default_methods(weights, default_weight=1.0)
@@ -227,23 +306,49 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
     methods = select(all_methods, args.methods or default_names)
     settings = settings_from(args, steps=200, batch_size=8, lr=3e-4, r=16, lora_alpha=16, lora_dropout=0.1,
                              max_length=512, anchor_length=64)  # fmt: skip
-    details: dict[str, dict[str, float]] = {}
+    prompts = {name: [format_prompt(tokenizer, r["input"], chat) for r in rows] for name, rows in eval_sets.items()}
 
-    def score(model: Any, sets: dict[str, list[dict]]) -> dict[str, float]:
-        out = {}
+    def score(model: Any, sets: dict[str, list[dict]]) -> Evaluation:
+        out: Evaluation = {"scores": {}, "metrics": {}, "gates": {}}
         for name, rows in sets.items():
             desc = None if args.no_progress else f"eval {name}"
-            preds = generate_answers(model, tokenizer, [r["input"] for r in rows], 16, args.max_new_tokens, desc)
+            gates: list[float] = []
+            preds = generate_answers(model, tokenizer, prompts[name], 16, args.max_new_tokens, desc,
+                                     add_special_tokens=not chat, gates=gates)  # fmt: skip
             figures = compute_metrics(metric_names[name], preds, [r["output"] for r in rows])
-            details.setdefault(name, {}).update(figures)
-            out[name] = figures[metric_names[name][0]]
+            out["metrics"][name] = figures
+            out["scores"][name] = figures[metric_names[name][0]]
+            out["gates"][name] = gates
         return out
 
-    results = run(base, tokenizer, methods, train_rows, eval_sets, score, target, settings, args.seeds, progress)
+    train = encode_examples(tokenizer, train_rows, settings.max_length, chat=chat)
+    results = run(base, tokenizer, methods, train, eval_sets, score, target, settings, args.seeds, progress)
     results["title"] = f"imsm-bench: {args.model} fine-tuned on {os.path.basename(args.train)} ({args.adapter})"
     results["metric"] = {name: names[0] for name, names in metric_names.items()}
-    results["settings"] = {**vars(args), "finetune": vars(settings)}
+    results["settings"] = {**vars(args), "chat_template": chat, "train_rows": len(train_rows),
+                           "eval_rows": {k: len(v) for k, v in eval_sets.items()}, "finetune": vars(settings)}  # fmt: skip
     return results
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``--model`` as a model + tokenizer; a GGUF file is converted once (cached under ``--cache-dir``)."""
+    from .gguf import resolve_model_path
+    from .runner import load_causal_lm
+
+    try:
+        path = resolve_model_path(args.model, cache_root=args.cache_dir, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return load_causal_lm(path, dtype=args.dtype)
+
+
+def use_chat_template(args: argparse.Namespace, tokenizer: Any) -> bool:
+    """Chat-template prompts unless ``--no-chat-template`` or the tokenizer has none (said on stderr either way)."""
+    chat = has_chat_template(tokenizer) and not args.no_chat_template
+    if not args.no_progress:
+        why = "--no-chat-template" if args.no_chat_template else "the tokenizer has none"
+        print(f"imsm-bench: prompts {'use the chat template' if chat else f'are raw ({why})'}", file=sys.stderr)
+    return chat
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         raise SystemExit("error: --seeds must be >= 1.")
     start = time.perf_counter()
-    results = run_custom(args) if args.model else run_default(args)
+    if args.protocol == "real":
+        if not args.model:
+            raise SystemExit("error: --protocol real needs --model (an HF folder, hub id or GGUF file).")
+        from .real import run_real
+
+        results = run_real(args)
+    else:
+        results = run_custom(args) if args.model else run_default(args)
     results["wall_seconds"] = time.perf_counter() - start
     text = report.table(results)
     print(f"\n{results['title']}  ({args.seeds} seed(s), metric: {results['metric']})\n")

@@ -88,3 +88,21 @@ def parse_eval_arg(value: str) -> tuple[str, str]:
     if not path:
         raise ValueError(f"--eval expects NAME=PATH, got {value!r}: the path after '=' is empty")
     return name, path
+
+
+def sample_rows(rows: list[dict[str, Any]], size: int | None, seed: int) -> list[dict[str, Any]]:
+    """A seeded random sample of ``size`` rows without replacement, in the sample's (shuffled) order.
+
+    ``size=None`` or ``size >= len(rows)``: every row, shuffled with ``seed``. The same ``(rows, size, seed)`` always
+    gives the same sample, and a smaller ``size`` gives a prefix of a larger one's sample (one shuffle, then a cut).
+    Raises ``ValueError`` for a negative size.
+    """
+    import random
+
+    if size is not None and size < 0:
+        raise ValueError(f"sample size must be None or >= 0, got {size}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    if size is not None:
+        order = order[:size]
+    return [rows[i] for i in order]

@@ -234,10 +234,15 @@ def generate_answers(
     batch_size: int = 64,
     max_new_tokens: int = 8,
     desc: str | None = None,
+    add_special_tokens: bool = True,
+    gates: list[float] | None = None,
 ) -> list[str]:
-    """Greedy continuations of ``prompts``, cut at the first eos, special tokens removed.
+    """Greedy continuations of ``prompts``, cut at the first eos, special tokens removed (in the order of ``prompts``).
 
-    ``desc``: show a progress bar with this label (for long evaluations).
+    Prompts are batched by token length (longest first) so that a batch pads to at most its own longest prompt.
+    ``desc``: show a progress bar with this label (for long evaluations). ``add_special_tokens=False`` for prompts
+    that already hold them (chat-template prompts). ``gates``: for an IMSM model, extended with each prompt's mean
+    gate value over its prompt tokens, read from the generation's own prefill (no extra forward); in prompt order.
 
     Uses only the generic ``model.generate(input_ids=(B, T), attention_mask=(B, T), max_new_tokens, do_sample=False,
     eos_token_id, pad_token_id)`` API on left-padded prompts, so a peft-wrapped model works too.
@@ -245,24 +250,35 @@ def generate_answers(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    answers: list[str] = []
+    tuner = getattr(model, "base_model", None)
+    record = gates is not None and hasattr(tuner, "record_gate")
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    answers: list[str] = [""] * len(prompts)
+    prompt_gates: list[float] = [0.0] * len(prompts)
     starts = range(0, len(prompts), batch_size)
     for i in tqdm(starts, desc=desc, disable=desc is None, leave=False):
-        enc = tokenizer(prompts[i : i + batch_size], padding=True, return_tensors="pt")
-        input_ids = enc["input_ids"].to(device)  # (B, T), left-padded, bos first
+        idx = order[i : i + batch_size]
+        enc = tokenizer(
+            [prompts[j] for j in idx], padding=True, return_tensors="pt", add_special_tokens=add_special_tokens
+        )
+        input_ids = enc["input_ids"].to(device)  # (B, T), left-padded
         attention_mask = enc["attention_mask"].to(device)  # (B, T)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )  # (B, T + new)
-        for row in out[:, input_ids.shape[1] :].tolist():
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                      do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        if record:
+            with tuner.record_gate() as log:
+                out = model.generate(**kwargs)  # (B, T + new)
+            for j, value in zip(idx, log[0].tolist(), strict=True):  # log[0]: the prefill, one mean per prompt
+                prompt_gates[j] = value
+        else:
+            out = model.generate(**kwargs)
+        for j, row in zip(idx, out[:, input_ids.shape[1] :].tolist(), strict=True):
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
-            answers.append(tokenizer.decode(row, skip_special_tokens=True))
+            answers[j] = tokenizer.decode(row, skip_special_tokens=True)
+    if record:
+        gates.extend(prompt_gates)
     if was_training:
         model.train()
     return answers
@@ -274,12 +290,15 @@ def evaluate_tasks(
     tasks: dict[str, list[dict]],
     batch_size: int = 64,
     max_new_tokens: int | None = None,
+    gates: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
     """Exact-match accuracy (percent) per task of greedy generation against the gold answers.
 
     Args:
         tasks: ``{task name: [{"input": prompt, "output": answer}, ...]}`` (e.g. from ``make_examples``).
         max_new_tokens: default: longest gold answer (in tokens) over all tasks + 1, for the eos.
+        gates: for an IMSM model, filled with ``{task name: [mean gate of each prompt]}`` read from the generation's
+            prefill (see :func:`generate_answers`).
 
     Returns:
         ``{task name: 100 * (#continuations equal to the answer) / #examples}`` (0.0 for an empty list).
@@ -294,7 +313,10 @@ def evaluate_tasks(
         if not examples:
             scores[name] = 0.0
             continue
-        preds = generate_answers(model, tokenizer, [ex["input"] for ex in examples], batch_size, max_new_tokens)
+        task_gates = None if gates is None else gates.setdefault(name, [])
+        preds = generate_answers(
+            model, tokenizer, [ex["input"] for ex in examples], batch_size, max_new_tokens, gates=task_gates
+        )
         hits = sum(pred == ex["output"] for pred, ex in zip(preds, examples))
         scores[name] = 100.0 * hits / len(examples)
     return scores

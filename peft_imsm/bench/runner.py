@@ -141,6 +141,7 @@ def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int
         anchor = AnchorConfig(
             weight=method.anchor_weight, num_samples=settings.anchor_samples, sample_length=settings.anchor_length,
             batch_size=settings.anchor_batch_size, seed=seed, train_adapter=method.anchor_train_adapter,
+            start_tokens=method.extra.get("start_tokens"),
         )  # fmt: skip
     imsm = IMSMConfig(adapter_config=config, gate_rank=settings.gate_rank, gate_mode=method.gate_mode,
                       gate_dropout=settings.gate_dropout, anchor=anchor)  # fmt: skip
@@ -169,7 +170,8 @@ def finetune(
     )  # fmt: skip
     lora_anchor = None
     if method.kind == "lora" and method.anchor_weight is not None:
-        anchor_cfg = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=seed)
+        anchor_cfg = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=seed,
+                                  start_tokens=method.extra.get("start_tokens"))  # fmt: skip
         with model.disable_adapter():
             lora_anchor = sample_self_anchors(model.get_base_model(), anchor_cfg, device)
     rng = random.Random(seed)
@@ -188,11 +190,11 @@ def finetune(
         out = model(**batch, use_cache=False)
         loss = out.loss
         if lora_anchor is not None:
-            ids, mask = lora_anchor.next_batch(settings.anchor_batch_size, device)
+            ids, mask = lora_anchor.batch(step, settings.anchor_batch_size, device)
             with torch.no_grad(), model.disable_adapter():
                 frozen = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             kl = anchor_kl(frozen, model(input_ids=ids, attention_mask=mask, use_cache=False).logits, mask)
-            log["anchor_kl"].append(float(kl))
+            log["anchor_kl"].append(float(kl.detach()))
             loss = loss + method.anchor_weight * kl
         loss.backward()
         optimizer.step()
@@ -215,22 +217,6 @@ def finetune(
 def _adalora_tuner(model: Any) -> Any:
     tuner = model.base_model
     return tuner.__dict__.get("adapter_tuner", tuner)
-
-
-@torch.no_grad()
-def mean_gate(model: Any, tokenizer: Any, prompts: list[str], batch_size: int = 64) -> float | None:
-    """Mean gate value (weight of the frozen view) over the prompt tokens of ``prompts``; None without a gate."""
-    tuner = getattr(model, "base_model", None)
-    if not hasattr(tuner, "record_gate"):
-        return None
-    device = next(model.parameters()).device
-    values = []
-    with tuner.record_gate() as log:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i : i + batch_size], padding=True, return_tensors="pt").to(device)
-            model(**enc, use_cache=False)
-    values = torch.cat(log) if log else torch.empty(0)
-    return float(values.mean()) if values.numel() else None
 
 
 def summarize(values: list[float]) -> dict[str, float]:
