@@ -629,9 +629,9 @@ def _warn_about_unmatched_keys(
     ``gate_mode`` no longer matches the weights): the adapter would silently keep its initial values."""
     marker = f".{adapter_name}"
     expected = {k for k in model_state if f"{marker}." in k or k.endswith(marker)}
-    # Shared state that peft does not save per adapter (VB-LoRA's vector bank; VeRA's projections without
-    # save_projection).
-    expected = {k for k in expected if "vblora_vector_bank" not in k}
+    # State that peft does not save per adapter (VB-LoRA's shared vector bank, AdaLoRA's rank counters, VeRA's
+    # projections without save_projection).
+    expected = {k for k in expected if "vblora_vector_bank" not in k and ".ranknum." not in k}
     if getattr(config.adapter_config, "save_projection", True) is False:
         expected = {k for k in expected if ".vera_A." not in k and ".vera_B." not in k}
     prefix = "base_model.model."

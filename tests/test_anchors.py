@@ -192,3 +192,76 @@ def test_anchors_on_a_4bit_quantized_base(tmp_path):
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     assert torch.isfinite(loss) and model.base_model.pop_anchor_stats()["anchor_kl"] >= 0
+
+
+def _trainer(model, out_dir, steps: int, save_steps: int | None = None):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    rows = [{"input_ids": r, "labels": r} for r in torch.randint(3, 96, (24, 10), generator=_gen(7)).tolist()]
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, use_cpu=True, seed=0,
+        remove_unused_columns=False, logging_steps=1, gradient_accumulation_steps=2,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), callbacks=[IMSMLogCallback()])
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_resuming_an_anchored_trainer_run_from_a_checkpoint_is_exact(tmp_path):
+    """The anchor batches follow a draw count saved with each checkpoint: the resumed run draws exactly the anchor
+    batches the uninterrupted run drew (it used to restart their order and replay the first steps' batches)."""
+    whole = anchored(num_samples=6, batch_size=4)
+    _trainer(whole, tmp_path / "whole", steps=6, save_steps=3).train()
+    assert whole.base_model.anchor_draws == 12  # 6 steps x 2 accumulated micro-batches
+    resumed = anchored(num_samples=6, batch_size=4)
+    _trainer(resumed, tmp_path / "whole", steps=6, save_steps=3).train(
+        resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3")
+    )
+    assert resumed.base_model.anchor_draws == 12
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), name
+
+
+def test_trainer_logs_the_mean_gate_on_supervised_tokens_and_on_anchors(tmp_path):
+    model = anchored()
+    trainer = _trainer(model, tmp_path, steps=2)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "gate_mean" in h]
+    assert len(logged) == 2
+    for h in logged:
+        assert 0.0 < h["gate_mean"] < 1.0 and 0.0 < h["anchor_gate_mean"] < 1.0 and h["anchor_kl"] >= 0
+    # the figure is the mean over supervised positions: check it against record_gate on the same batch
+    ids, mask, labels = labelled_batch()
+    model.base_model.pop_training_stats()
+    with model.base_model.record_gate(per_token=True) as log:
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    stats = model.base_model.pop_training_stats()
+    supervised = torch.zeros_like(log[0])
+    supervised[:, :-1] = (labels[:, 1:] != -100).float()
+    expected = float((log[0] * supervised).sum() / supervised.sum())
+    assert abs(stats["gate_mean"] - expected) < 1e-5
+
+
+def test_a_bare_string_is_not_anchor_data():
+    from peft_imsm.bench.skills import build_tokenizer
+
+    model = anchored(source="data")
+    with pytest.raises(TypeError, match="single string.*one anchor per character"):
+        set_anchor_data(model, "some text", build_tokenizer())
+
+
+def test_anchors_longer_than_a_learned_position_limit_are_refused_naming_the_setting():
+    from peft_imsm.bench.skills import build_tokenizer
+
+    model = anchored(arch="gpt2", sample_length=200)  # tiny GPT-2: 128 positions
+    with pytest.raises(ValueError, match=r"at most 128 positions.*sample_length \(now 200\)"):
+        prepare_anchors(model)
+    model = anchored(arch="gpt2", source="data", max_length=400)
+    tok = build_tokenizer()
+    with pytest.raises(ValueError, match=r"at most 128 positions.*max_length \(now 400\)"):
+        set_anchor_data(model, ["a b c d e f g h " * 40], tok)

@@ -241,3 +241,39 @@ def test_other_weight_adapters_wrap_exactly_and_round_trip(kind, tmp_path):
     assert type(loaded.peft_config["default"].adapter_config).__name__.lower().startswith(kind[:3])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_a_direct_call_of_the_inner_model_is_the_adapted_view(arch, kind):
+    """peft's convention: ``get_base_model()`` is the base model with the adapter injected; calling it (or its
+    backbone) directly runs the adapted view alone, no gate, no frozen pass."""
+    model = imsm(arch, kind, identity=False)
+    reference = plain_adapted_reference(arch, kind, model)
+    ids, mask = batch()
+    with torch.no_grad():
+        direct = model.get_base_model()(input_ids=ids, attention_mask=mask).logits
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(direct, expected, atol=1e-6, rtol=0)
+        hidden = model.get_base_model().get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref_hidden = reference.get_base_model().get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(hidden, ref_hidden, atol=1e-6, rtol=0)
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, direct, atol=1e-4)
+
+
+def test_eval_and_train_reach_the_wrapped_tuner_and_mixed_adapter_batches_work():
+    """``model.eval()`` reaches the wrapped tuner, so LoRA's ``adapter_names=`` mixed batches work: a row on
+    ``"__base__"`` is the base model (both views are), a row on the adapter is IMSM."""
+    model = imsm("llama", "lora", identity=False)
+    base = tiny_model("llama")
+    model.train()
+    assert model.base_model.adapter_tuner.training
+    model.eval()
+    assert not model.base_model.adapter_tuner.training
+    ids, mask = batch(batch_size=2)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=["default", "__base__"]).logits
+        alone = model(input_ids=ids[:1], attention_mask=mask[:1]).logits
+        base_logits = base(input_ids=ids[1:], attention_mask=mask[1:]).logits
+    torch.testing.assert_close(mixed[:1], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1:], base_logits, atol=1e-5, rtol=0)

@@ -85,7 +85,9 @@ def test_forward_and_generate_refuse_to_skip_the_gate():
     model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora")))
     model.eval()
     ids = torch.randint(3, 90, (1, 5))
-    for hook in model.base_model.dual_pass._hooks[:2]:  # the backbone's pre- and post-hook: as if the head read another module
+    for hook in model.base_model.dual_pass._hooks[
+        :2
+    ]:  # the backbone's pre- and post-hook: as if the head read another module
         hook.remove()
     with pytest.raises(RuntimeError, match="did not run during forward"):
         model(input_ids=ids)
@@ -93,3 +95,36 @@ def test_forward_and_generate_refuse_to_skip_the_gate():
         model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
     with model.disable_adapter():  # the plain base model needs no hooks
         model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_methods_of_the_wrapped_tuner_are_supported_or_refused_never_silently_applied():
+    """Every public method of the wrapped tuner that ``BaseTuner`` lacks: defined by IMSM, or a clear error."""
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora")))
+    tuner = model.base_model
+    before = {n for n, _ in model.named_modules()}
+    with pytest.raises(ValueError, match="add_weighted_adapter is not supported on an IMSM model"):
+        model.add_weighted_adapter(["default"], [1.0], "combined")
+    assert {n for n, _ in model.named_modules()} == before  # no hidden adapter was added
+    public = [n for n in dir(LoraModel) if not n.startswith("_") and not hasattr(BaseTuner, n)]
+    assert public  # (add_weighted_adapter, subtract_mutated_init, ...)
+    for name in public:
+        if name in type(tuner).__dict__:
+            continue  # IMSM's own definition
+        with pytest.raises(AttributeError, match="not supported on an IMSM model"):
+            getattr(tuner, name)
+    assert model.config is tuner.model.config  # the transformers model's attributes are still reachable
+
+
+def test_calling_the_model_after_unload_says_that_imsm_was_unloaded():
+    model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora")))
+    ids = torch.randint(3, 90, (1, 5))
+    base = model.base_model.unload()
+    assert not any("lora" in n or "imsm" in n for n, _ in base.named_parameters())
+    with pytest.raises(RuntimeError, match="IMSM was unloaded"):
+        model(input_ids=ids)
+    with pytest.raises(RuntimeError, match="IMSM was unloaded"):
+        model.generate(input_ids=ids, max_new_tokens=2, pad_token_id=0)
+    base(input_ids=ids)  # the returned model works

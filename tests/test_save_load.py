@@ -132,3 +132,67 @@ def test_loading_onto_another_hidden_size_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="another hidden size"):
         PeftModel.from_pretrained(other, tmp_path / "adapter")
+
+
+def _load_warnings(base_dir: Path, adapter_dir: Path) -> list[str]:
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    return [str(w.message) for w in caught if "IMSM adapter" in str(w.message)]
+
+
+@pytest.mark.parametrize("kind", [*ADAPTERS, "loha"])
+def test_a_complete_adapter_loads_without_key_warnings(tmp_path, kind):
+    _, base_dir, adapter_dir = make_and_save(tmp_path, "llama", kind)
+    assert _load_warnings(base_dir, adapter_dir) == []
+
+
+def test_missing_wrapped_adapter_weights_are_named_in_a_warning(tmp_path):
+    from safetensors.torch import save_file
+
+    _, base_dir, adapter_dir = make_and_save(tmp_path, "llama", "lora")
+    path = adapter_dir / "adapter_model.safetensors"
+    weights = load_file(path)
+    save_file({k: v for k, v in weights.items() if "lora_" not in k}, path)
+    messages = _load_warnings(base_dir, adapter_dir)
+    assert len(messages) == 1 and "left" in messages[0] and "initial values" in messages[0]
+    assert "lora_A.default.weight" in messages[0]
+
+
+@pytest.mark.parametrize("edit", ["peft_type", "gate_mode"])
+def test_a_config_that_no_longer_matches_the_weights_warns(tmp_path, edit):
+    _, base_dir, adapter_dir = make_and_save(tmp_path, "llama", "lora")
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if edit == "peft_type":  # the stored LoRA weights go unused, the (IA)3 vectors stay at their initial values
+        config["adapter_config"] = {"peft_type": "IA3", "target_modules": "all-linear", "feedforward_modules": []}
+    else:  # a fixed gate has no weights: the stored gate goes unused
+        config["gate_mode"] = "fixed"
+    config_path.write_text(json.dumps(config))
+    messages = _load_warnings(base_dir, adapter_dir)
+    unused = [m for m in messages if "nothing in this model uses" in m]
+    assert unused, messages
+    assert ("lora_A" in unused[0]) if edit == "peft_type" else ("imsm_gate.default.W_A" in unused[0])
+    if edit == "peft_type":
+        assert any("initial values" in m and "ia3_l" in m for m in messages)
+
+
+def test_freeze_adapter_trains_only_the_gate_also_after_loading_for_training(tmp_path):
+    from peft import PeftModel
+
+    model = get_peft_model(
+        tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora", identity=False), freeze_adapter=True)
+    )
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all("imsm_gate" in n for n in names)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["freeze_adapter"] is True
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == names
+    loaded.base_model.set_requires_grad("default", True)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == names
