@@ -267,3 +267,42 @@ def test_custom_run_keeps_every_metric_and_uses_the_chat_template(tmp_path, monk
     assert main([*common, "--no-chat-template", "--out", str(tmp_path / "raw")]) == 0
     assert json.loads((tmp_path / "raw" / "results.json").read_text())["settings"]["chat_template"] is False
     assert not any(p.startswith("<|user|>") for p in seen[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_real_protocol_target_task_splits(seed):
+    from peft_imsm.bench.real import TAG_CATEGORIES, TAG_PROMPT, tag_examples
+
+    train = tag_examples(500, "train", seed)
+    test = tag_examples(32, "test", seed)
+    assert train == tag_examples(500, "train", seed) and test == tag_examples(32, "test", seed)
+    words = {word: label for label, ws in TAG_CATEGORIES.items() for word in ws}
+    assert len(words) == sum(map(len, TAG_CATEGORIES.values()))  # no word in two categories
+    for row in train + test:
+        word = row["input"].removeprefix(TAG_PROMPT.format(word=""))
+        assert row["output"] == words[word]
+    assert {r["input"] for r in train}.isdisjoint({r["input"] for r in test})
+    assert len({r["input"] for r in test}) == 32  # each test word once
+    assert {r["output"] for r in test} == set(TAG_CATEGORIES)
+    with pytest.raises(ValueError, match="split"):
+        tag_examples(1, "dev", seed)
+
+
+def test_teacher_forced_scores_are_exact_on_a_tiny_model():
+    """Exact match by teacher forcing == greedy generation returning the answer; padding changes nothing."""
+    from peft_imsm.bench.real import exact_match_rate, greedy_answers, likelihood_kept, teacher_forced, token_agreement
+
+    model, tok = tiny_imsm()
+    prompts = [tok(p)["input_ids"] for p in ("add 1+2=", "reverse abcdef=", "x", "is 10>3?")]
+    answers = greedy_answers(model, tok, prompts, max_new_tokens=5, batch_size=3)
+    pairs = list(zip(prompts, answers, strict=True))
+    gates: list[float] = []
+    scored = teacher_forced(model, pairs, tok.pad_token_id, batch_size=3, gates=gates)
+    assert exact_match_rate(scored) == 100.0 and token_agreement(scored) == 100.0 and len(gates) == 4
+    one_by_one = [teacher_forced(model, [p], tok.pad_token_id)[0] for p in pairs]
+    for a, b in zip(scored, one_by_one, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and (a.matches, a.length) == (b.matches, b.length)
+    assert likelihood_kept(scored, one_by_one) == pytest.approx(100.0, abs=1e-2)
+    shifted = [(p, [(a[0] + 1) % len(tok)] + a[1:]) for p, a in pairs]
+    worse = teacher_forced(model, shifted, tok.pad_token_id)
+    assert exact_match_rate(worse) == 0.0 and likelihood_kept(worse, scored) < 100.0

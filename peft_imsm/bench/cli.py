@@ -44,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="imsm-bench-results", help="output folder (must not hold results already)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (results are mean ± std)")
-    p.add_argument("--anchor-weights", default="0.3,1,3", help="anchor_weight sweep of IMSM + self anchors")
+    p.add_argument(
+        "--anchor-weights", default=None,
+        help="anchor_weight sweep of IMSM + self anchors (default 0.3,1,3; --protocol real: 1)",
+    )  # fmt: skip
     p.add_argument("--methods", default=None, help="comma-separated subset of method names to run")
     p.add_argument("--no-progress", action="store_true")
     t = p.add_argument_group("fine-tuning (every method gets the same; defaults depend on the run)")
@@ -97,7 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--anchor-start", choices=["chat", "bos"], default="chat",
         help="--protocol real: self anchors start from the chat template's user-turn prefix (chat) or the BOS token",
     )  # fmt: skip
-    c.add_argument("--max-new-tokens", type=int, default=32)
+    c.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help="generated tokens per answer (custom: default 32; real: length of the base answers, default 24)",
+    )  # fmt: skip
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     if args.limit is not None:
@@ -248,7 +254,7 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
     eval_sets = {TARGET_TASK: make_examples(TARGET_TASK, args.eval_examples, seed=1, split="test")}
     for task in MIXTURE_TASKS:
         eval_sets[task] = make_examples(task, args.eval_examples, seed=1, split="test")
-    weights = tuple(float(w) for w in args.anchor_weights.split(",") if w.strip())
+    weights = anchor_weights(args, "0.3,1,3")
     methods = select(default_methods(weights, default_weight=1.0), args.methods)
     # LoRA r=8 on the attention's q/v projections: plain LoRA learns the target to 100% and forgets part of the
     # skills mixture (measured when the skills LM was designed), which is the regime where the methods differ.
@@ -300,7 +306,7 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
     base, tokenizer = load_model(args)
     chat = use_chat_template(args, tokenizer)
     progress = not args.no_progress
-    weights = tuple(float(w) for w in args.anchor_weights.split(",") if w.strip())
+    weights = anchor_weights(args, "0.3,1,3")
     all_methods = default_methods(weights, default_weight=1.0)
     default_names = "base model,LoRA,IMSM,IMSM + self anchors [gate] (w=1)"
     methods = select(all_methods, args.methods or default_names)
@@ -313,7 +319,7 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
         for name, rows in sets.items():
             desc = None if args.no_progress else f"eval {name}"
             gates: list[float] = []
-            preds = generate_answers(model, tokenizer, prompts[name], 16, args.max_new_tokens, desc,
+            preds = generate_answers(model, tokenizer, prompts[name], 16, args.max_new_tokens or 32, desc,
                                      add_special_tokens=not chat, gates=gates)  # fmt: skip
             figures = compute_metrics(metric_names[name], preds, [r["output"] for r in rows])
             out["metrics"][name] = figures
@@ -328,6 +334,18 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
     results["settings"] = {**vars(args), "chat_template": chat, "train_rows": len(train_rows),
                            "eval_rows": {k: len(v) for k, v in eval_sets.items()}, "finetune": vars(settings)}  # fmt: skip
     return results
+
+
+def anchor_weights(args: argparse.Namespace, default: str) -> tuple[float, ...]:
+    """``--anchor-weights`` (or ``default``) as floats, with a clear error for a bad value."""
+    text = args.anchor_weights or default
+    try:
+        weights = tuple(float(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise SystemExit(f"error: --anchor-weights expects comma-separated numbers, got {text!r}.") from None
+    if not weights or min(weights) < 0:
+        raise SystemExit(f"error: --anchor-weights needs numbers >= 0, got {text!r}.")
+    return weights
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:

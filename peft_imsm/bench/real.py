@@ -287,32 +287,35 @@ def likelihood_kept(scored: Sequence[Scored], reference: Sequence[Scored]) -> fl
 class RealProtocol:
     """Sizes of the real-model protocol (every figure fixed here is what ``docs/real-model-protocol.md`` reports)."""
 
-    target_eval: int = 64  # held-out target prompts (every test word of the tag task at least once)
+    target_eval: int = 32  # held-out target prompts: each of the 32 test words of the tag task once
     general_per_set: int = 16  # inputs per paper general set, when the sets are available
     max_prompt_tokens: int = 96  # general inputs longer than this (before the chat template) are left out
     answer_tokens: int = 24  # base answers are cut to this many tokens
     eval_batch_size: int = 16
-    anchor_weight: float = 1.0
 
 
-def real_methods(chat_prefix: list[int] | None, weight: float) -> list[Any]:
-    """The protocol's methods. ``chat_prefix``: the chat template's user-turn prefix (anchors sampled from it)."""
+def real_methods(chat_prefix: list[int] | None, weights: Sequence[float] = (1.0,)) -> list[Any]:
+    """The protocol's methods: base, LoRA, IMSM, and per anchor weight LoRA + anchor KL and the two self-anchored
+    IMSM variants. ``chat_prefix``: the chat template's user-turn prefix, where self anchors start (else BOS)."""
     from .runner import Method
 
     methods = [
         Method("base model", "base", group="reference"),
         Method("LoRA", "lora", group="paper"),
         Method("IMSM", "imsm", "query", group="paper"),
-        Method(f"LoRA + anchor KL (w={weight:g})", "lora", anchor_weight=weight, group="anchor"),
-        Method(f"IMSM + self anchors [gate] (w={weight:g})", "imsm", anchor_weight=weight, group="anchor"),
-        Method(
-            f"IMSM + self anchors [gate+adapter] (w={weight:g})",
-            "imsm",
-            anchor_weight=weight,
-            anchor_train_adapter=True,
-            group="anchor",
-        ),  # fmt: skip
     ]
+    for w in weights:
+        methods += [
+            Method(f"LoRA + anchor KL (w={w:g})", "lora", anchor_weight=w, group="anchor"),
+            Method(f"IMSM + self anchors [gate] (w={w:g})", "imsm", anchor_weight=w, group="anchor"),
+            Method(
+                f"IMSM + self anchors [gate+adapter] (w={w:g})",
+                "imsm",
+                anchor_weight=w,
+                anchor_train_adapter=True,
+                group="anchor",
+            ),  # fmt: skip
+        ]
     if chat_prefix:
         for m in methods:
             if m.anchor_weight is not None:
@@ -350,11 +353,13 @@ def run_real(args: Any) -> dict[str, Any]:
     import sys
     import time
 
-    from .cli import Evaluation, load_model, run, select, settings_from, use_chat_template
+    from .cli import Evaluation, anchor_weights, load_model, run, select, settings_from, use_chat_template
 
-    protocol = RealProtocol(anchor_weight=float(args.anchor_weights.split(",")[0]) if args.anchor_weights else 1.0)
-    if args.eval_size is not None:
-        protocol.target_eval = args.eval_size
+    protocol = RealProtocol()
+    if args.eval_size is not None:  # caps every set: target prompts, chat prompts, inputs per general set
+        protocol.target_eval = protocol.general_per_set = args.eval_size
+    if args.max_new_tokens is not None:
+        protocol.answer_tokens = args.max_new_tokens
     base, tokenizer = load_model(args)
     chat = use_chat_template(args, tokenizer)
     progress = not args.no_progress
@@ -372,7 +377,7 @@ def run_real(args: Any) -> dict[str, Any]:
     general = general_prompts(
         data_dir, protocol.general_per_set, args.data_seed, tokenizer, protocol.max_prompt_tokens
     )
-    retention_prompts = {"chat": list(CHAT_PROMPTS)}
+    retention_prompts = {"chat": list(CHAT_PROMPTS[: args.eval_size])}
     if general:
         retention_prompts["general"] = general
     elif progress:
@@ -414,7 +419,7 @@ def run_real(args: Any) -> dict[str, Any]:
         return out
 
     start_tokens = user_turn_prefix(tokenizer) if chat and args.anchor_start == "chat" else None
-    methods = select(real_methods(start_tokens, protocol.anchor_weight), args.methods)
+    methods = select(real_methods(start_tokens, anchor_weights(args, "1")), args.methods)
     sets = dict.fromkeys(set_names)
     results = run(base, tokenizer, methods, train, sets, score, "tag", settings, args.seeds, progress,
                   retention_tasks=set_names[1:])  # fmt: skip
