@@ -108,3 +108,27 @@ def batch(seed: int = 0, batch_size: int = 3, seq_len: int = 12, left_pad: bool 
             attention_mask[row, : 2 * row] = 0
             input_ids[row, : 2 * row] = 0
     return input_ids, attention_mask
+
+
+def quantizable_config(arch: str = "llama", **overrides) -> transformers.PretrainedConfig:
+    """A tiny config whose linear layers bitsandbytes can quantize (hidden size 64)."""
+    if arch == "llama":
+        kwargs = dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, **COMMON,
+        )  # fmt: skip
+        return transformers.LlamaConfig(**{**kwargs, **overrides})
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            **{**dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, **COMMON), **overrides}
+        )
+    raise ValueError(arch)
+
+
+def char_llama_config(tokenizer, hidden_size: int = 48) -> transformers.LlamaConfig:
+    """A tiny Llama over the benchmark's character tokenizer (``peft_imsm.bench.skills.build_tokenizer()``)."""
+    return transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip

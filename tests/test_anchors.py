@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import adapter_config, batch, perturb_adapter, tiny_model
+from helpers import adapter_config, batch, perturb_adapter, quantizable_config, tiny_model
 from peft import PeftModel, get_peft_model
 
 from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, prepare_anchors, set_anchor_data
@@ -166,21 +166,10 @@ def test_anchors_with_gradient_checkpointing(reentrant):
 def test_anchors_on_a_4bit_quantized_base(tmp_path):
     pytest.importorskip("bitsandbytes")
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=96,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )  # fmt: skip
-    ).save_pretrained(tmp_path)
+    LlamaForCausalLM(quantizable_config("llama", num_key_value_heads=4)).save_pretrained(tmp_path)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     base = prepare_model_for_kbit_training(
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")

@@ -28,7 +28,7 @@ import warnings
 import pytest
 import torch
 from datasets import Dataset
-from helpers import batch, perturb_adapter, tiny_model
+from helpers import batch, char_llama_config, perturb_adapter, tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
@@ -299,17 +299,14 @@ def caps_dataset(n: int = 64) -> Dataset:
 def test_sft_trainer_packing_with_imsm(tmp_path, mode, monkeypatch):
     """SFTTrainer with ``packing=True`` (BFD, padding-free) or ``padding_free=True`` and an IMSM peft_config on
     prompt-completion data: the batches reach IMSM packed (several sequences per row) and the loss falls."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from peft_imsm.bench.skills import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+    config = char_llama_config(tok)
     indexes = []
     original = imsm_model_module.build_query_index
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 import transformers
 from datasets import Dataset
-from helpers import batch, perturb_adapter, tiny_model
+from helpers import batch, char_llama_config, perturb_adapter, quantizable_config, tiny_model
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 
@@ -44,15 +44,7 @@ VOCAB = 96
 
 
 def bnb_config(arch: str) -> transformers.PretrainedConfig:
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if arch == "llama":
-        return transformers.LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128, **common,
-        )  # fmt: skip
-    if arch == "gpt2":
-        return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
-    raise ValueError(arch)
+    return quantizable_config(arch)
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +211,7 @@ def test_trl_qlora_gate_dtype(tmp_path):
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+    config = char_llama_config(tok, hidden_size=64)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     base = load_quantized(str(tmp_path / "base"), "nf4", dtype=torch.bfloat16)
     args = SFTConfig(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from helpers import tiny_model
+from helpers import char_llama_config, tiny_model
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from peft_imsm import AdaLoraBudgetCallback, IMSMConfig
 from peft_imsm.bench.skills import TARGET_TASK, build_tokenizer, make_examples
@@ -16,10 +16,7 @@ from peft_imsm.bench.skills import TARGET_TASK, build_tokenizer, make_examples
 def char_llama():
     torch.manual_seed(0)
     tok = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+    config = char_llama_config(tok)
     return LlamaForCausalLM(config), tok
 
 
