@@ -1,0 +1,106 @@
+"""Training step time of anchored IMSM against plain LoRA, IMSM and LoRA + anchor KL, side by side in one run.
+
+Setting: exactly the training step of ``imsm-bench``'s default run (the cached skills LM, LoRA r=8 alpha 16 on q/v,
+AdamW lr 2e-3, batch 32 of the target task, anchors: 64 self-sampled, 24 new tokens each, 8 per step, weight 1).
+One step = forward (+ the anchor term) + backward + AdamW step + ``zero_grad``. Methods are interleaved step by
+step and the median wall time is reported, with the ratio to plain LoRA:
+
+* ``LoRA``, ``IMSM``: no anchors;
+* ``IMSM + anchors [gate]``: the anchor term trains the gate only (the adapted view runs without autograd there);
+* ``IMSM + anchors [gate+adapter]``: the anchor term trains the adapter too;
+* ``LoRA + anchor KL``: ``imsm-bench``'s self-distillation baseline (frozen logits under ``disable_adapter()``).
+
+    python benchmarks/anchored_cost.py [--steps 30] [--threads 1]
+
+The anchors are sampled before the timed steps (as ``prepare_anchors`` does before training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import peft_imsm
+from peft_imsm.anchors import AnchorConfig, anchor_kl, sample_self_anchors
+from peft_imsm.bench.batching import collate, encode_examples
+from peft_imsm.bench.pretrain import load_or_build_skills_model
+from peft_imsm.bench.runner import FinetuneSettings, Method, build_model
+from peft_imsm.bench.skills import TARGET_TASK, make_examples
+
+METHODS = [
+    Method("LoRA", "lora"),
+    Method("IMSM", "imsm"),
+    Method("IMSM + anchors [gate]", "imsm", anchor_weight=1.0),
+    Method("IMSM + anchors [gate+adapter]", "imsm", anchor_weight=1.0, anchor_train_adapter=True),
+    Method("LoRA + anchor KL", "lora", anchor_weight=1.0),
+]
+
+
+class Trainee:
+    def __init__(self, method: Method, settings: FinetuneSettings) -> None:
+        base, self.tokenizer = load_or_build_skills_model(progress=False)
+        self.method = method
+        self.model = build_model(base, method, settings, seed=0)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0)
+        self.kl_anchors = None
+        self.settings = settings
+        if method.kind == "imsm" and method.anchor_weight is not None:
+            peft_imsm.prepare_anchors(self.model)
+        elif method.anchor_weight is not None:
+            config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=0)
+            with self.model.disable_adapter():
+                self.kl_anchors = sample_self_anchors(self.model.get_base_model(), config, torch.device("cpu"))
+        self.draws = 0
+
+    def step(self, batch: dict) -> float:
+        start = time.perf_counter()
+        loss = self.model(**batch, use_cache=False).loss
+        if self.kl_anchors is not None:
+            ids, mask = self.kl_anchors.batch(self.draws, self.settings.anchor_batch_size, torch.device("cpu"))
+            self.draws += 1
+            with torch.no_grad(), self.model.disable_adapter():
+                frozen = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            loss = loss + self.method.anchor_weight * anchor_kl(frozen, logits, mask)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per method")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = FinetuneSettings(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3)  # the default run
+    trainees = [Trainee(m, settings) for m in METHODS]
+    tokenizer = trainees[0].tokenizer
+    train = encode_examples(tokenizer, make_examples(TARGET_TASK, 4 * settings.batch_size, 0, "train"), 64)
+    batches = [
+        collate(train[i : i + settings.batch_size], tokenizer.pad_token_id)
+        for i in range(0, len(train), settings.batch_size)
+    ]
+    for t in trainees:  # warm-up
+        t.step(batches[0])
+    times: dict[str, list[float]] = {t.method.name: [] for t in trainees}
+    for step in range(args.steps):
+        for t in trainees:
+            times[t.method.name].append(t.step(batches[step % len(batches)]))
+    lora = statistics.median(times["LoRA"]) * 1e3
+    print(f"skills LM, batch {settings.batch_size}, anchors {settings.anchor_batch_size} x "
+          f"{settings.anchor_length + 1} tokens, {args.steps} interleaved steps, threads={torch.get_num_threads()}")  # fmt: skip
+    print(f"{'method':<32}{'ms/step':>10}{'x LoRA':>9}")
+    for name, values in times.items():
+        ms = statistics.median(values) * 1e3
+        print(f"{name:<32}{ms:>10.1f}{ms / lora:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
