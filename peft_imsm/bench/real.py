@@ -288,7 +288,7 @@ class RealProtocol:
     """Sizes of the real-model protocol (every figure fixed here is what ``docs/real-model-protocol.md`` reports)."""
 
     target_eval: int = 32  # held-out target prompts: each of the 32 test words of the tag task once
-    general_per_set: int = 16  # inputs per paper general set, when the sets are available
+    general_per_set: int = 8  # inputs per paper general set, when the sets are available
     max_prompt_tokens: int = 96  # general inputs longer than this (before the chat template) are left out
     answer_tokens: int = 24  # base answers are cut to this many tokens
     eval_batch_size: int = 16
@@ -433,7 +433,7 @@ def run_real(args: Any) -> dict[str, Any]:
 
 
 REAL_SETTINGS: dict[str, Any] = dict(
-    steps=60, batch_size=8, lr=2e-3, r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-    max_length=128, anchor_samples=32, anchor_length=24, anchor_batch_size=4,
+    steps=40, batch_size=8, lr=1e-3, r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+    max_length=128, anchor_samples=32, anchor_length=16, anchor_batch_size=4,
 )  # fmt: skip
 """The protocol's fine-tuning defaults (each can be overridden from the command line)."""
