@@ -3,6 +3,9 @@
 It knows nothing of peft or of generation: it takes the two views' final hidden states (and, in ``"query"`` mode,
 the two views' query summaries) and returns the per-token, per-dimension gate ``g`` with which the interwoven memory
 is ``h = g * h_frozen + (1 - g) * h_adapted``.
+
+The two views are named ``frozen`` (wrapped adapter off) and ``adapted`` (adapter on) throughout the package; the
+paper (and ``IMSM-METHOD.md``) writes them ``h_base`` and ``h_tuned``.
 """
 
 from __future__ import annotations
