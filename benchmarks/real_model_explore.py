@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--answer-tokens", type=int, default=24)
     p.add_argument("--data-dir", default="/work/shared/data/imsm-benchmarks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gate-lr-scale", type=float, default=1.0, help="IMSM: the gate's learning rate = lr x this")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.model is None:
@@ -116,8 +117,10 @@ def main() -> None:
         method.extra["start_tokens"] = user_turn_prefix(tok)
     model = build_model(base, method, settings, a.seed)
     model.train()
-    params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    gate = [q for n, q in model.named_parameters() if q.requires_grad and "imsm_gate" in n]
+    rest = [q for n, q in model.named_parameters() if q.requires_grad and "imsm_gate" not in n]
+    groups = [{"params": rest, "lr": a.lr}] + ([{"params": gate, "lr": a.lr * a.gate_lr_scale}] if gate else [])
+    opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.0)
     import math
 
     sched = torch.optim.lr_scheduler.LambdaLR(  # the benchmark's schedule: 10-step warmup, cosine to 0
@@ -156,7 +159,7 @@ def main() -> None:
         batch = collate([train[rng.randrange(len(train))] for _ in range(a.batch_size)], pad)
         loss = model(**batch, use_cache=False).loss
         if lora_anchor is not None:
-            ids, mask = lora_anchor.next_batch(4, torch.device("cpu"))
+            ids, mask = lora_anchor.batch(step, 4, torch.device("cpu"))
             with torch.no_grad(), model.disable_adapter():
                 frozen = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = loss + a.anchor_weight * anchor_kl(

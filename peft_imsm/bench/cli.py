@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (results are mean ± std)")
     p.add_argument(
+        "--first-seed", type=int, default=0,
+        help="run seeds first-seed .. first-seed + seeds - 1 (e.g. to split the seeds of one run over processes)",
+    )  # fmt: skip
+    p.add_argument(
         "--anchor-weights", default=None,
         help="anchor_weight sweep of IMSM + self anchors (default 0.3,1,3; --protocol real: 1)",
     )  # fmt: skip
@@ -173,6 +177,7 @@ def run(
     seeds: int,
     progress: bool,
     retention_tasks: list[str] | None = None,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
     """Train every method for every seed, score every eval set, and aggregate (mean ± std over seeds).
 
@@ -194,7 +199,7 @@ def run(
         entry["gate_others"] = statistics.fmean(other_gates) if other_gates else None
         return entry
 
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         for method in methods:
             if method.kind == "base":
                 per_seed[method.name].append(entry_of(base_eval))
@@ -266,7 +271,8 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
         return {"scores": scores, "metrics": {k: {"exact_match": v} for k, v in scores.items()}, "gates": gates}
 
     train = encode_examples(tokenizer, train_rows, settings.max_length)
-    results = run(base, tokenizer, methods, train, eval_sets, score, TARGET_TASK, settings, args.seeds, progress)
+    results = run(base, tokenizer, methods, train, eval_sets, score, TARGET_TASK, settings, args.seeds, progress,
+                  first_seed=args.first_seed)  # fmt: skip
     results["title"] = f"imsm-bench default: skills LM fine-tuned on '{TARGET_TASK}' ({args.adapter})"
     results["metric"] = "exact match (%)"
     results["settings"] = {**vars(args), "finetune": vars(settings), "pretrain_recipe": vars(recipe)}
@@ -328,7 +334,8 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     train = encode_examples(tokenizer, train_rows, settings.max_length, chat=chat)
-    results = run(base, tokenizer, methods, train, eval_sets, score, target, settings, args.seeds, progress)
+    results = run(base, tokenizer, methods, train, eval_sets, score, target, settings, args.seeds, progress,
+                  first_seed=args.first_seed)  # fmt: skip
     results["title"] = f"imsm-bench: {args.model} fine-tuned on {os.path.basename(args.train)} ({args.adapter})"
     results["metric"] = {name: names[0] for name, names in metric_names.items()}
     results["settings"] = {**vars(args), "chat_template": chat, "train_rows": len(train_rows),
