@@ -95,6 +95,9 @@ class AnchorSet:
         self.input_ids = input_ids
         self.attention_mask = attention_mask
         self.seed = seed
+        #: ``[num_anchors, length, d]`` the frozen view's final hidden states of every anchor, filled by the IMSM
+        #: tuner on first use (the frozen view never changes during training, so it is computed once).
+        self.frozen_hidden: torch.Tensor | None = None
         self._permutations: list[torch.Tensor] = []
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -111,12 +114,17 @@ class AnchorSet:
             self._permutations.append(torch.randperm(len(self), generator=self._generator))
         return self._permutations[epoch]
 
-    def batch(self, draw: int, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The anchors of draw number ``draw`` (``[batch_size, length]`` ids and mask), all-padding columns dropped."""
+    def rows(self, draw: int, batch_size: int) -> list[int]:
+        """The indices of the anchors of draw number ``draw``."""
         picked = []
         for position in range(draw * batch_size, (draw + 1) * batch_size):
             epoch, offset = divmod(position, len(self))
             picked.append(int(self._permutation(epoch)[offset]))
+        return picked
+
+    def batch(self, draw: int, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The anchors of draw number ``draw`` (``[batch_size, length]`` ids and mask), all-padding columns dropped."""
+        picked = self.rows(draw, batch_size)
         ids, mask = self.input_ids[picked], self.attention_mask[picked]
         keep = mask.any(dim=0)
         return ids[:, keep].to(device), mask[:, keep].to(device)

@@ -93,6 +93,9 @@ class CallContext:
             anchor term reuses the frozen pass that gave its KL target).
         adapted_without_grad: run the adapted view's backbone without autograd; the gate and the head still get
             gradients (the anchor term in gate-only mode).
+        frozen_rows_first: the call's batch is ``[x; x]``: the backbone runs on the second half only, and its output
+            is ``[h_frozen; interwoven]``, so the model's own head (and logit post-processing) gives the frozen view's
+            logits and IMSM's in one pass (the anchor term, with ``given_h_frozen`` cached).
         capture_frozen: when a list, the final hidden states of every backbone pass run in the frozen view within
             this call are appended to it (the anchor term's KL-target pass).
         stacking: whether this call may run both views as one doubled batch.
@@ -105,6 +108,7 @@ class CallContext:
     prompt_length: int | None = None
     given_h_frozen: torch.Tensor | None = None
     adapted_without_grad: bool = False
+    frozen_rows_first: bool = False
     capture_frozen: list[torch.Tensor] | None = None
     stacking: bool = True
     on_gate: Callable[[torch.Tensor, torch.Tensor | None, CallContext], None] | None = None
@@ -189,6 +193,12 @@ class DualPass:
         if first is None:
             first = kwargs.get("inputs_embeds")
         batch_size, seq_len, device = first.shape[0], first.shape[1], first.device
+        if call.frozen_rows_first:  # rows [x; x]: the backbone runs on the second half (see CallContext)
+            for key in _BATCHED_KWARGS:
+                value = kwargs.get(key)
+                if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
+                    kwargs[key] = value[batch_size // 2 :]
+            batch_size //= 2
         index = None
         if not (is_imsm_cache(cache) and cache.imsm_has_query):
             labels = call.labels
@@ -203,7 +213,7 @@ class DualPass:
                 position_ids=kwargs.get("position_ids"),
                 prompt_length=call.prompt_length,
             )
-        stacked = call.stacking and self.can_stack(kwargs, cache, index)
+        stacked = call.stacking and not call.frozen_rows_first and self.can_stack(kwargs, cache, index)
         if cache is None:
             use_cache = kwargs.get("use_cache")
             if use_cache is None:
@@ -295,6 +305,8 @@ class DualPass:
                 mask = None
             call.on_gate(g.detach(), mask, call)
         mixed = IMSMGate.interweave(h_frozen, h_adapted, g)
+        if call.frozen_rows_first:
+            mixed = torch.cat([h_frozen.to(mixed.dtype), mixed])
         return replace_last_hidden_state(output, mixed)
 
     # ------------------------------------------------------------------------------------------------ stacking

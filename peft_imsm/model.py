@@ -344,6 +344,30 @@ class IMSMModel(BaseTuner):
                 self.set_anchors(sample_self_anchors(self.model, config, _model_device(self.model)))
         return self._anchors
 
+    def _frozen_anchor_hidden(self, anchors: AnchorSet) -> torch.Tensor:
+        """``[num_anchors, length, d]`` the frozen view's final hidden states of every anchor, computed on first use
+        (in batches of ``AnchorConfig.batch_size``, as the anchor term batches them) and kept with the anchors: the
+        frozen view does not change during training. Computed in eval mode: a KL target kept for the whole run must
+        not be one draw of the base model's dropout. Anchors are used at their full padded width, so each row is
+        always computed with the same padding."""
+        if anchors.frozen_hidden is None:
+            device = _model_device(self.model)
+            parts = []
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                for start in range(0, len(anchors), self.anchor_config.batch_size):
+                    stop = start + self.anchor_config.batch_size
+                    ids = anchors.input_ids[start:stop].to(device)
+                    mask = anchors.attention_mask[start:stop].to(device)
+                    with self.dual_pass.call(capture_frozen=[]) as call, torch.no_grad(), frozen_view():
+                        self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    parts.append(call.capture_frozen[-1])
+            finally:
+                self.model.train(was_training)
+            anchors.frozen_hidden = torch.cat(parts)
+        return anchors.frozen_hidden
+
     def _anchor_term(
         self, labels: torch.Tensor | None, num_items_in_batch: Any, task_loss: torch.Tensor
     ) -> torch.Tensor:
@@ -351,22 +375,28 @@ class IMSMModel(BaseTuner):
 
         With ``num_items_in_batch`` (the Trainer's token-normalised loss across accumulated micro-batches), the term
         is weighted by this micro-batch's share of the supervised tokens, so the accumulated total carries it once.
-        In gate-only mode (``train_adapter=False``) both views run without autograd; only the gate and the head
-        (frozen) are differentiated.
+        The frozen view's final hidden states of the anchors are computed once (:meth:`_frozen_anchor_hidden`); per
+        step only the adapted view runs, without autograd in gate-only mode (``train_adapter=False``: only the gate
+        and the frozen head are differentiated).
         """
         config = self.anchor_config
-        ids, mask = self.anchor_set().batch(self.anchor_draws, config.batch_size, _model_device(self.model))
+        anchors = self.anchor_set()
+        device = _model_device(self.model)
+        rows = anchors.rows(self.anchor_draws, config.batch_size)
         self.anchor_draws += 1
-        # The frozen view's logits (the KL target) and its final hidden states, which the IMSM pass below reuses
-        # instead of running the frozen view a second time.
-        with self.dual_pass.call(capture_frozen=[]) as frozen_call, torch.no_grad(), frozen_view():
-            frozen_logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        given = frozen_call.capture_frozen[-1] if frozen_call.capture_frozen else None
+        ids, mask = anchors.input_ids[rows].to(device), anchors.attention_mask[rows].to(device)
+        # One model pass on rows [anchors; anchors]: the backbone runs the adapted view on the second half, the first
+        # half gets the frozen view's cached final hidden states, and the model's own head turns them into the KL
+        # target (the frozen logits) next to IMSM's logits.
+        h_frozen = self._frozen_anchor_hidden(anchors)[rows].to(device)
         on_gate = functools.partial(self._observe_gate, stat="anchor_gate")
-        gate_only = not config.train_adapter
-        call = self.dual_pass.call(given_h_frozen=given, adapted_without_grad=gate_only, on_gate=on_gate)
+        call = self.dual_pass.call(
+            given_h_frozen=h_frozen, frozen_rows_first=True, adapted_without_grad=not config.train_adapter,
+            on_gate=on_gate,
+        )  # fmt: skip
         with call, torch.enable_grad():
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            both = self.model(input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask]), use_cache=False)
+        frozen_logits, logits = both.logits[: len(rows)].detach(), both.logits[len(rows) :]
         kl = anchor_kl(frozen_logits, logits, mask)
         share = 1.0
         if num_items_in_batch is not None and labels is not None:

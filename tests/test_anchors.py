@@ -254,3 +254,35 @@ def test_anchors_longer_than_a_learned_position_limit_are_refused_naming_the_set
     tok = build_tokenizer()
     with pytest.raises(ValueError, match=r"at most 128 positions.*max_length \(now 400\)"):
         set_anchor_data(model, ["a b c d e f g h " * 40], tok)
+
+
+@pytest.mark.parametrize("train_adapter", [False, True], ids=["gate", "gate+adapter"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_anchor_term_equals_its_definition(arch, train_adapter):
+    """The anchor term (frozen hidden states cached once, frozen and IMSM logits from one pass through the model's
+    own head) equals ``weight * KL(p_frozen || p_imsm)`` computed by plain calls, in value and in its gradients.
+    (In eval mode: GPT-2's dropout would make every plain call a different draw.)"""
+    model = anchored(arch=arch, train_adapter=train_adapter, weight=0.7)
+    model.eval()
+    tuner = model.base_model
+    prepare_anchors(model)
+    rows = tuner.anchor_set().rows(0, 4)
+    ids, mask = tuner.anchor_set().input_ids[rows], tuner.anchor_set().attention_mask[rows]
+    with torch.no_grad(), model.disable_adapter():
+        frozen = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    from peft_imsm.anchors import anchor_kl
+
+    expected = 0.7 * anchor_kl(frozen, logits, mask)
+    got = tuner._anchor_term(None, None, torch.tensor(0.0))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got_grads = torch.autograd.grad(got, params, allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
+    for (name, _), a, b in zip(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad], got_grads, expected_grads
+    ):
+        if "imsm_gate" in name or train_adapter:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+        else:  # gate-only: the adapter gets nothing from the anchor term
+            assert a is None or not a.any(), name
