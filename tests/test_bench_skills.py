@@ -166,6 +166,25 @@ def test_cache_is_reused(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_build_runs_on_one_thread_and_restores_the_callers_threads(tmp_path, monkeypatch):
+    """The trained weights depend on the thread count: every machine builds on one thread to get the same model."""
+    seen = []
+    real_train = pretrain.train_skills_model
+
+    def recording_train(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train_skills_model", recording_train)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        load_or_build_skills_model(str(tmp_path), seed=0, progress=False, config=TINY_CONFIG, recipe=TINY_RECIPE)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_build_is_deterministic_and_keyed(tiny_model, tmp_path):
     model, _ = tiny_model
     again, _ = load_or_build_skills_model(

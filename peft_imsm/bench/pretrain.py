@@ -6,9 +6,10 @@ tokens only (the answer characters and the final eos; the bos and prompt charact
 result is saved with ``save_pretrained`` (model and tokenizer) into a cache folder keyed by a hash of the config,
 the training recipe, the seed and ``CODE_VERSION``; later calls load it from there.
 
-Cost: ~0.10 s a step with 2 free cores (~0.18 s with 1), i.e. ~2.7 min for the default 1500 steps. The build uses
-``torch.get_num_threads()`` threads; on a CPU shared with other busy processes prefer 1 thread (2 OpenMP threads on
-one free core ran 4x slower than 1 thread). Results: recall 100, add 98.4, reverse 100, compare 96.2 (% exact
+Cost: ~0.18 s a step, i.e. ~4.5 min for the default 1500 steps. The build always runs on ONE thread: the trained
+weights depend on the thread count (float sums in another order), and the benchmark's results depend on the weights,
+so a fixed count makes every machine build the same model (for a given torch build and CPU instruction set); one
+thread also cannot be slowed down 4x by a busy neighbour the way two OpenMP threads on one free core were. Results: recall 100, add 98.4, reverse 100, compare 96.2 (% exact
 match, 500 test examples each, seed 0) and 0 on the target task.
 """
 
@@ -206,13 +207,20 @@ def load_or_build_skills_model(
         os.makedirs(root, exist_ok=True)
         tokenizer = build_tokenizer()
         start = time.perf_counter()
-        model = train_skills_model(config, tokenizer, seed=seed, recipe=recipe, progress=progress)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # see the module docstring: the same weights on every machine
+        try:
+            model = train_skills_model(config, tokenizer, seed=seed, recipe=recipe, progress=progress)
+        finally:
+            torch.set_num_threads(threads)
         tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(folder)}-", dir=root)
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, "build_info.json"), "w") as f:
-                json.dump({"seed": seed, "recipe": asdict(recipe), "build_seconds": time.perf_counter() - start}, f)
+                info = {"seed": seed, "recipe": asdict(recipe), "threads": 1, "torch": torch.__version__,
+                        "build_seconds": time.perf_counter() - start}  # fmt: skip
+                json.dump(info, f)
             try:
                 os.rename(tmp, folder)
             except OSError:  # another process finished the same build first: keep theirs
