@@ -454,7 +454,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if parsed.yaml_launch_args or parsed.cli_launch_args:
         launch(argv, parsed.yaml_launch_args, parsed.cli_launch_args)
         return
-    run(parsed.trl_args, parsed.imsm_args)
+    try:
+        run(parsed.trl_args, parsed.imsm_args)
+    except IMSMArgumentError as err:  # e.g. an --imsm_anchor_dataset that does not load (before the model loads)
+        sys.stderr.write(f"{PROG}: error: {err}\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

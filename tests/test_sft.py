@@ -295,14 +295,16 @@ def test_yaml_run_equals_trained_model_after_reload(workdir, yaml_run, reloaded)
     torch.testing.assert_close(reloaded["out_yaml"], trained["logits"], rtol=0, atol=1e-6)
     assert (trained["logits"] - reloaded["out_yaml::base"]).abs().max() > 1e-3
 
-    # Every saved tensor is a trained one and has moved from its initial value (gate AND adapter).
+    # The trained parameters (gate AND adapter) were saved, each moved from its initial value.
     saved = _saved_weights(yaml_run)
     init = {k.replace("base_model.model.", "", 1).replace(".default", ""): v for k, v in trained["init"].items()}
     saved = {k.replace("base_model.model.", "", 1): v for k, v in saved.items()}
-    assert set(saved) == set(init), (sorted(saved), sorted(init))
-    assert any("imsm_gate" in k for k in saved) and any("lora_A" in k for k in saved)
-    for name, value in saved.items():
-        assert not torch.equal(value, init[name].to(value.dtype)), f"{name} was saved at its initial value"
+    # Every trained parameter is in the file; anything else there is IMSM's own state (e.g. the anchor sampler's).
+    assert set(init) <= set(saved), sorted(set(init) - set(saved))
+    assert all("imsm_" in k for k in set(saved) - set(init)), sorted(set(saved) - set(init))
+    assert any("imsm_gate" in k for k in init) and any("lora_A" in k for k in init)
+    for name, value in init.items():
+        assert not torch.equal(saved[name], value.to(saved[name].dtype)), f"{name} was saved at its initial value"
 
     # Anchor texts from --imsm_anchor_dataset were used: the logged anchor KL is there, every step.
     steps = [log for log in trained["log_history"] if "loss" in log]
@@ -313,8 +315,14 @@ def test_yaml_run_equals_trained_model_after_reload(workdir, yaml_run, reloaded)
 def test_qlora_run_reloads_4bit(workdir, qlora_run, reloaded):
     trained = torch.load(workdir / "qlora.pt")
     spec = "out_qlora::4bit"
-    torch.testing.assert_close(reloaded[spec], trained["logits"], rtol=0, atol=1e-5)
-    assert (trained["logits"] - reloaded[spec + "::base"]).abs().max() > 1e-3
+    # Not bit-exact: the in-memory QLoRA model and the reloaded one agreed up to 1.4e-3 (measured; the float32 runs
+    # above agree to 1e-6), although every trainable tensor and the quantized weights of the reload were equal to the
+    # trained model's (checked by hand, once). bitsandbytes' CPU 4-bit matmul has a packed bf16 inference path besides
+    # its dequantize path; which one a layer takes depends on module state (not pinned down here). Training moved the
+    # logits by ~0.67, so the tolerance still tells a reloaded adapter from a lost or untrained one.
+    tolerance = 5e-3
+    torch.testing.assert_close(reloaded[spec], trained["logits"], rtol=0, atol=tolerance)
+    assert (trained["logits"] - reloaded[spec + "::base"]).abs().max() > 100 * tolerance
     saved = _saved_weights(qlora_run)
     assert any("imsm_gate" in k for k in saved) and sum("lora_B" in k for k in saved) == 14
     assert all(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)
@@ -408,6 +416,20 @@ def test_module_entry_point_reports_errors(workdir):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--imsm_anchor_weight must be >= 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bad_anchor_dataset_is_a_clear_error_before_loading(tmp_path, capsys):
+    """A --imsm_anchor_dataset without the column: an error that names the columns, before the model is loaded."""
+    from peft_imsm.sft import main
+
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text('{"prompt": "a b c"}\n{"prompt": "d e f"}\n')
+    flags = ["--use_peft", "--imsm_anchor", "--imsm_anchor_source", "data", "--imsm_anchor_dataset", str(anchors)]
+    with pytest.raises(SystemExit) as exc:
+        main([*BASE_ARGV, *flags])
+    assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"imsm-sft: error: --imsm_anchor_dataset '{anchors}' has no column 'text' (its columns: prompt)" in err
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
