@@ -447,3 +447,25 @@ def test_example_recipes_parse(recipe):
 
 def test_there_is_an_example_recipe():
     assert RECIPES, "examples/recipes/ has no YAML recipe"
+
+
+@pytest.mark.slow  # ~40 s (2 processes start, import and train)
+def test_two_processes_through_accelerate_launch(workdir):
+    """`imsm-sft --multi_gpu --num_processes 2 ...` hands the launch options to `accelerate launch` (as `trl sft`
+    does), which starts `python -m peft_imsm.sft` on 2 ranks (torchrun; `--use_cpu`: CPU processes, gloo). accelerate's
+    own `--cpu` would start a single process, hence `--multi_gpu` also on a machine without GPUs."""
+    exe = shutil.which("imsm-sft")
+    assert exe is not None, "the imsm-sft console script is not installed: pip install -e ."
+    argv = [
+        "--multi_gpu", "--num_processes", "2", "--num_cpu_threads_per_process", "1",
+        *_common(workdir, "out_ddp"), "--per_device_train_batch_size", "4", "--dataset_name", str(workdir / "data"),
+        *LORA_FLAGS, "--imsm_gate_rank", "4", "--imsm_anchor", "--imsm_anchor_num_samples", "8",
+        "--imsm_anchor_sample_length", "6", "--imsm_anchor_batch_size", "2",
+    ]  # fmt: skip
+    proc = _check(_run([exe, *argv]))
+    logs = [eval(line) for line in proc.stdout.splitlines() if line.startswith("{'loss'")]
+    assert len(logs) == 4, proc.stdout[-2000:]
+    # 64 examples, 2 ranks x 4 per step: each step is 1/8 of an epoch (a single process would make it 1/16).
+    assert [float(log["epoch"]) for log in logs] == [0.125, 0.25, 0.375, 0.5]
+    assert all(float(log["anchor_kl"]) >= 0 and 0 < float(log["gate_mean"]) < 1 for log in logs)
+    assert json.loads((workdir / "out_ddp" / "adapter_config.json").read_text())["peft_type"] == "IMSM"
