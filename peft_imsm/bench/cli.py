@@ -25,6 +25,7 @@ from .runner import (
     Method,
     default_methods,
     finetune,
+    retrofit_lora,
     summarize,
 )
 
@@ -213,7 +214,12 @@ def run(
                 entry["final_anchor_kl"] = log["anchor_kl"][-1]
             per_seed[method.name].append(entry)
             for derived in methods:
-                if derived.derive_from == method.name:
+                if derived.derive_from == method.name and derived.extra.get("retrofit"):
+                    variant, rlog = retrofit_lora(copy.deepcopy(model), tokenizer, train, settings, seed, derived)
+                    per_seed[derived.name].append({**entry_of(score(variant, eval_sets)),
+                                                   "train_seconds": rlog.seconds_total,
+                                                   "lora_train_seconds": log["seconds"]})  # fmt: skip
+                elif derived.derive_from == method.name:
                     variant = derived.derive(copy.deepcopy(model))
                     per_seed[derived.name].append(entry_of(score(variant, eval_sets)))
             if progress:
@@ -235,7 +241,14 @@ def run(
         }
         row["retention"] = summarize([sum(r["scores"][n] for n in others) / max(1, len(others)) for r in runs])
         row["all"] = summarize([sum(r["scores"].values()) / len(eval_sets) for r in runs])
-        for key in ("gate_target", "gate_others", "train_seconds", "final_loss", "final_anchor_kl"):
+        for key in (
+            "gate_target",
+            "gate_others",
+            "train_seconds",
+            "lora_train_seconds",
+            "final_loss",
+            "final_anchor_kl",
+        ):
             values = [r[key] for r in runs if r.get(key) is not None]
             row[key] = summarize(values) if values else None
         row["per_seed"] = runs
@@ -394,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     text = report.table(results)
     print(f"\n{results['title']}  ({args.seeds} seed(s), metric: {results['metric']})\n")
     print(text)
+    for name, row in results["methods"].items():
+        if row.get("lora_train_seconds") and row.get("train_seconds"):
+            retro, lora = row["train_seconds"]["mean"], row["lora_train_seconds"]["mean"]
+            print(f"\n{name}: retrofit {retro:.2f} s vs the LoRA's training {lora:.2f} s ({retro / lora:.2f}x)")
     json_path = report.write_json(results, args.out)
     png_path = report.plot(results, args.out)
     print(f"\nwrote {json_path} and {png_path} in {results['wall_seconds']:.0f} s")

@@ -112,7 +112,32 @@ def default_methods(anchor_weights: tuple[float, ...] = (0.3, 1.0, 3.0), default
     ]
     for w in anchor_weights:
         methods.append(Method(f"IMSM + self anchors [gate] (w={w:g})", "imsm", anchor_weight=w, group="anchor-sweep"))
+    methods.append(Method(RETROFIT_METHOD, "derived", anchor_weight=1.0, derive_from="LoRA", group="retrofit",
+                          extra={"retrofit": True}))  # fmt: skip
     return methods
+
+
+RETROFIT_METHOD = "LoRA + retrofit [gate, self anchors] (w=1)"
+
+
+def retrofit_lora(
+    model: Any, tokenizer: Any, train: list[tuple[list[int], list[int]]], settings: FinetuneSettings, seed: int,
+    method: Method, num_examples: int = 256,
+) -> tuple[Any, Any]:  # fmt: skip
+    """The trained plain-LoRA ``model`` retrofitted with an IMSM gate, trained gate-only on stored hidden states
+    (``peft_imsm.retrofit.train_gate``) on ``num_examples`` of the target's training examples and self anchors.
+    Returns the model and the :class:`~peft_imsm.retrofit.GateTrainingLog` (its ``seconds_total`` counts everything
+    from the trained LoRA to the retrofitted model: building, anchor sampling, the stored pass, gate training)."""
+    from ..retrofit import retrofit, train_gate
+
+    start = time.perf_counter()
+    anchor = AnchorConfig(weight=method.anchor_weight, num_samples=4 * settings.anchor_samples,
+                          sample_length=settings.anchor_length, seed=seed)  # fmt: skip
+    model = retrofit(model, gate_rank=settings.gate_rank, gate_dropout=0.0, anchor=anchor)
+    log = train_gate(model, train[:num_examples], tokenizer, steps=settings.steps, lr=5e-3, seed=seed)
+    log.seconds_total = time.perf_counter() - start
+    model.eval()
+    return model, log
 
 
 def adapter_config(settings: FinetuneSettings) -> Any:

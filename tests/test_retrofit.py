@@ -1,0 +1,375 @@
+"""Retrofit: an adapter you already trained, wrapped in IMSM with its weights unchanged and frozen; the fast gate path.
+
+Invariants tested exactly (float32):
+* the retrofitted model with the gate forced to 0 gives the original adapter's logits, forced to 1 the base model's;
+* the wrapped adapter's weights are bit-identical to the original after retrofit, after ``train_gate`` and after
+  Trainer training; only the gate is trainable (also after reloading with ``is_trainable=True``);
+* the fast path's stored states give back the model's own logits (target tokens) and anchor KL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from helpers import VOCAB, adapter_config, batch, char_llama_config, quantizable_config, tiny_config, tiny_model
+from peft import (
+    AdaptionPromptConfig,
+    AutoPeftModelForCausalLM,
+    LoraConfig,
+    PeftModel,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from peft.utils import get_peft_model_state_dict
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
+
+from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, find_imsm_tuner
+from peft_imsm.anchors import anchor_kl
+from peft_imsm.bench.skills import TARGET_TASK, build_tokenizer, make_examples
+from peft_imsm.retrofit import (
+    _gate_on,
+    _model_logits,
+    _precompute_anchors,
+    _precompute_target,
+    retrofit,
+    train_gate,
+)
+
+SMALL_ANCHORS = AnchorConfig(num_samples=8, sample_length=6, batch_size=4)
+
+
+def trained_adapter(kind: str = "lora", arch: str = "llama", seed: int = 0) -> PeftModel:
+    """A peft model whose adapter differs from its initialisation (as if trained)."""
+    model = get_peft_model(tiny_model(arch, seed), adapter_config(kind, identity=False))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+    model.eval()
+    return model
+
+
+def adapter_weights(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The wrapped adapter's saved tensors (no gate), under peft's saved key names."""
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().clone() for k, v in state.items() if "imsm_gate" not in k}
+
+
+def labelled_batch(seed: int = 0, prompt: int = 5) -> dict[str, torch.Tensor]:
+    ids, mask = batch(seed=seed, batch_size=3, seq_len=12)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :prompt] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def target_rows(n: int = 12, seed: int = 0) -> list[dict[str, list[int]]]:
+    """(input_ids, labels) examples of random tokens: a 4-token prompt, then 4 supervised tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(3, VOCAB, (4 + i % 3 + 4,), generator=gen).tolist()
+        prompt = 4 + i % 3
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- building the model
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("source", ["folder", "peft_model"])
+def test_retrofit_loads_the_adapter_unchanged_and_trains_only_the_gate(tmp_path, kind, source):
+    original = trained_adapter(kind)
+    ids, mask = batch()
+    with torch.no_grad():
+        expected_adapted = original(input_ids=ids, attention_mask=mask).logits
+        with original.disable_adapter():
+            expected_frozen = original(input_ids=ids, attention_mask=mask).logits
+    weights = adapter_weights(original)
+    if source == "folder":
+        original.save_pretrained(tmp_path)
+        model = retrofit(tiny_model("llama"), str(tmp_path), anchor=SMALL_ANCHORS)
+    else:
+        model = retrofit(original, anchor=SMALL_ANCHORS)
+    model.eval()
+    tuner = find_imsm_tuner(model)
+    assert tuner.peft_config["default"].freeze_adapter is True
+    after = adapter_weights(model)
+    assert after.keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(after[key], value), key
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("imsm_gate" in n for n in trainable), trainable
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        p.numel() for p in tuner.gate.parameters()
+    )
+    with torch.no_grad():
+        tuner.gate.forced_value = 0.0
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits, expected_adapted, atol=1e-6, rtol=0
+        )
+        tuner.gate.forced_value = 1.0
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits, expected_frozen, atol=1e-6, rtol=0
+        )
+
+
+def test_retrofit_of_a_qlora_adapter(tmp_path):
+    """A LoRA adapter on a 4-bit base: retrofitted onto a freshly quantized base, it gives PeftModel's logits.
+
+    (Both models are compared from fresh quantized loads: bitsandbytes' CPU path rewrites a 4-bit layer's
+    quantization state at its first forward, so a base that already ran differs from a fresh one.)
+    """
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    def quantized():
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, device_map="cpu")
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(quantizable_config("llama")).save_pretrained(tmp_path / "base")
+    lora = get_peft_model(quantized(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    weights = adapter_weights(lora)
+    ids, mask = batch()
+    original = PeftModel.from_pretrained(quantized(), str(tmp_path / "lora")).eval()
+    with torch.no_grad():
+        expected = original(input_ids=ids, attention_mask=mask).logits
+    model = retrofit(quantized(), str(tmp_path / "lora"), anchor=SMALL_ANCHORS).eval()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    tuner = find_imsm_tuner(model)
+    tuner.gate.forced_value = 0.0
+    tuner.stacked_views = False  # the adapted view's pass is then exactly PeftModel's forward
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6, rtol=0)
+    after = adapter_weights(model)
+    for key, value in weights.items():
+        assert torch.equal(after[key], value), key
+
+
+# ------------------------------------------------------------------------------------------------ the fast path
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "cohere", "gpt2"])
+def test_fast_path_states_give_the_models_own_logits_and_anchor_kl(arch):
+    model = retrofit(trained_adapter("lora", arch), anchor=SMALL_ANCHORS).eval()
+    tuner = find_imsm_tuner(model)
+    with torch.no_grad():
+        tuner.gate.W_B.weight.normal_(std=0.5)  # a gate far from 0.5 everywhere
+    data = labelled_batch()
+    rows = []
+    for ids, mask, labels in zip(data["input_ids"], data["attention_mask"], data["labels"]):
+        keep = mask.bool()
+        rows.append((ids[keep].tolist(), labels[keep].tolist()))
+    with torch.no_grad():
+        stored = _precompute_target(model, tuner, rows, 3, torch.device("cpu"), 0)  # one chunk: same padding
+        _, mixed = _gate_on(tuner.gate, stored, torch.arange(len(stored)))
+        fast_logits = _model_logits(model, mixed)
+        logits = model(**data).logits
+    shifted = data["labels"][:, 1:]
+    supervised = shifted != -100
+    assert len(stored) == int(supervised.sum())
+    torch.testing.assert_close(fast_logits, logits[:, :-1][supervised], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stored.labels, shifted[supervised])
+
+    ids, mask = batch(seed=3)
+    with torch.no_grad():
+        anchors = _precompute_anchors(model, tuner, ids, mask, 3, 2**30)
+        _, mixed = _gate_on(tuner.gate, anchors, torch.arange(len(anchors)))
+        fast_kl = anchor_kl(anchors.frozen_logp, _model_logits(model, mixed), torch.ones(len(anchors)))
+        imsm_logits = model(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            frozen_logits = model(input_ids=ids, attention_mask=mask).logits
+        expected = anchor_kl(frozen_logits, imsm_logits, mask)
+    torch.testing.assert_close(fast_kl, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("data_format", ["ids", "pairs", "prompt_completion"])
+def test_train_gate_trains_the_gate_and_leaves_the_adapter_bit_identical(data_format):
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(char_llama_config(tok))
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    weights = adapter_weights(lora)
+    model = retrofit(lora, anchor=SMALL_ANCHORS)
+    gate_before = {n: p.detach().clone() for n, p in find_imsm_tuner(model).gate.named_parameters()}
+    examples = make_examples(TARGET_TASK, 16, seed=0, split="train")
+    if data_format == "prompt_completion":
+        data = [{"prompt": r["input"], "completion": r["output"]} for r in examples]
+    else:
+        encoded = []
+        for r in examples:
+            prompt = tok(r["input"])["input_ids"]
+            answer = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            encoded.append((prompt + answer, [-100] * len(prompt) + answer))
+        data = encoded if data_format == "pairs" else [{"input_ids": i, "labels": lab} for i, lab in encoded]
+    log = train_gate(model, data, tok, steps=5, batch_tokens=32)
+    supervised = sum(len(tok(r["output"], add_special_tokens=False)["input_ids"]) + 1 for r in examples)
+    assert log.target_examples == 16 and log.target_tokens == supervised
+    assert log.anchor_tokens == SMALL_ANCHORS.num_samples * (1 + SMALL_ANCHORS.sample_length)
+    assert len(log.loss) == len(log.task_loss) == len(log.anchor_kl) == 5
+    assert 0.0 < log.gate_mean < 1.0 and 0.0 < log.anchor_gate_mean < 1.0
+    assert log.seconds_total >= log.seconds_precompute + log.seconds_train
+    for name, param in find_imsm_tuner(model).gate.named_parameters():
+        assert not torch.equal(param.detach(), gate_before[name]), name
+    after = adapter_weights(model)
+    for key, value in weights.items():
+        assert torch.equal(after[key], value), key
+
+
+def test_train_gate_learns_a_separable_gate():
+    """Target text that the adapter writes, anchors that the frozen model writes: the gate tells them apart."""
+    lora = trained_adapter("lora")
+    gen = torch.Generator().manual_seed(5)
+    prompts = torch.randint(3, VOCAB, (32, 4), generator=gen)
+    with torch.no_grad():
+        written = lora.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6,
+                                min_new_tokens=6, do_sample=False, pad_token_id=0)  # fmt: skip
+    rows = [(row.tolist(), [-100] * 4 + row[4:].tolist()) for row in written]
+    model = retrofit(lora, anchor=AnchorConfig(num_samples=32, sample_length=8, weight=1.0))
+    log = train_gate(model, rows, steps=200, lr=2e-2, batch_tokens=64)
+    assert log.task_loss[-1] < log.task_loss[0]
+    assert log.anchor_gate_mean > log.gate_mean + 0.3, (log.gate_mean, log.anchor_gate_mean)
+
+
+# --------------------------------------------------------------- an ordinary IMSM model: Trainer, save, reload
+def test_retrofitted_model_trains_with_the_trainer_saves_reloads_and_generates(tmp_path):
+    torch.manual_seed(0)
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    weights = adapter_weights(lora)
+    model = retrofit(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "lora"),
+                     anchor=SMALL_ANCHORS)  # fmt: skip
+    gate_before = {n: p.detach().clone() for n, p in find_imsm_tuner(model).gate.named_parameters()}
+
+    rows = target_rows(16)
+
+    def collate(items):
+        width = max(len(i["input_ids"]) for i in items)
+        pad = lambda seq, v: [v] * (width - len(seq)) + seq  # noqa: E731  (left padding)
+        return {
+            "input_ids": torch.tensor([pad(i["input_ids"], 0) for i in items]),
+            "attention_mask": torch.tensor([pad([1] * len(i["input_ids"]), 0) for i in items]),
+            "labels": torch.tensor([pad(i["labels"], -100) for i in items]),
+        }
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=2, report_to=[], save_strategy="no", remove_unused_columns=False, use_cpu=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collate,
+                      callbacks=[IMSMLogCallback()])  # fmt: skip
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(0.0 < h["gate_mean"] < 1.0 and 0.0 < h["anchor_gate_mean"] < 1.0 for h in logged)
+    after = adapter_weights(model)
+    for key, value in weights.items():
+        assert torch.equal(after[key], value), key
+    assert any(not torch.equal(p.detach(), gate_before[n]) for n, p in find_imsm_tuner(model).gate.named_parameters())
+
+    model.save_pretrained(tmp_path / "imsm")
+    saved = json.loads((tmp_path / "imsm" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "IMSM" and saved["freeze_adapter"] is True
+    model.eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "imsm")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6, rtol=0)
+    resumed = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "imsm"), is_trainable=True
+    )
+    trainable = {n for n, p in resumed.named_parameters() if p.requires_grad}
+    assert trainable and all("imsm_gate" in n for n in trainable), trainable
+    out = reloaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (ids.shape[0], ids.shape[1] + 4)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def test_prompt_learning_adapter_is_refused(tmp_path):
+    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="prompt-learning adapter.*PROMPT_TUNING.*weight adapters"):
+        retrofit(tiny_model("llama"), str(tmp_path))
+    with pytest.raises(ValueError, match="prompt-learning adapter"):
+        retrofit(model)
+
+
+def test_adapter_type_imsm_cannot_wrap_is_refused(tmp_path):
+    model = get_peft_model(tiny_model("llama"), AdaptionPromptConfig(adapter_len=2, adapter_layers=1,
+                                                                    task_type="CAUSAL_LM"))  # fmt: skip
+    with pytest.raises(ValueError, match="cannot be retrofitted.*ADAPTION_PROMPT.*LoRA"):
+        retrofit(model)
+
+
+def test_an_imsm_adapter_is_refused_with_the_way_to_train_its_gate(tmp_path):
+    model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora")))
+    with pytest.raises(ValueError, match="already an IMSM model.*is_trainable=True.*train_gate"):
+        retrofit(model)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="already an IMSM adapter.*is_trainable=True"):
+        retrofit(tiny_model("llama"), str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["hidden_size", "modules"])
+def test_adapter_trained_on_another_base_is_refused(tmp_path, kind):
+    trained_adapter("lora").save_pretrained(tmp_path)
+    if kind == "hidden_size":
+        config = tiny_config("llama")
+        config.hidden_size, config.intermediate_size = 48, 96
+        other = AutoModelForCausalLM.from_config(config)
+        match = (
+            "does not fit this base model.*shape mismatch.*another base model.*pass the base model it was trained on"
+        )
+    else:
+        other = tiny_model("gpt2")
+        match = "not in this base model.*trained on another base model"
+    with pytest.raises(ValueError, match=match):
+        retrofit(other, str(tmp_path))
+
+
+def test_paths_without_an_adapter(tmp_path):
+    base = tiny_model("llama")
+    with pytest.raises(ValueError, match="no adapter_config.json.*save_pretrained"):
+        retrofit(base, str(tmp_path))
+    tiny_model("llama").save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match="looks like a full model.*base model"):
+        retrofit(base, str(tmp_path / "full"))
+    with pytest.raises(FileNotFoundError, match="No adapter folder"):
+        retrofit(base, str(tmp_path / "missing"))
+    trained_adapter("lora").save_pretrained(tmp_path / "lora")
+    os.remove(tmp_path / "lora" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="no adapter weights.*Save the adapter again"):
+        retrofit(base, str(tmp_path / "lora"))
+    with pytest.raises(ValueError, match="either the base model and the adapter"):
+        retrofit(trained_adapter("lora"), str(tmp_path / "lora"))
+    with pytest.raises(TypeError, match="adapter folder .* or a PeftModel"):
+        retrofit(base, 3)
+    with pytest.raises(ValueError, match="already has peft adapters.*plain base model"):
+        retrofit(trained_adapter("lora").get_base_model(), str(tmp_path / "lora"))
+
+
+@pytest.mark.parametrize("data", [[], None, [{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}]])
+def test_train_gate_refuses_no_target_data(data):
+    model = retrofit(trained_adapter("lora"), anchor=SMALL_ANCHORS)
+    with pytest.raises(ValueError, match="no target data.*copy the frozen model everywhere"):
+        train_gate(model, data)
+
+
+def test_train_gate_warns_without_anchors_and_refuses_a_fixed_gate():
+    model = retrofit(trained_adapter("lora"), anchor=None)
+    with pytest.warns(UserWarning, match="without anchors.*lean on the adapter everywhere"):
+        log = train_gate(model, target_rows(4), steps=2)
+    assert log.anchor_tokens == 0 and log.anchor_kl == []
+    fixed = retrofit(trained_adapter("lora"), gate_mode="fixed", anchor=SMALL_ANCHORS)
+    with pytest.raises(ValueError, match="no gate parameters"):
+        train_gate(fixed, target_rows(4))
+    with pytest.raises(TypeError, match="Expected an IMSM PeftModel.*retrofit"):
+        train_gate(trained_adapter("lora"), target_rows(4))
+    with pytest.raises(ValueError, match="need `labels`"):
+        train_gate(model, [{"input_ids": [5, 6, 7]}])
