@@ -38,6 +38,8 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from . import AnchorConfig, IMSMConfig, IMSMLogCallback, set_anchor_data
+from .anchors import ANCHOR_SOURCES
+from .gate import GATE_MODES
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -47,8 +49,6 @@ if TYPE_CHECKING:
 PROG = "imsm-sft"
 # argparse would list all ~250 options of TRL's dataclasses in the usage line of every error message.
 USAGE = f"{PROG} [-h] [--config RECIPE.yaml] [trl sft arguments ...] [--imsm_* arguments ...]"
-GATE_MODES = ("query", "token", "fixed")
-ANCHOR_SOURCES = ("self", "data")
 # Environment variables set by `accelerate launch` (and torchrun) in the processes they start.
 _LAUNCHED_ENV = ("ACCELERATE_MIXED_PRECISION", "LOCAL_RANK", "WORLD_SIZE")
 _DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
