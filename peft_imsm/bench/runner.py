@@ -117,7 +117,7 @@ def default_methods(anchor_weights: tuple[float, ...] = (0.3, 1.0, 3.0), default
     return methods
 
 
-RETROFIT_METHOD = "LoRA + retrofit [gate, self anchors] (w=1)"
+RETROFIT_METHOD = "LoRA + retrofit [gate] (w=1)"
 
 
 def retrofit_lora(
