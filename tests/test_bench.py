@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from peft_imsm.bench.cli import main, prepare_out_dir
+from peft_imsm.bench.runner import RETROFIT_METHOD
 from peft_imsm.bench.skills import build_tokenizer
 
 REDUCED = [
@@ -30,7 +31,7 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
     expected = {
         "base model", "LoRA", "LoRA x0.5 (weight interpolation)", "LoRA + intruder reduction (peft)", "IMSM",
         "IMSM w/o query", "IMSM w/o gate", "LoRA + anchor KL (w=1)", "IMSM + self anchors [gate+adapter] (w=1)",
-        "IMSM + self anchors [gate] (w=0.5)", "IMSM + self anchors [gate] (w=2)",
+        "IMSM + self anchors [gate] (w=0.5)", "IMSM + self anchors [gate] (w=2)", RETROFIT_METHOD,
     }  # fmt: skip
     assert set(methods) == expected
     tasks = [results["target"], *results["retention_tasks"]]
