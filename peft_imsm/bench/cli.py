@@ -401,8 +401,18 @@ def main(argv: list[str] | None = None) -> int:
         from .real import run_real
 
         results = run_real(args)
+    elif args.model:
+        results = run_custom(args)
     else:
-        results = run_custom(args) if args.model else run_default(args)
+        # The default run trains and scores on ONE thread, like the skills LM's build: float sums depend on the
+        # thread count, so this makes its figures the same on every machine (and a busy neighbour cannot slow two
+        # OpenMP threads down several-fold); a model of this size gains little from a second thread.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results = run_default(args)
+        finally:
+            torch.set_num_threads(threads)
     results["wall_seconds"] = time.perf_counter() - start
     text = report.table(results)
     print(f"\n{results['title']}  ({args.seeds} seed(s), metric: {results['metric']})\n")
