@@ -317,16 +317,16 @@ class GateTrainingLog:
 class _Tokens:
     """Stored final hidden states of both views at the tokens that carry a loss (all on the model's device)."""
 
-    h_base: torch.Tensor  # [n, d]
-    h_tuned: torch.Tensor  # [n, d]
+    h_frozen: torch.Tensor  # [n, d]
+    h_adapted: torch.Tensor  # [n, d]
     seq: torch.Tensor  # [n] long, which sequence each token belongs to
-    q_base: torch.Tensor  # [num_sequences, d] float32 query summaries
-    q_tuned: torch.Tensor  # [num_sequences, d]
+    q_frozen: torch.Tensor  # [num_sequences, d] float32 query summaries
+    q_adapted: torch.Tensor  # [num_sequences, d]
     labels: torch.Tensor | None = None  # [n] next-token ids (target tokens)
     frozen_logp: torch.Tensor | None = None  # [n, vocab] frozen view's log-probabilities (anchors, small vocab)
 
     def __len__(self) -> int:
-        return self.h_base.shape[0]
+        return self.h_frozen.shape[0]
 
 
 def train_gate(
@@ -411,7 +411,7 @@ def train_gate(
             if config.source == "data" and anchor_texts is not None:
                 set_anchor_data(model, list(anchor_texts), tokenizer)
             prepare_anchors(model)
-            anchors = tuner._anchors
+            anchors = tuner.anchor_set()
             anchor_ids, anchor_mask = anchors.input_ids, anchors.attention_mask
         seconds_anchors = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -511,9 +511,9 @@ def _capture_views(
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        h_base = args[0] if args else kwargs["h_base"]
-        h_tuned = args[1] if len(args) > 1 else kwargs["h_tuned"]
-        captured.append((h_base, h_tuned))
+        h_frozen = args[0] if args else kwargs["h_frozen"]
+        h_adapted = args[1] if len(args) > 1 else kwargs["h_adapted"]
+        captured.append((h_frozen, h_adapted))
 
     handle = tuner.gate.register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -552,11 +552,11 @@ def _model_logits(model: PeftModel, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _check_head(model: PeftModel, tuner: IMSMModel, h_base, h_tuned, mask, logits) -> None:
+def _check_head(model: PeftModel, tuner: IMSMModel, h_frozen, h_adapted, mask, logits) -> None:
     """The stored states must give back the model's own last-position logits (catches unknown head processing)."""
-    index = build_query_index(h_base.shape[0], h_base.shape[1], h_base.device, attention_mask=mask)
-    qb, qt = query_summary(h_base, index), query_summary(h_tuned, index)
-    hb, ht = h_base[:, -1], h_tuned[:, -1]
+    index = build_query_index(h_frozen.shape[0], h_frozen.shape[1], h_frozen.device, attention_mask=mask)
+    qb, qt = query_summary(h_frozen, index), query_summary(h_adapted, index)
+    hb, ht = h_frozen[:, -1], h_adapted[:, -1]
     mixed = IMSMGate.interweave(hb, ht, tuner.gate(hb, ht, qb, qt))
     mine = _model_logits(model, mixed).float()
     theirs = logits[:, -1].float()
@@ -576,17 +576,17 @@ def _precompute_target(model, tuner, examples, batch_size, device, pad_id) -> _T
         chunk = examples[i : i + batch_size]
         ids, mask = _left_pad([e[0] for e in chunk], pad_id, pad_id, device)
         labels, _ = _left_pad([e[1] for e in chunk], pad_id, -100, device)
-        h_base, h_tuned, logits = _capture_views(model, tuner, input_ids=ids, attention_mask=mask)
+        h_frozen, h_adapted, logits = _capture_views(model, tuner, input_ids=ids, attention_mask=mask)
         if i == 0:
-            _check_head(model, tuner, h_base, h_tuned, mask, logits)
+            _check_head(model, tuner, h_frozen, h_adapted, mask, logits)
         index = build_query_index(ids.shape[0], ids.shape[1], device, attention_mask=mask, labels=labels)
-        parts["qb"].append(query_summary(h_base, index))
-        parts["qt"].append(query_summary(h_tuned, index))
+        parts["qb"].append(query_summary(h_frozen, index))
+        parts["qt"].append(query_summary(h_adapted, index))
         # position t predicts token t + 1: keep the positions whose next token is supervised
         nxt = labels[:, 1:]
         rows, cols = (nxt != -100).nonzero(as_tuple=True)
-        parts["hb"].append(h_base[rows, cols])
-        parts["ht"].append(h_tuned[rows, cols])
+        parts["hb"].append(h_frozen[rows, cols])
+        parts["ht"].append(h_adapted[rows, cols])
         parts["seq"].append(rows + offset)
         parts["y"].append(nxt[rows, cols])
         offset += ids.shape[0]
@@ -599,33 +599,33 @@ def _precompute_anchors(model, tuner, ids, mask, batch_size, max_cached_logits) 
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("hb", "ht", "seq", "qb", "qt")}
     for i in range(0, ids.shape[0], batch_size):
         chunk_ids, chunk_mask = ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device)
-        h_base, h_tuned, _ = _capture_views(model, tuner, input_ids=chunk_ids, attention_mask=chunk_mask)
+        h_frozen, h_adapted, _ = _capture_views(model, tuner, input_ids=chunk_ids, attention_mask=chunk_mask)
         index = build_query_index(chunk_ids.shape[0], chunk_ids.shape[1], device, attention_mask=chunk_mask)
-        parts["qb"].append(query_summary(h_base, index))
-        parts["qt"].append(query_summary(h_tuned, index))
+        parts["qb"].append(query_summary(h_frozen, index))
+        parts["qt"].append(query_summary(h_adapted, index))
         rows, cols = chunk_mask.bool().nonzero(as_tuple=True)
-        parts["hb"].append(h_base[rows, cols])
-        parts["ht"].append(h_tuned[rows, cols])
+        parts["hb"].append(h_frozen[rows, cols])
+        parts["ht"].append(h_adapted[rows, cols])
         parts["seq"].append(rows + i)
     cat = {k: torch.cat(v) for k, v in parts.items()}
     tokens = _Tokens(cat["hb"], cat["ht"], cat["seq"], cat["qb"], cat["qt"])
     vocab = model.get_output_embeddings().weight.shape[0]
     if len(tokens) * vocab <= max_cached_logits:
-        tokens.frozen_logp = _frozen_logp(model, tokens.h_base)
+        tokens.frozen_logp = _frozen_logp(model, tokens.h_frozen)
     return tokens
 
 
 @torch.no_grad()
-def _frozen_logp(model: PeftModel, h_base: torch.Tensor) -> torch.Tensor:
+def _frozen_logp(model: PeftModel, h_frozen: torch.Tensor) -> torch.Tensor:
     """The frozen view's log-probabilities: its own head (adapter off, e.g. for an adapted lm_head)."""
     with model.disable_adapter():
-        return F.log_softmax(_model_logits(model, h_base).float(), dim=-1)
+        return F.log_softmax(_model_logits(model, h_frozen).float(), dim=-1)
 
 
 def _gate_on(gate: IMSMGate, tokens: _Tokens, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hb, ht = tokens.h_base[idx], tokens.h_tuned[idx]
+    hb, ht = tokens.h_frozen[idx], tokens.h_adapted[idx]
     seq = tokens.seq[idx]
-    g = gate(hb, ht, tokens.q_base[seq], tokens.q_tuned[seq])
+    g = gate(hb, ht, tokens.q_frozen[seq], tokens.q_adapted[seq])
     return g, IMSMGate.interweave(hb, ht, g)
 
 
@@ -639,7 +639,7 @@ def _optimise_gate(model, gate, target, anchor, weight, steps, lr, batch_tokens,
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps))),
     )
-    device = target.h_base.device
+    device = target.h_frozen.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     anchor_batch_tokens = anchor_batch_tokens or batch_tokens
     gate.train()
@@ -655,7 +655,7 @@ def _optimise_gate(model, gate, target, anchor, weight, steps, lr, batch_tokens,
             frozen = (
                 anchor.frozen_logp[a_idx]
                 if anchor.frozen_logp is not None
-                else _frozen_logp(model, anchor.h_base[a_idx])
+                else _frozen_logp(model, anchor.h_frozen[a_idx])
             )
             ones = torch.ones(a_idx.shape[0], device=device)
             kl = anchor_kl(frozen, _model_logits(model, a_mixed), ones)
@@ -673,7 +673,7 @@ def _optimise_gate(model, gate, target, anchor, weight, steps, lr, batch_tokens,
 def _mean_gate(gate: IMSMGate, tokens: _Tokens, chunk: int = 4096) -> float:
     total, count = 0.0, 0
     for i in range(0, len(tokens), chunk):
-        idx = torch.arange(i, min(i + chunk, len(tokens)), device=tokens.h_base.device)
+        idx = torch.arange(i, min(i + chunk, len(tokens)), device=tokens.h_frozen.device)
         g, _ = _gate_on(gate, tokens, idx)
         total += float(g.mean(dim=-1).sum())
         count += idx.numel()
