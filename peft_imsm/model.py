@@ -276,10 +276,6 @@ class IMSMModel(BaseTuner):
             out["task_loss"] = float(stats["task_loss"]) / anchored
         return out
 
-    def pop_anchor_stats(self) -> dict[str, float]:
-        """Deprecated name of :meth:`pop_training_stats`."""
-        return self.pop_training_stats()
-
     def _keep_gate_float32(self) -> None:
         """Put the gate's weights back in float32 before the first training step.
 

@@ -45,7 +45,7 @@ def test_anchor_term_is_added_and_vanishes_when_the_gate_is_one():
     model = anchored()
     ids, mask, labels = labelled_batch()
     task_only = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
-    stats = model.base_model.pop_anchor_stats()
+    stats = model.base_model.pop_training_stats()
     assert stats["anchor_kl"] > 0
     anchor, model.peft_config["default"].anchor = model.peft_config["default"].anchor, None
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_anchors_with_gradient_checkpointing(reentrant):
     ids, mask, labels = labelled_batch()
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "imsm_gate" in n)
-    assert model.base_model.pop_anchor_stats()["anchor_kl"] >= 0
+    assert model.base_model.pop_training_stats()["anchor_kl"] >= 0
 
 
 def test_anchors_on_a_4bit_quantized_base(tmp_path):
@@ -180,7 +180,7 @@ def test_anchors_on_a_4bit_quantized_base(tmp_path):
     ids, mask, labels = labelled_batch()
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
-    assert torch.isfinite(loss) and model.base_model.pop_anchor_stats()["anchor_kl"] >= 0
+    assert torch.isfinite(loss) and model.base_model.pop_training_stats()["anchor_kl"] >= 0
 
 
 def _trainer(model, out_dir, steps: int, save_steps: int | None = None):

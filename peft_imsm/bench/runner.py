@@ -229,7 +229,7 @@ def finetune(
         schedule.step()
         log["loss"].append(float(loss.detach()))
         if method.kind == "imsm" and method.anchor_weight is not None:
-            stats = model.base_model.pop_anchor_stats()
+            stats = model.base_model.pop_training_stats()
             if stats:
                 log["anchor_kl"].append(stats["anchor_kl"])
         if step % 10 == 0:
