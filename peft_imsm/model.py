@@ -240,8 +240,11 @@ class IMSMModel(BaseTuner):
         ``labels`` (training forwards only) select the supervised tokens: the gate at position ``t`` makes the
         logits that predict token ``t + 1``, so position ``t`` counts when ``labels[t + 1] != -100``.
         """
+        recorders = _GATE_RECORDERS.get()
+        if not recorders and labels is None and stat != "anchor_gate":
+            return  # (generation and evaluation outside record_gate: nothing to compute at this decode step)
         per_position = gate.mean(dim=-1)  # [batch, seq]
-        for log, per_token in _GATE_RECORDERS.get():
+        for log, per_token in recorders:
             log.append(per_position.float().cpu() if per_token else _row_means(per_position, attention_mask))
         weights = None
         if labels is not None and labels.shape == per_position.shape:

@@ -245,8 +245,9 @@ def _load_adapter_weights(
     adapter_config: PeftConfig,
 ) -> None:
     """Load the wrapped adapter's weights bit for bit; every adapter tensor must be found, with its shape."""
-    expected = {k: v for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
-    expected = {k: v for k, v in expected.items() if "imsm_gate." not in k}
+    current = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    expected = {k: v for k, v in current.items() if "imsm_gate." not in k}
+    new_gate = {k: v.detach().clone() for k, v in current.items() if "imsm_gate." in k}
     trained_on = adapter_config.base_model_name_or_path or "the base model named in its adapter_config.json"
     mismatched = [
         f"{k}: adapter {tuple(weights[k].shape)}, this model {tuple(v.shape)}"
@@ -273,10 +274,8 @@ def _load_adapter_weights(
             f"{source} does not fit this base model ({type(peft_model.get_base_model()).__name__}): {details}. It was "
             f"trained on another base model ({trained_on}); pass the base model it was trained on."
         )
-    with warnings.catch_warnings():
-        # (the core warns that the gate is not in the loaded weights: it is new here, on purpose)
-        warnings.filterwarnings("ignore", message="Loading the IMSM adapter")
-        result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+    # The complete IMSM state: the adapter's weights and the new gate as initialised (so nothing is missing).
+    result = set_peft_model_state_dict(peft_model, {**new_gate, **weights}, adapter_name=adapter_name)
     left = [k for k in result.unexpected_keys if "imsm_gate" not in k]
     if left:
         raise ValueError(f"{source}: {len(left)} adapter tensor(s) were not loaded, e.g. {left[0]}.")
