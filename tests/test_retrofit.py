@@ -373,3 +373,34 @@ def test_train_gate_warns_without_anchors_and_refuses_a_fixed_gate():
         train_gate(trained_adapter("lora"), target_rows(4))
     with pytest.raises(ValueError, match="need `labels`"):
         train_gate(model, [{"input_ids": [5, 6, 7]}])
+
+
+def test_retrofitted_model_trains_with_trls_sft_trainer(tmp_path):
+    """``SFTTrainer(model=retrofitted)``: only the gate moves, the adapter stays bit-identical, the gate is logged."""
+    from trl import SFTConfig, SFTTrainer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    lora = get_peft_model(
+        LlamaForCausalLM(char_llama_config(tok)),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    model = retrofit(lora, anchor=SMALL_ANCHORS)
+    adapter_before = adapter_weights(model)
+    gate_before = {n: p.detach().clone() for n, p in model.named_parameters() if "imsm_gate" in n}
+    rows = make_examples(TARGET_TASK, 32, seed=0, split="train")
+    data = Dataset.from_list([{"prompt": r["input"], "completion": r["output"]} for r in rows])
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, max_length=64,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[IMSMLogCallback()]
+    )
+    trainer.train()
+    after = adapter_weights(trainer.model)
+    assert set(adapter_before) <= set(after)  # (+ the anchor draw count saved with an anchored adapter)
+    assert all(torch.equal(after[k], adapter_before[k]) for k in adapter_before)
+    moved = [n for n, p in trainer.model.named_parameters() if "imsm_gate" in n and not torch.equal(p, gate_before[n])]
+    assert moved
+    assert any("gate_mean" in h and "anchor_gate_mean" in h for h in trainer.state.log_history)
