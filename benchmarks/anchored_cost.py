@@ -8,7 +8,8 @@ step and the median wall time is reported, with the ratio to plain LoRA:
 * ``LoRA``, ``IMSM``: no anchors;
 * ``IMSM + anchors [gate]``: the anchor term trains the gate only (the adapted view runs without autograd there);
 * ``IMSM + anchors [gate+adapter]``: the anchor term trains the adapter too;
-* ``LoRA + anchor KL``: ``imsm-bench``'s self-distillation baseline (frozen logits under ``disable_adapter()``).
+* ``LoRA + anchor KL``: ``imsm-bench``'s self-distillation baseline (the frozen logits on the anchors computed once,
+  under ``disable_adapter()``, as IMSM computes its frozen side once).
 
     python benchmarks/anchored_cost.py [--steps 30] [--threads 1]
 
@@ -27,7 +28,7 @@ import peft_imsm
 from peft_imsm.anchors import AnchorConfig, anchor_kl, sample_self_anchors
 from peft_imsm.bench.batching import collate, encode_examples
 from peft_imsm.bench.pretrain import load_or_build_skills_model
-from peft_imsm.bench.runner import FinetuneSettings, Method, build_model
+from peft_imsm.bench.runner import FinetuneSettings, Method, build_model, frozen_anchor_logits_of
 from peft_imsm.bench.skills import TARGET_TASK, make_examples
 
 METHODS = [
@@ -55,16 +56,20 @@ class Trainee:
             config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=0)
             with self.model.disable_adapter():
                 self.kl_anchors = sample_self_anchors(self.model.get_base_model(), config, torch.device("cpu"))
+            self.kl_frozen = frozen_anchor_logits_of(self.model, self.kl_anchors, settings.anchor_batch_size, "cpu")
         self.draws = 0
 
     def step(self, batch: dict) -> float:
         start = time.perf_counter()
         loss = self.model(**batch, use_cache=False).loss
         if self.kl_anchors is not None:
-            ids, mask = self.kl_anchors.batch(self.draws, self.settings.anchor_batch_size, torch.device("cpu"))
+            rows = self.kl_anchors.rows(self.draws, self.settings.anchor_batch_size)
             self.draws += 1
-            with torch.no_grad(), self.model.disable_adapter():
-                frozen = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            ids, mask, frozen = (
+                self.kl_anchors.input_ids[rows],
+                self.kl_anchors.attention_mask[rows],
+                self.kl_frozen[rows],
+            )
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = loss + self.method.anchor_weight * anchor_kl(frozen, logits, mask)
         loss.backward()

@@ -23,15 +23,16 @@ REDUCED = [
 def test_default_run_at_reduced_size(tmp_path, capsys):
     cache = tmp_path / "cache"
     out = tmp_path / "out"
-    assert main([*REDUCED, "--seeds", "2", "--cache-dir", str(cache), "--out", str(out)]) == 0
+    assert main([*REDUCED, "--seeds", "2", "--cache-dir", str(cache), "--out", str(out), "--jobs", "2"]) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert (out / "results.png").stat().st_size > 10_000
     methods = results["methods"]
     expected = {
         "base model", "LoRA", "LoRA x0.5 (weight interpolation)", "LoRA + intruder reduction (peft)", "IMSM",
-        "IMSM w/o query", "IMSM w/o gate", "LoRA + anchor KL (w=1)", "IMSM + self anchors [gate+adapter] (w=1)",
-        "IMSM + self anchors [gate] (w=0.5)", "IMSM + self anchors [gate] (w=2)", RETROFIT_METHOD,
+        "IMSM w/o query", "IMSM w/o gate", RETROFIT_METHOD,
+        *(f"{kind} (w={w})" for w in ("0.5", "2") for kind in (
+            "LoRA + anchor KL", "IMSM + self anchors [gate]", "IMSM + self anchors [gate+adapter]")),
     }  # fmt: skip
     assert set(methods) == expected
     tasks = [results["target"], *results["retention_tasks"]]
@@ -45,12 +46,16 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
     assert 0.0 < methods["IMSM"]["gate_target"]["mean"] < 1.0
     assert methods["IMSM w/o gate"]["gate_others"]["mean"] == pytest.approx(0.5)
     assert methods["base model"]["scores"][tasks[1]]["std"] == 0.0
-    # Same seeds, same data: a second run reproduces the figures exactly (the skills LM now comes from the cache).
-    subset = "LoRA,IMSM"
-    main([*REDUCED, "--seeds", "1", "--cache-dir", str(cache), "--out", str(tmp_path / "again"), "--methods", subset])
-    again = json.loads((tmp_path / "again" / "results.json").read_text())["methods"]
-    for name in ("LoRA", "IMSM"):
-        assert again[name]["per_seed"][0]["scores"] == methods[name]["per_seed"][0]["scores"]
+    # Same seeds, same data: a second run, one method at a time in this process (--jobs 1) instead of two worker
+    # processes, reproduces the figures exactly (the skills LM now comes from the cache).
+    subset = ["LoRA", "IMSM", "LoRA + anchor KL (w=2)", "IMSM + self anchors [gate+adapter] (w=2)", RETROFIT_METHOD]
+    again_out = tmp_path / "again"
+    argv = [*REDUCED, "--seeds", "2", "--cache-dir", str(cache), "--out", str(again_out), "--jobs", "1"]
+    assert main([*argv, "--methods", ",".join(subset)]) == 0
+    again = json.loads((again_out / "results.json").read_text())["methods"]
+    for name in subset:
+        for seed in (0, 1):
+            assert again[name]["per_seed"][seed]["scores"] == methods[name]["per_seed"][seed]["scores"], (name, seed)
 
 
 def test_existing_results_are_never_overwritten_silently(tmp_path):
@@ -172,6 +177,23 @@ def test_bad_finetuning_option_is_refused():
 
     with pytest.raises(SystemExit, match="r must be >= 1"):
         settings_from(parse_args(["--rank", "0"]))
+
+
+def test_bad_jobs_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--jobs must be >= 1")
+    assert not (tmp_path / "out").exists():
+        main(["--jobs", "0", "--out", str(tmp_path / "out")])
+
+
+def test_default_jobs_is_one_per_core_on_the_cpu(monkeypatch):
+    from peft_imsm.bench import parallel
+
+    monkeypatch.setattr(parallel.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(3)), raising=False)
+    assert parallel.default_jobs() == 3
+    assert parallel.default_jobs(max_jobs=2) == 2
+    monkeypatch.setattr(parallel.torch.cuda, "is_available", lambda: True)
+    assert parallel.default_jobs() == 1
 
 
 def test_limit_is_an_eval_only_alias(capsys):

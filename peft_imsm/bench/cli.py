@@ -19,6 +19,7 @@ import torch
 
 from . import report
 from .batching import encode_examples, format_prompt, has_chat_template
+from .parallel import default_jobs, map_runs
 from .runner import (
     ADAPTERS,
     FinetuneSettings,
@@ -51,9 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--anchor-weights", default=None,
-        help="anchor_weight sweep of IMSM + self anchors (default 0.3,1,3; --protocol real: 1)",
+        help="anchor weights: one row of each anchored method (LoRA + anchor KL, IMSM + self anchors [gate], [gate+adapter]) per weight (default 1)",
     )  # fmt: skip
     p.add_argument("--methods", default=None, help="comma-separated subset of method names to run")
+    p.add_argument(
+        "--jobs", type=int, default=None,
+        help="(method, seed) runs trained at once, each in its own one-thread process; the figures do not depend on "
+        "it (default: one per CPU core, at most 4, for the default run and --protocol real; 1 with a GPU or for "
+        "--model with your own --train/--eval sets)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     t = p.add_argument_group("fine-tuning (every method gets the same; defaults depend on the run)")
     t.add_argument("--adapter", choices=ADAPTERS, default="lora")
@@ -179,12 +186,14 @@ def run(
     progress: bool,
     retention_tasks: list[str] | None = None,
     first_seed: int = 0,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train every method for every seed, score every eval set, and aggregate (mean ± std over seeds).
 
     ``train``: encoded ``(input_ids, labels)`` examples. ``score(model, eval_sets)`` returns an :class:`Evaluation`:
     the primary score per set, every metric per set, and (IMSM) the mean gate of every scored prompt, read during
     the scoring itself. ``retention_tasks``: the sets averaged into "retention" (default: every set but the target).
+    ``jobs``: (method, seed) runs trained and scored at once, in forked one-thread workers (:mod:`.parallel`).
     """
     others = retention_tasks if retention_tasks is not None else [name for name in eval_sets if name != target]
     per_seed: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
@@ -200,31 +209,35 @@ def run(
         entry["gate_others"] = statistics.fmean(other_gates) if other_gates else None
         return entry
 
-    for seed in range(first_seed, first_seed + seeds):
-        for method in methods:
-            if method.kind == "base":
-                per_seed[method.name].append(entry_of(base_eval))
-                continue
-            if method.kind == "derived":
-                continue
-            model, log = finetune(copy.deepcopy(base), tokenizer, method, train, settings, seed, progress)
-            entry = entry_of(score(model, eval_sets))
-            entry.update(train_seconds=log["seconds"], final_loss=log["loss"][-1])
-            if log["anchor_kl"]:
-                entry["final_anchor_kl"] = log["anchor_kl"][-1]
-            per_seed[method.name].append(entry)
-            for derived in methods:
-                if derived.derive_from == method.name and derived.extra.get("retrofit"):
-                    variant, rlog = retrofit_lora(copy.deepcopy(model), tokenizer, train, settings, seed, derived)
-                    per_seed[derived.name].append({**entry_of(score(variant, eval_sets)),
-                                                   "train_seconds": rlog.seconds_total,
-                                                   "lora_train_seconds": log["seconds"]})  # fmt: skip
-                elif derived.derive_from == method.name:
-                    variant = derived.derive(copy.deepcopy(model))
-                    per_seed[derived.name].append(entry_of(score(variant, eval_sets)))
-            if progress:
-                done = {k: round(v, 1) for k, v in entry["scores"].items()}
-                print(f"  [{time.perf_counter() - t0:6.0f}s] seed {seed} {method.name}: {done}", file=sys.stderr)
+    def train_and_score(seed: int, method: Method) -> list[tuple[str, dict[str, Any]]]:
+        """One trained method (and the variants derived from it) for one seed: ``[(row name, per-seed entry)]``."""
+        model, log = finetune(copy.deepcopy(base), tokenizer, method, train, settings, seed, progress and jobs <= 1)
+        entry = entry_of(score(model, eval_sets))
+        entry.update(train_seconds=log["seconds"], final_loss=log["loss"][-1])
+        if log["anchor_kl"]:
+            entry["final_anchor_kl"] = log["anchor_kl"][-1]
+        out = [(method.name, entry)]
+        for derived in methods:
+            if derived.derive_from == method.name and derived.extra.get("retrofit"):
+                variant, rlog = retrofit_lora(copy.deepcopy(model), tokenizer, train, settings, seed, derived)
+                out.append((derived.name, {**entry_of(score(variant, eval_sets)), "train_seconds": rlog.seconds_total,
+                                           "lora_train_seconds": log["seconds"]}))  # fmt: skip
+            elif derived.derive_from == method.name:
+                variant = derived.derive(copy.deepcopy(model))
+                out.append((derived.name, entry_of(score(variant, eval_sets))))
+        if progress:
+            done = {k: round(v, 1) for k, v in entry["scores"].items()}
+            print(f"  [{time.perf_counter() - t0:6.0f}s] seed {seed} {method.name}: {done}", file=sys.stderr)
+        return out
+
+    seed_range = range(first_seed, first_seed + seeds)
+    runs = [(seed, method) for seed in seed_range for method in methods if method.kind not in ("base", "derived")]
+    for entries in map_runs(train_and_score, runs, jobs):
+        for name, entry in entries:
+            per_seed[name].append(entry)
+    for method in methods:
+        if method.kind == "base":
+            per_seed[method.name] = [entry_of(base_eval) for _ in seed_range]
     methods_out: dict[str, Any] = {}
     for method in methods:
         runs = per_seed[method.name]
@@ -272,8 +285,7 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
     eval_sets = {TARGET_TASK: make_examples(TARGET_TASK, args.eval_examples, seed=1, split="test")}
     for task in MIXTURE_TASKS:
         eval_sets[task] = make_examples(task, args.eval_examples, seed=1, split="test")
-    weights = anchor_weights(args, "0.3,1,3")
-    methods = select(default_methods(weights, default_weight=1.0), args.methods)
+    methods = select(default_methods(anchor_weights(args, "1")), args.methods)
     # LoRA r=8 on the attention's q/v projections: plain LoRA learns the target to 100% and forgets part of the
     # skills mixture (measured when the skills LM was designed), which is the regime where the methods differ.
     settings = settings_from(args, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3, steps=200)
@@ -285,7 +297,7 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
 
     train = encode_examples(tokenizer, train_rows, settings.max_length)
     results = run(base, tokenizer, methods, train, eval_sets, score, TARGET_TASK, settings, args.seeds, progress,
-                  first_seed=args.first_seed)  # fmt: skip
+                  first_seed=args.first_seed, jobs=args.jobs)  # fmt: skip
     results["title"] = f"imsm-bench default: skills LM fine-tuned on '{TARGET_TASK}' ({args.adapter})"
     results["metric"] = "exact match (%)"
     results["settings"] = {**vars(args), "finetune": vars(settings), "pretrain_recipe": vars(recipe)}
@@ -325,8 +337,7 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
     base, tokenizer = load_model(args)
     chat = use_chat_template(args, tokenizer)
     progress = not args.no_progress
-    weights = anchor_weights(args, "0.3,1,3")
-    all_methods = default_methods(weights, default_weight=1.0)
+    all_methods = default_methods(anchor_weights(args, "1"))
     default_names = "base model,LoRA,IMSM,IMSM + self anchors [gate] (w=1)"
     methods = select(all_methods, args.methods or default_names)
     settings = settings_from(args, steps=200, batch_size=8, lr=3e-4, r=16, lora_alpha=16, lora_dropout=0.1,
@@ -348,7 +359,7 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
 
     train = encode_examples(tokenizer, train_rows, settings.max_length, chat=chat)
     results = run(base, tokenizer, methods, train, eval_sets, score, target, settings, args.seeds, progress,
-                  first_seed=args.first_seed)  # fmt: skip
+                  first_seed=args.first_seed, jobs=args.jobs)  # fmt: skip
     results["title"] = f"imsm-bench: {args.model} fine-tuned on {os.path.basename(args.train)} ({args.adapter})"
     results["metric"] = {name: names[0] for name, names in metric_names.items()}
     results["settings"] = {**vars(args), "chat_template": chat, "train_rows": len(train_rows),
@@ -391,26 +402,32 @@ def use_chat_template(args: argparse.Namespace, tokenizer: Any) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be >= 1 (got {args.jobs}).")
     prepare_out_dir(args.out, args.overwrite)
     if args.seeds < 1:
         raise SystemExit("error: --seeds must be >= 1.")
     start = time.perf_counter()
-    if args.protocol == "real":
-        if not args.model:
-            raise SystemExit("error: --protocol real needs --model (an HF folder, hub id or GGUF file).")
-        from .real import run_real
-
-        results = run_real(args)
-    elif args.model:
+    custom = args.model and args.protocol != "real"
+    if args.jobs is None:
+        args.jobs = 1 if custom else default_jobs()
+    if custom:
         results = run_custom(args)
     else:
-        # The default run trains and scores on ONE thread, like the skills LM's build: float sums depend on the
-        # thread count, so this makes its figures the same on every machine (and a busy neighbour cannot slow two
-        # OpenMP threads down several-fold); a model of this size gains little from a second thread.
+        # The default run and the real-model protocol train and score on ONE thread per run (--jobs runs several at
+        # once): float sums depend on the thread count, so this makes their figures the same on every machine and
+        # for every --jobs, and a busy neighbour cannot slow two OpenMP threads that wait on each other several-fold.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            results = run_default(args)
+            if args.protocol == "real":
+                if not args.model:
+                    raise SystemExit("error: --protocol real needs --model (an HF folder, hub id or GGUF file).")
+                from .real import run_real
+
+                results = run_real(args)
+            else:
+                results = run_default(args)
         finally:
             torch.set_num_threads(threads)
     results["wall_seconds"] = time.perf_counter() - start

@@ -297,25 +297,14 @@ class RealProtocol:
 def real_methods(chat_prefix: list[int] | None, weights: Sequence[float] = (1.0,)) -> list[Any]:
     """The protocol's methods: base, LoRA, IMSM, and per anchor weight LoRA + anchor KL and the two self-anchored
     IMSM variants. ``chat_prefix``: the chat template's user-turn prefix, where self anchors start (else BOS)."""
-    from .runner import Method
+    from .runner import Method, anchored_methods
 
     methods = [
         Method("base model", "base", group="reference"),
         Method("LoRA", "lora", group="paper"),
         Method("IMSM", "imsm", "query", group="paper"),
     ]
-    for w in weights:
-        methods += [
-            Method(f"LoRA + anchor KL (w={w:g})", "lora", anchor_weight=w, group="anchor"),
-            Method(f"IMSM + self anchors [gate] (w={w:g})", "imsm", anchor_weight=w, group="anchor"),
-            Method(
-                f"IMSM + self anchors [gate+adapter] (w={w:g})",
-                "imsm",
-                anchor_weight=w,
-                anchor_train_adapter=True,
-                group="anchor",
-            ),  # fmt: skip
-        ]
+    methods += anchored_methods(tuple(weights))
     if chat_prefix:
         for m in methods:
             if m.anchor_weight is not None:

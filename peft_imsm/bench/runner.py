@@ -86,7 +86,10 @@ def reduce_intruders(model: Any) -> Any:
     return model
 
 
-def default_methods(anchor_weights: tuple[float, ...] = (0.3, 1.0, 3.0), default_weight: float = 1.0) -> list[Method]:
+def default_methods(anchor_weights: tuple[float, ...] = (1.0,)) -> list[Method]:
+    """The default run's rows: the paper's methods and ablations, post-hoc LoRA baselines, and per anchor weight
+    the anchored methods (LoRA + anchor KL, IMSM + self anchors on the gate alone and on gate+adapter); the retrofit
+    of the trained LoRA (weight 1)."""
     methods = [
         Method("base model", "base", group="reference"),
         Method("LoRA", "lora", group="paper"),
@@ -101,19 +104,28 @@ def default_methods(anchor_weights: tuple[float, ...] = (0.3, 1.0, 3.0), default
         Method("IMSM", "imsm", "query", group="paper"),
         Method("IMSM w/o query", "imsm", "token", group="paper"),
         Method("IMSM w/o gate", "imsm", "fixed", group="paper"),
-        Method(f"LoRA + anchor KL (w={default_weight:g})", "lora", anchor_weight=default_weight, group="anchor"),
-        Method(
-            f"IMSM + self anchors [gate+adapter] (w={default_weight:g})",
-            "imsm",
-            anchor_weight=default_weight,
-            anchor_train_adapter=True,
-            group="anchor",
-        ),  # fmt: skip
     ]
-    for w in anchor_weights:
-        methods.append(Method(f"IMSM + self anchors [gate] (w={w:g})", "imsm", anchor_weight=w, group="anchor-sweep"))
+    methods += anchored_methods(anchor_weights)
     methods.append(Method(RETROFIT_METHOD, "derived", anchor_weight=1.0, derive_from="LoRA", group="retrofit",
                           extra={"retrofit": True}))  # fmt: skip
+    return methods
+
+
+def anchored_methods(weights: tuple[float, ...]) -> list[Method]:
+    """Per anchor weight: LoRA + anchor KL (self-distillation), IMSM + self anchors [gate] and [gate+adapter]."""
+    methods = []
+    for w in weights:
+        methods += [
+            Method(f"LoRA + anchor KL (w={w:g})", "lora", anchor_weight=w, group="anchor"),
+            Method(f"IMSM + self anchors [gate] (w={w:g})", "imsm", anchor_weight=w, group="anchor"),
+            Method(
+                f"IMSM + self anchors [gate+adapter] (w={w:g})",
+                "imsm",
+                anchor_weight=w,
+                anchor_train_adapter=True,
+                group="anchor",
+            ),  # fmt: skip
+        ]
     return methods
 
 
@@ -199,6 +211,7 @@ def finetune(
                                   start_tokens=method.extra.get("start_tokens"))  # fmt: skip
         with model.disable_adapter():
             lora_anchor = sample_self_anchors(model.get_base_model(), anchor_cfg, device)
+        frozen_anchor_logits = frozen_anchor_logits_of(model, lora_anchor, settings.anchor_batch_size, device)
     rng = random.Random(seed)
     order: list[int] = []
     log: dict[str, Any] = {"loss": [], "anchor_kl": []}
@@ -215,9 +228,9 @@ def finetune(
         out = model(**batch, use_cache=False)
         loss = out.loss
         if lora_anchor is not None:
-            ids, mask = lora_anchor.batch(step, settings.anchor_batch_size, device)
-            with torch.no_grad(), model.disable_adapter():
-                frozen = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            rows = lora_anchor.rows(step, settings.anchor_batch_size)
+            ids, mask = lora_anchor.input_ids[rows].to(device), lora_anchor.attention_mask[rows].to(device)
+            frozen = frozen_anchor_logits[rows].to(device)
             kl = anchor_kl(frozen, model(input_ids=ids, attention_mask=mask, use_cache=False).logits, mask)
             log["anchor_kl"].append(float(kl.detach()))
             loss = loss + method.anchor_weight * kl
@@ -237,6 +250,25 @@ def finetune(
     log["seconds"] = time.perf_counter() - start
     model.eval()
     return model, log
+
+
+@torch.no_grad()
+def frozen_anchor_logits_of(model: Any, anchors: Any, batch_size: int, device: Any) -> torch.Tensor:
+    """``[num_anchors, length, vocab]`` (on the CPU) the base model's logits on every anchor, computed once, in eval
+    mode and at the anchors' full padded width (as IMSM's anchor term computes its frozen side): the KL target of the
+    LoRA + anchor KL baseline does not change during training, so it is not recomputed at every step."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        with model.disable_adapter():
+            for start in range(0, len(anchors), batch_size):
+                ids = anchors.input_ids[start : start + batch_size].to(device)
+                mask = anchors.attention_mask[start : start + batch_size].to(device)
+                parts.append(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(parts)
 
 
 def _adalora_tuner(model: Any) -> Any:
