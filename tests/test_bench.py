@@ -180,9 +180,9 @@ def test_bad_finetuning_option_is_refused():
 
 
 def test_bad_jobs_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="--jobs must be >= 1")
-    assert not (tmp_path / "out").exists():
+    with pytest.raises(SystemExit, match="--jobs must be >= 1"):
         main(["--jobs", "0", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_default_jobs_is_one_per_core_on_the_cpu(monkeypatch):
