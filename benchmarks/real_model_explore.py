@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from peft_imsm.anchors import chat_start_tokens
 from peft_imsm.bench.batching import collate, encode_examples, prompt_ids
 from peft_imsm.bench.gguf import resolve_model_path
 from peft_imsm.bench.real import (
@@ -24,7 +25,6 @@ from peft_imsm.bench.real import (
     tag_examples,
     teacher_forced,
     token_agreement,
-    user_turn_prefix,
 )
 from peft_imsm.bench.runner import FinetuneSettings, Method, build_model, load_causal_lm
 
@@ -114,7 +114,7 @@ def main() -> None:
     weight = a.anchor_weight if "anchor" in a.method or a.method == "lora-kl" else None
     method = Method(a.method, kind, anchor_weight=weight, anchor_train_adapter=a.method == "imsm-anchor-adapter")
     if a.anchor_start == "chat":
-        method.extra["start_tokens"] = user_turn_prefix(tok)
+        method.extra["start_tokens"] = chat_start_tokens(tok)
     model = build_model(base, method, settings, a.seed)
     model.train()
     gate = [q for n, q in model.named_parameters() if q.requires_grad and "imsm_gate" in n]

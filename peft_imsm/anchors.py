@@ -7,7 +7,7 @@ tokens) to the loss the forward returns, so the Trainer and TRL optimise it with
 
 * ``source="self"`` (default): anchors are sampled from the frozen view itself (the base model) before the first
   training step: ``num_samples`` sequences of ``sample_length`` new tokens, from the BOS token (or ``start_tokens``,
-  or short random starts), batched ``generate()`` with the KV cache, deterministic under ``seed`` (+ the process
+  or short random starts; :func:`chat_start_tokens` gives an instruct model's user-turn start), batched ``generate()`` with the KV cache, deterministic under ``seed`` (+ the process
   rank in multi-process training, so each rank has its own anchors).
 * ``source="data"``: user-given texts or prompts, set with :func:`set_anchor_data`.
 
@@ -151,6 +151,23 @@ def process_rank() -> int:
 
 
 @torch.no_grad()
+def chat_start_tokens(tokenizer: Any) -> list[int]:
+    """The chat template's token ids before a user message's text (its system turn included, if it adds one).
+
+    For instruct models: ``AnchorConfig(start_tokens=chat_start_tokens(tokenizer))`` makes self anchors continue a
+    user turn, so they look like the prompts the model answers (from a bare BOS token an instruct model samples
+    text unlike any chat). Raises ``ValueError`` for a tokenizer without a chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The tokenizer {type(tokenizer).__name__} has no chat template, so anchors cannot start from a user "
+            "turn: leave AnchorConfig.start_tokens unset (anchors start from the BOS token) or set a chat template."
+        )
+    marker = "\x00MARK\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    return tokenizer(text.split(marker)[0], add_special_tokens=False)["input_ids"]
+
+
 def sample_self_anchors(hf_model: torch.nn.Module, config: AnchorConfig, device: torch.device) -> AnchorSet:
     """Sample ``config.num_samples`` anchors from ``hf_model`` (the caller switches IMSM off), batched, with cache.
 

@@ -286,3 +286,15 @@ def test_anchor_term_equals_its_definition(arch, train_adapter):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
         else:  # gate-only: the adapter gets nothing from the anchor term
             assert a is None or not a.any(), name
+
+
+def test_chat_start_tokens_needs_a_chat_template():
+    from peft_imsm.anchors import chat_start_tokens
+    from peft_imsm.bench.skills import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    with pytest.raises(ValueError, match="no chat template.*start_tokens unset"):
+        chat_start_tokens(tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    prefix = chat_start_tokens(tokenizer)
+    assert tokenizer.decode(prefix) == tokenizer.decode(tokenizer("<user>", add_special_tokens=False)["input_ids"])

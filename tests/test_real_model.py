@@ -18,6 +18,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 import peft_imsm
+from peft_imsm.anchors import chat_start_tokens
 from peft_imsm.bench import gguf as bench_gguf
 from peft_imsm.bench.real import (
     exact_match_rate,
@@ -26,7 +27,6 @@ from peft_imsm.bench.real import (
     prompt_ids,
     teacher_forced,
     token_agreement,
-    user_turn_prefix,
 )
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,9 +108,9 @@ def test_converted_folder_is_the_gguf_model(real):
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
 
 
-def test_chat_template_and_user_turn_prefix(real):
+def test_chat_template_and_chat_start_tokens(real):
     _, tokenizer, _, _, _ = real
-    prefix = user_turn_prefix(tokenizer)
+    prefix = chat_start_tokens(tokenizer)
     ids = prompt_ids(tokenizer, "Tag: zebra", chat=True)
     assert ids[: len(prefix)] == prefix
     assert tokenizer.decode(prefix).endswith("<|im_start|>user\n")
@@ -183,7 +183,7 @@ def test_real_protocol_end_to_end_at_tiny_size(real, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["target"] == "tag" and results["retention_tasks"] == ["agree chat", "lik chat"]
     assert results["settings"]["chat_template"] is True
-    assert results["settings"]["anchor_start_tokens"] == user_turn_prefix(tokenizer)
+    assert results["settings"]["anchor_start_tokens"] == chat_start_tokens(tokenizer)
     base = results["methods"]["base model"]["scores"]
     assert base["tag"]["mean"] == 0.0  # nonce labels: the base model cannot know them
     assert base["agree chat"]["mean"] == 100.0 and base["lik chat"]["mean"] == 100.0

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..anchors import chat_start_tokens
 from .batching import format_prompt, has_chat_template, prompt_ids  # noqa: F401 (re-exported)
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -175,16 +176,6 @@ def general_prompts(data_dir: str | None, per_set: int, seed: int, tokenizer: An
 # ------------------------------------------------------------------------------------------------------------------
 # Prompt formatting and teacher-forced scoring
 # ------------------------------------------------------------------------------------------------------------------
-def user_turn_prefix(tokenizer: Any) -> list[int]:
-    """The chat template's tokens before a user message's text (system turn included, if the template adds one).
-
-    Used as ``AnchorConfig(start_tokens=...)``: self anchors then continue a user turn, i.e. look like prompts.
-    """
-    marker = "\x00MARK\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
-    return tokenizer(text.split(marker)[0], add_special_tokens=False)["input_ids"]
-
-
 @dataclass
 class Scored:
     """Teacher-forced figures of one (prompt, answer) pair."""
@@ -407,7 +398,7 @@ def run_real(args: Any) -> dict[str, Any]:
             out["gates"][f"agree {name}"] = gates
         return out
 
-    start_tokens = user_turn_prefix(tokenizer) if chat and args.anchor_start == "chat" else None
+    start_tokens = chat_start_tokens(tokenizer) if chat and args.anchor_start == "chat" else None
     methods = select(real_methods(start_tokens, anchor_weights(args, "1")), args.methods)
     sets = dict.fromkeys(set_names)
     results = run(base, tokenizer, methods, train, sets, score, "tag", settings, args.seeds, progress,
