@@ -38,8 +38,9 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from . import AnchorConfig, IMSMConfig, IMSMLogCallback, set_anchor_data
-from .anchors import ANCHOR_SOURCES
+from .anchors import ANCHOR_SOURCES, chat_start_tokens
 from .gate import GATE_MODES
+from .model import find_imsm_tuner
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -106,11 +107,13 @@ class IMSMArguments:
     imsm_anchor_sample_length: int = field(
         default=32, metadata={"help": "New tokens per sampled anchor (source 'self')."}
     )
-    imsm_anchor_start: Literal["bos", "random"] = field(
-        default="bos",
+    imsm_anchor_start: Literal["auto", "chat", "bos", "random"] = field(
+        default="auto",
         metadata={
-            "help": "Sampled anchors start from the BOS token ('bos') or from random token ids ('random'; for models "
-            "without a BOS token)."
+            "help": "Where sampled anchors start: 'chat' (the chat template's user turn, so anchors look like the "
+            "prompts an instruct model answers; kept the most general behaviour in imsm-bench --protocol real), "
+            "'bos' (the BOS token), 'random' (random token ids; for models without a BOS token), or 'auto' "
+            "(default: 'chat' when the tokenizer has a chat template, else 'bos')."
         },
     )
     imsm_anchor_temperature: float = field(
@@ -250,7 +253,7 @@ def anchor_config(imsm_args: IMSMArguments, seed: int) -> AnchorConfig | None:
         batch_size=a.imsm_anchor_batch_size,
         num_samples=a.imsm_anchor_num_samples,
         sample_length=a.imsm_anchor_sample_length,
-        start=a.imsm_anchor_start,
+        start=a.imsm_anchor_start if a.imsm_anchor_start in ("bos", "random") else "bos",  # chat: set by the trainer
         temperature=float(a.imsm_anchor_temperature),
         seed=seed if a.imsm_anchor_seed is None else a.imsm_anchor_seed,
         train_adapter=bool(a.imsm_anchor_train_adapter),
@@ -327,8 +330,9 @@ def _imsm_inside_trl_sft(
         def __init__(self, *args: Any, callbacks: list | None = None, **kwargs: Any) -> None:
             callbacks = [*(callbacks or []), IMSMLogCallback(), *extra_callbacks]
             super().__init__(*args, callbacks=callbacks, **kwargs)
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            _start_anchors_from_chat(self.model, tokenizer, imsm_args)
             if anchor_texts is not None:
-                tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
                 set_anchor_data(self.model, anchor_texts, tokenizer, column=imsm_args.imsm_anchor_dataset_column)
             if trainers is not None:
                 trainers.append(self)
@@ -341,6 +345,22 @@ def _imsm_inside_trl_sft(
     finally:
         trl.get_peft_config = trl_get_peft_config
         trl.SFTTrainer = trl_sft_trainer
+
+
+def _start_anchors_from_chat(model: Any, tokenizer: Any, imsm_args: IMSMArguments) -> None:
+    """``--imsm_anchor_start chat`` (or ``auto`` with a chat template): self anchors start from the tokenizer's
+    user turn. Set on the model's anchor config before the first training step samples them (and saved with it)."""
+    a = imsm_args
+    if not a.imsm_anchor or a.imsm_anchor_source != "self" or a.imsm_anchor_start not in ("auto", "chat"):
+        return
+    if not getattr(tokenizer, "chat_template", None):
+        if a.imsm_anchor_start == "chat":
+            raise IMSMArgumentError(
+                "--imsm_anchor_start chat needs a tokenizer with a chat template, and this model's has none. Use "
+                "--imsm_anchor_start bos (or auto), or give the tokenizer a chat template."
+            )
+        return
+    find_imsm_tuner(model).anchor_config.start_tokens = chat_start_tokens(tokenizer)
 
 
 class ParsedArguments(NamedTuple):

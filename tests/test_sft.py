@@ -130,6 +130,8 @@ def _build_model_dir(path: Path) -> None:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+    # A chat template, so that `--imsm_anchor_start auto` starts self anchors from its user turn ("<s> copy").
+    tokenizer.chat_template = "{% for m in messages %}<s> copy {{ m['content'] }} </s>{% endfor %}"
     tokenizer.save_pretrained(path)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -255,6 +257,7 @@ def test_cli_run_saves_an_imsm_adapter_that_reloads(workdir, cli_run, reloaded):
     assert sorted(inner["target_modules"]) == ["q_proj", "v_proj"]
     assert config["anchor"]["source"] == "self" and config["anchor"]["weight"] == 0.5
     assert config["anchor"]["train_adapter"] is True and config["anchor"]["seed"] == 0
+    assert config["anchor"]["start_tokens"] == [1, 4]  # --imsm_anchor_start auto: the chat template's "<s> copy"
 
     weights = _saved_weights(cli_run)
     lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
@@ -408,6 +411,27 @@ def test_bad_imsm_yaml_key_is_a_clear_error(key, value, message, tmp_path, capsy
         main([*BASE_ARGV, "--config", str(recipe)])
     assert exc.value.code == 2
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("start", ["chat", "auto", "bos"])
+def test_anchor_start_without_a_chat_template(workdir, start):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_imsm.sft import IMSMArgumentError, IMSMArguments, _start_anchors_from_chat, wrap_peft_config
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    tokenizer.chat_template = None
+    args = IMSMArguments(imsm_anchor=True, imsm_anchor_start=start)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(workdir / "model"), wrap_peft_config(LoraConfig(), args)
+    )
+    if start == "chat":
+        with pytest.raises(IMSMArgumentError, match="--imsm_anchor_start chat needs a tokenizer with a chat template"):
+            _start_anchors_from_chat(model, tokenizer, args)
+    else:
+        _start_anchors_from_chat(model, tokenizer, args)
+        assert model.peft_config["default"].anchor.start_tokens is None
 
 
 def test_module_entry_point_reports_errors(workdir):
