@@ -41,6 +41,8 @@ class IMSMConfig(PeftConfig):
         gate_mode: ``"query"`` (the paper's gate), ``"token"`` (the "w/o query" ablation) or ``"fixed"`` (the
             "w/o gate" ablation: plain 0.5/0.5 average of the two memories).
         gate_dropout: dropout after each gate projection (0.1 in the authors' settings).
+        gate_scalar: one gate value per token (``W_B: r x 1``): the mix is a convex combination of the two views'
+            states. Default False: the paper's gate, one value per hidden dimension (``W_B: r x d``).
         anchor: an :class:`~peft_imsm.anchors.AnchorConfig` (or its dict) to add the anchor KL term that teaches the
             gate what general, non-target inputs look like; None (default) is the paper's method.
         freeze_adapter: keep the wrapped adapter's weights frozen (never trainable, also when loaded with
@@ -65,6 +67,9 @@ class IMSMConfig(PeftConfig):
     gate_rank: int = field(default=8, metadata={"help": "Rank r of the gate projection."})
     gate_mode: str = field(default="query", metadata={"help": "'query', 'token' or 'fixed'."})
     gate_dropout: float = field(default=0.1, metadata={"help": "Dropout after each gate projection."})
+    gate_scalar: bool = field(
+        default=False, metadata={"help": "One gate value per token instead of one per hidden dimension."}
+    )
     anchor: AnchorConfig | dict | None = field(
         default=None, metadata={"help": "Self-anchored gate (off by default); see peft_imsm.anchors.AnchorConfig."}
     )
@@ -89,6 +94,8 @@ class IMSMConfig(PeftConfig):
             raise ValueError(f"Unknown gate_mode {self.gate_mode!r}; choose one of {', '.join(GATE_MODES)}.")
         if not 0.0 <= float(self.gate_dropout) < 1.0:
             raise ValueError(f"gate_dropout must be in [0, 1), got {self.gate_dropout!r}.")
+        if not isinstance(self.gate_scalar, bool):
+            raise ValueError(f"gate_scalar must be True or False, got {self.gate_scalar!r}.")
         if not isinstance(self.freeze_adapter, bool):
             raise ValueError(f"freeze_adapter must be True or False, got {self.freeze_adapter!r}.")
         if isinstance(self.anchor, dict):

@@ -32,12 +32,16 @@ class IMSMGate(nn.Module):
             ``concat(h_frozen[t], h_adapted[t])`` of size ``2d``) or ``"fixed"`` (the "w/o gate" ablation: ``g = 0.5``,
             no parameters).
         dropout: dropout probability applied after each projection, as in the authors' code.
+        scalar: one gate value per token (``W_B: r x 1``, broadcast over the ``d`` dimensions), so ``h`` is a convex
+            mix of the two views' states, instead of the paper's one value per dimension (``W_B: r x d``).
 
     The gate always computes in float32 (its weights are kept in float32 and autocast is disabled inside), whatever
     the dtype of the model it is attached to.
     """
 
-    def __init__(self, hidden_size: int, rank: int = 8, mode: GateMode = "query", dropout: float = 0.1) -> None:
+    def __init__(
+        self, hidden_size: int, rank: int = 8, mode: GateMode = "query", dropout: float = 0.1, scalar: bool = False
+    ) -> None:
         super().__init__()
         if mode not in GATE_MODES:
             raise ValueError(f"Unknown gate mode {mode!r}; choose one of {GATE_MODES}.")
@@ -46,6 +50,7 @@ class IMSMGate(nn.Module):
         self.hidden_size = hidden_size
         self.rank = rank
         self.mode = mode
+        self.scalar = scalar
         #: When set to a float in [0, 1], the gate returns this constant instead of its learned value (for analysis
         #: and tests: 1.0 gives the frozen view, 0.0 the adapted view).
         self.forced_value: float | None = None
@@ -55,7 +60,7 @@ class IMSMGate(nn.Module):
         else:
             in_features = (4 if mode == "query" else 2) * hidden_size
             self.W_A = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
-            self.W_B = nn.Linear(rank, hidden_size, bias=False, dtype=torch.float32)
+            self.W_B = nn.Linear(rank, 1 if scalar else hidden_size, bias=False, dtype=torch.float32)
         self.dropout = nn.Dropout(dropout)
 
     def forward(
@@ -90,7 +95,7 @@ class IMSMGate(nn.Module):
             x = torch.cat([p.float() for p in parts], dim=-1)
             x = self.dropout(F.linear(x, self.W_A.weight.float()))
             x = self.dropout(F.linear(x, self.W_B.weight.float()))
-            return torch.sigmoid(x)
+            return torch.sigmoid(x).expand(*h_adapted.shape[:-1], self.hidden_size)
 
     @staticmethod
     def interweave(h_frozen: torch.Tensor, h_adapted: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -102,4 +107,4 @@ class IMSMGate(nn.Module):
         return torch.lerp(h_adapted.float(), h_frozen.float(), gate).to(h_adapted.dtype)
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, rank={self.rank}, mode={self.mode!r}"
+        return f"hidden_size={self.hidden_size}, rank={self.rank}, mode={self.mode!r}, scalar={self.scalar}"

@@ -100,7 +100,8 @@ class IMSMModel(BaseTuner):
         # The wrapped adapter's own parameters (trainable right after injection), frozen with freeze_adapter.
         self._adapter_param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         hidden_size = _hidden_size(model)
-        gate = IMSMGate(hidden_size, imsm_config.gate_rank, imsm_config.gate_mode, imsm_config.gate_dropout)
+        gate = IMSMGate(hidden_size, imsm_config.gate_rank, imsm_config.gate_mode, imsm_config.gate_dropout,
+                        scalar=imsm_config.gate_scalar)  # fmt: skip
         gate.to(_model_device(model))
         gate.requires_grad_(not imsm_config.inference_mode)
         self.imsm_gate = nn.ModuleDict({adapter_name: gate})

@@ -92,6 +92,54 @@ def test_fixed_mode_is_the_averaged_hidden_state(arch):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("mode,factor", [("query", 4), ("token", 2)])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scalar_gate_is_one_convex_mix_per_token(arch, mode, factor, tmp_path):
+    """``gate_scalar=True``: ``h[t] = g[t] * h_frozen[t] + (1 - g[t]) * h_adapted[t]`` with ONE ``g[t]`` per token,
+    ``g = sigmoid(x @ W_A @ W_B)``, ``W_B: r x 1``; checked against the two views computed without IMSM."""
+    ids, mask = batch()
+    model = imsm(arch, "lora", identity=False, gate_mode=mode, gate_scalar=True, gate_dropout=0.0)
+    gate = model.base_model.imsm_gate["default"]
+    assert tuple(gate.W_B.weight.shape) == (1, gate.rank)
+    d, r = gate.hidden_size, gate.rank
+    assert sum(p.numel() for n, p in model.named_parameters() if "imsm_gate" in n) == factor * d * r + r
+    with torch.no_grad():
+        gate.W_B.weight.normal_(0, 3.0)  # a gate far from 0.5, different per token
+    reference = plain_adapted_reference(arch, "lora", model)
+    base = tiny_model(arch)
+    with torch.no_grad():
+        h_frozen = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        h_adapted = reference.get_base_model().get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        seen = []
+        hook = gate.register_forward_hook(lambda module, args, output: seen.append(output))
+        got = model(input_ids=ids, attention_mask=mask).logits
+        hook.remove()
+        (values,) = seen  # [batch, seq, d]
+        assert torch.equal(values, values[..., :1].expand_as(values))  # one value per token
+        assert values.std() > 0.05
+        if mode == "token":  # the token gate sees only this token's two states: recompute it by hand
+            x = torch.cat([h_frozen, h_adapted], dim=-1).float()
+            expected_gate = torch.sigmoid(x @ gate.W_A.weight.T @ gate.W_B.weight.T)
+            torch.testing.assert_close(values[..., :1], expected_gate, atol=1e-5, rtol=0)
+        mixed = values * h_frozen + (1 - values) * h_adapted
+
+        def replace(module, args, kwargs, output):
+            output.last_hidden_state = mixed
+            return output
+
+        handle = base.get_decoder().register_forward_hook(replace, with_kwargs=True)
+        expected = base(input_ids=ids, attention_mask=mask).logits
+        handle.remove()
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path / "scalar")
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "scalar").eval()
+    assert loaded.peft_config["default"].gate_scalar is True
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_backbone_output_is_what_the_head_reads(arch):
     """IMSM interweaves the backbone's output: check that it is exactly the output head's input."""

@@ -181,7 +181,8 @@ def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int
             start_tokens=method.extra.get("start_tokens"),
         )  # fmt: skip
     imsm = IMSMConfig(adapter_config=config, gate_rank=settings.gate_rank, gate_mode=method.gate_mode,
-                      gate_dropout=settings.gate_dropout, anchor=anchor)  # fmt: skip
+                      gate_dropout=settings.gate_dropout, gate_scalar=method.extra.get("gate_scalar", False),
+                      anchor=anchor)  # fmt: skip
     return get_peft_model(base, imsm)
 
 
