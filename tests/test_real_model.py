@@ -28,6 +28,7 @@ from peft_imsm.bench.real import (
     teacher_forced,
     token_agreement,
 )
+from peft_imsm.bench.runner import RETROFIT_METHOD
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -176,7 +177,7 @@ def test_real_protocol_end_to_end_at_tiny_size(real, tmp_path):
     out = tmp_path / "out"
     args = ["--model", str(converted), "--protocol", "real", "--steps", "1", "--batch-size", "2", "--seeds", "1",
             "--eval-size", "2", "--max-new-tokens", "3", "--general-data", str(tmp_path), "--no-progress",
-            "--methods", "LoRA,IMSM + self anchors [gate] (w=1)", "--out", str(out)]  # fmt: skip
+            "--methods", f"LoRA,IMSM + self anchors [gate] (w=1),{RETROFIT_METHOD}", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     import json
 
@@ -191,3 +192,5 @@ def test_real_protocol_end_to_end_at_tiny_size(real, tmp_path):
     assert 0.0 < anchored["gate_target"]["mean"] < 1.0 and 0.0 < anchored["gate_others"]["mean"] < 1.0
     assert set(anchored["metrics"]["agree chat"]) == {"token_agreement", "likelihood_kept", "answer_agreement"}
     assert results["methods"]["LoRA"]["gate_target"] is None
+    retrofitted = results["methods"][RETROFIT_METHOD]
+    assert 0.0 < retrofitted["gate_target"]["mean"] < 1.0 and retrofitted["train_seconds"]["mean"] > 0

@@ -288,7 +288,7 @@ class RealProtocol:
 def real_methods(chat_prefix: list[int] | None, weights: Sequence[float] = (1.0,)) -> list[Any]:
     """The protocol's methods: base, LoRA, IMSM, and per anchor weight LoRA + anchor KL and the two self-anchored
     IMSM variants. ``chat_prefix``: the chat template's user-turn prefix, where self anchors start (else BOS)."""
-    from .runner import Method, anchored_methods
+    from .runner import RETROFIT_METHOD, Method, anchored_methods
 
     methods = [
         Method("base model", "base", group="reference"),
@@ -296,6 +296,8 @@ def real_methods(chat_prefix: list[int] | None, weights: Sequence[float] = (1.0,
         Method("IMSM", "imsm", "query", group="paper"),
     ]
     methods += anchored_methods(tuple(weights))
+    methods.append(Method(RETROFIT_METHOD, "derived", anchor_weight=1.0, derive_from="LoRA", group="retrofit",
+                          extra={"retrofit": True}))  # fmt: skip
     if chat_prefix:
         for m in methods:
             if m.anchor_weight is not None:
@@ -413,7 +415,7 @@ def run_real(args: Any) -> dict[str, Any]:
 
 
 REAL_SETTINGS: dict[str, Any] = dict(
-    steps=40, batch_size=8, lr=1e-3, r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+    steps=60, batch_size=8, lr=1e-3, r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
     max_length=128, anchor_samples=32, anchor_length=16, anchor_batch_size=4,
 )  # fmt: skip
 """The protocol's fine-tuning defaults (each can be overridden from the command line)."""

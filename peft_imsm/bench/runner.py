@@ -144,7 +144,8 @@ def retrofit_lora(
 
     start = time.perf_counter()
     anchor = AnchorConfig(weight=method.anchor_weight, num_samples=4 * settings.anchor_samples,
-                          sample_length=settings.anchor_length, seed=seed)  # fmt: skip
+                          sample_length=settings.anchor_length, seed=seed,
+                          start_tokens=method.extra.get("start_tokens"))  # fmt: skip
     model = retrofit(model, gate_rank=settings.gate_rank, gate_dropout=0.0, anchor=anchor)
     log = train_gate(model, train[:num_examples], tokenizer, steps=settings.steps, lr=5e-3, seed=seed)
     log.seconds_total = time.perf_counter() - start
