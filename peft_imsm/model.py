@@ -376,8 +376,8 @@ class IMSMModel(BaseTuner):
         With ``num_items_in_batch`` (the Trainer's token-normalised loss across accumulated micro-batches), the term
         is weighted by this micro-batch's share of the supervised tokens, so the accumulated total carries it once.
         The frozen view's final hidden states of the anchors are computed once (:meth:`_frozen_anchor_hidden`); per
-        step only the adapted view runs, without autograd in gate-only mode (``train_adapter=False``: only the gate
-        and the frozen head are differentiated).
+        step only the adapted view runs, without autograd in gate-only mode (``train_adapter=False``, or a frozen
+        adapter, ``freeze_adapter=True``: only the gate and the frozen head are differentiated).
         """
         config = self.anchor_config
         anchors = self.anchor_set()
@@ -391,7 +391,8 @@ class IMSMModel(BaseTuner):
         h_frozen = self._frozen_anchor_hidden(anchors)[rows].to(device)
         on_gate = functools.partial(self._observe_gate, stat="anchor_gate")
         call = self.dual_pass.call(
-            given_h_frozen=h_frozen, frozen_rows_first=True, adapted_without_grad=not config.train_adapter,
+            given_h_frozen=h_frozen, frozen_rows_first=True,
+            adapted_without_grad=not config.train_adapter or self.peft_config[self._active_name].freeze_adapter,
             on_gate=on_gate,
         )  # fmt: skip
         with call, torch.enable_grad():

@@ -58,7 +58,8 @@ def test_anchor_term_is_added_and_vanishes_when_the_gate_is_one():
 
 
 @pytest.mark.parametrize("train_adapter", [False, True])
-def test_anchor_gradients_reach_only_the_gate_by_default(train_adapter):
+def test_anchor_gradients_reach_the_adapter_only_with_train_adapter(train_adapter):
+    assert AnchorConfig().train_adapter is True  # the default: gate+adapter
     model = anchored(train_adapter=train_adapter)
     ids, mask, labels = labelled_batch()
     term = model.base_model._anchor_term(labels, None, torch.tensor(0.0))

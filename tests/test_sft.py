@@ -289,7 +289,7 @@ def test_yaml_run_equals_trained_model_after_reload(workdir, yaml_run, reloaded)
     config = json.loads((yaml_run / "adapter_config.json").read_text())
     assert config["gate_mode"] == "token" and config["gate_rank"] == 2
     assert config["anchor"]["source"] == "data" and config["anchor"]["weight"] == 2.0
-    assert config["anchor"]["train_adapter"] is False
+    assert config["anchor"]["train_adapter"] is True  # the default: gate+adapter
     # TRL's "all-linear", resolved by peft to every linear layer but the output layer.
     targets = {name.rsplit(".", 1)[-1] for name in config["adapter_config"]["target_modules"]}
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -338,7 +338,7 @@ def run_custom(args: argparse.Namespace) -> dict[str, Any]:
     chat = use_chat_template(args, tokenizer)
     progress = not args.no_progress
     all_methods = default_methods(anchor_weights(args, "1"))
-    default_names = "base model,LoRA,IMSM,IMSM + self anchors [gate] (w=1)"
+    default_names = "base model,LoRA,IMSM,LoRA + anchor KL (w=1),IMSM + self anchors [gate+adapter] (w=1)"
     methods = select(all_methods, args.methods or default_names)
     settings = settings_from(args, steps=200, batch_size=8, lr=3e-4, r=16, lora_alpha=16, lora_dropout=0.1,
                              max_length=512, anchor_length=64)  # fmt: skip
