@@ -12,6 +12,7 @@ step and the median wall time is reported, with the ratio to plain LoRA:
   under ``disable_adapter()``, as IMSM computes its frozen side once).
 
     python benchmarks/anchored_cost.py [--steps 30] [--threads 1]
+    python benchmarks/anchored_cost.py --model <SmolLM2 folder or GGUF> --steps 8   # imsm-bench --protocol real's step
 
 The anchors are sampled before the timed steps (as ``prepare_anchors`` does before training).
 """
@@ -19,8 +20,10 @@ The anchors are sampled before the timed steps (as ``prepare_anchors`` does befo
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -41,8 +44,8 @@ METHODS = [
 
 
 class Trainee:
-    def __init__(self, method: Method, settings: FinetuneSettings) -> None:
-        base, self.tokenizer = load_or_build_skills_model(progress=False)
+    def __init__(self, method: Method, settings: FinetuneSettings, base: Any, tokenizer: Any) -> None:
+        base, self.tokenizer = copy.deepcopy(base), tokenizer
         self.method = method
         self.model = build_model(base, method, settings, seed=0)
         self.model.train()
@@ -53,7 +56,8 @@ class Trainee:
         if method.kind == "imsm" and method.anchor_weight is not None:
             peft_imsm.prepare_anchors(self.model)
         elif method.anchor_weight is not None:
-            config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=0)
+            config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=0,
+                                  start_tokens=method.extra.get("start_tokens"))  # fmt: skip
             with self.model.disable_adapter():
                 self.kl_anchors = sample_self_anchors(self.model.get_base_model(), config, torch.device("cpu"))
             self.kl_frozen = frozen_anchor_logits_of(self.model, self.kl_anchors, settings.anchor_batch_size, "cpu")
@@ -82,12 +86,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--model", default=None,
+        help="a real model (HF folder or GGUF, as imsm-bench --model): the training step of imsm-bench --protocol "
+        "real instead of the default run's",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = FinetuneSettings(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3)  # the default run
-    trainees = [Trainee(m, settings) for m in METHODS]
-    tokenizer = trainees[0].tokenizer
-    train = encode_examples(tokenizer, make_examples(TARGET_TASK, 4 * settings.batch_size, 0, "train"), 64)
+    if args.model:  # imsm-bench --protocol real: the tag task, chat template, anchors from the user turn
+        from peft_imsm.anchors import chat_start_tokens
+        from peft_imsm.bench.cli import load_model, parse_args, settings_from
+        from peft_imsm.bench.real import REAL_SETTINGS, tag_examples
+
+        bench_args = parse_args(["--model", args.model, "--protocol", "real", "--no-progress"])
+        base, tokenizer = load_model(bench_args)
+        settings = settings_from(bench_args, **REAL_SETTINGS)
+        rows = tag_examples(4 * settings.batch_size, "train", 0)
+        train = encode_examples(tokenizer, rows, settings.max_length, chat=True)
+        for method in METHODS:
+            method.extra["start_tokens"] = chat_start_tokens(tokenizer)
+        setting = f"{args.model}, --protocol real"
+    else:
+        base, tokenizer = load_or_build_skills_model(progress=False)
+        settings = FinetuneSettings(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3)  # default run
+        train = encode_examples(tokenizer, make_examples(TARGET_TASK, 4 * settings.batch_size, 0, "train"), 64)
+        setting = "skills LM"
+    trainees = [Trainee(m, settings, base, tokenizer) for m in METHODS]
     batches = [
         collate(train[i : i + settings.batch_size], tokenizer.pad_token_id)
         for i in range(0, len(train), settings.batch_size)
@@ -99,8 +123,8 @@ def main() -> None:
         for t in trainees:
             times[t.method.name].append(t.step(batches[step % len(batches)]))
     lora = statistics.median(times["LoRA"]) * 1e3
-    print(f"skills LM, batch {settings.batch_size}, anchors {settings.anchor_batch_size} x "
-          f"{settings.anchor_length + 1} tokens, {args.steps} interleaved steps, threads={torch.get_num_threads()}")  # fmt: skip
+    print(f"{setting}, batch {settings.batch_size}, anchors {settings.anchor_batch_size} x "
+          f"{settings.anchor_length} new tokens, {args.steps} interleaved steps, threads={torch.get_num_threads()}")  # fmt: skip
     print(f"{'method':<32}{'ms/step':>10}{'x LoRA':>9}")
     for name, values in times.items():
         ms = statistics.median(values) * 1e3
