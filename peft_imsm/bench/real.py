@@ -404,7 +404,7 @@ def run_real(args: Any) -> dict[str, Any]:
     methods = select(real_methods(start_tokens, anchor_weights(args, "1")), args.methods)
     sets = dict.fromkeys(set_names)
     results = run(base, tokenizer, methods, train, sets, score, "tag", settings, args.seeds, progress,
-                  retention_tasks=set_names[1:], first_seed=args.first_seed)  # fmt: skip
+                  retention_tasks=set_names[1:], first_seed=args.first_seed, jobs=args.jobs)  # fmt: skip
     results["title"] = f"imsm-bench --protocol real: {os.path.basename(str(args.model))} on 'tag' ({args.adapter})"
     results["metric"] = {"tag": "exact match (teacher-forced)", "agree": "token agreement with the base answers",
                          "lik": "likelihood of the base answers kept"}  # fmt: skip
