@@ -45,6 +45,8 @@ class FinetuneSettings:
     anchor_samples: int = 64
     anchor_length: int = 24
     anchor_batch_size: int = 8
+    retrofit_examples: int = 256  # target examples the retrofit's gate trains on (LoRA + retrofit row)
+    retrofit_anchor_samples: int = 256  # self anchors the retrofit's gate trains on
 
 
 @dataclass
@@ -134,20 +136,21 @@ RETROFIT_METHOD = "LoRA + retrofit [gate] (w=1)"
 
 def retrofit_lora(
     model: Any, tokenizer: Any, train: list[tuple[list[int], list[int]]], settings: FinetuneSettings, seed: int,
-    method: Method, num_examples: int = 256,
+    method: Method,
 ) -> tuple[Any, Any]:  # fmt: skip
     """The trained plain-LoRA ``model`` retrofitted with an IMSM gate, trained gate-only on stored hidden states
-    (``peft_imsm.retrofit.train_gate``) on ``num_examples`` of the target's training examples and self anchors.
+    (``peft_imsm.retrofit.train_gate``) on ``settings.retrofit_examples`` of the target's training examples and
+    ``settings.retrofit_anchor_samples`` self anchors.
     Returns the model and the :class:`~peft_imsm.retrofit.GateTrainingLog` (its ``seconds_total`` counts everything
     from the trained LoRA to the retrofitted model: building, anchor sampling, the stored pass, gate training)."""
     from ..retrofit import retrofit, train_gate
 
     start = time.perf_counter()
-    anchor = AnchorConfig(weight=method.anchor_weight, num_samples=4 * settings.anchor_samples,
+    anchor = AnchorConfig(weight=method.anchor_weight, num_samples=settings.retrofit_anchor_samples,
                           sample_length=settings.anchor_length, seed=seed,
                           start_tokens=method.extra.get("start_tokens"))  # fmt: skip
     model = retrofit(model, gate_rank=settings.gate_rank, gate_dropout=0.0, anchor=anchor)
-    log = train_gate(model, train[:num_examples], tokenizer, steps=settings.steps, lr=5e-3, seed=seed)
+    log = train_gate(model, train[: settings.retrofit_examples], tokenizer, steps=settings.steps, lr=5e-3, seed=seed)
     log.seconds_total = time.perf_counter() - start
     model.eval()
     return model, log
