@@ -176,7 +176,7 @@ def test_real_protocol_end_to_end_at_tiny_size(real, tmp_path):
     _, tokenizer, converted, _, _ = real
     out = tmp_path / "out"
     args = ["--model", str(converted), "--protocol", "real", "--steps", "1", "--batch-size", "2", "--seeds", "1",
-            "--eval-size", "2", "--max-new-tokens", "3", "--general-data", str(tmp_path), "--no-progress",
+            "--eval-size", "2", "--max-new-tokens", "3", "--general-data", str(tmp_path), "--no-progress", "--jobs", "2",
             "--methods", f"LoRA,IMSM + self anchors [gate] (w=1),{RETROFIT_METHOD}", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     import json
