@@ -11,7 +11,6 @@ import torch
 import transformers
 
 from peft_imsm.bench.cli import main, prepare_out_dir
-from peft_imsm.bench.runner import RETROFIT_METHOD
 from peft_imsm.bench.skills import build_tokenizer
 
 REDUCED = [
@@ -30,9 +29,10 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
     methods = results["methods"]
     expected = {
         "base model", "LoRA", "LoRA x0.5 (weight interpolation)", "LoRA + intruder reduction (peft)", "IMSM",
-        "IMSM w/o query", "IMSM w/o gate", RETROFIT_METHOD,
+        "IMSM w/o query", "IMSM w/o gate",
         *(f"{kind} (w={w})" for w in ("0.5", "2") for kind in (
-            "LoRA + anchor KL", "IMSM + self anchors [gate]", "IMSM + self anchors [gate+adapter]")),
+            "LoRA + anchor KL", "IMSM + self anchors [gate]", "IMSM + self anchors [gate+adapter]",
+            "LoRA + retrofit [gate]")),
     }  # fmt: skip
     assert set(methods) == expected
     tasks = [results["target"], *results["retention_tasks"]]
@@ -48,7 +48,14 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
     assert methods["base model"]["scores"][tasks[1]]["std"] == 0.0
     # Same seeds, same data: a second run, one method at a time in this process (--jobs 1) instead of two worker
     # processes, reproduces the figures exactly (the skills LM now comes from the cache).
-    subset = ["LoRA", "IMSM", "LoRA + anchor KL (w=2)", "IMSM + self anchors [gate+adapter] (w=2)", RETROFIT_METHOD]
+    subset = [
+        "LoRA",
+        "IMSM",
+        "LoRA + anchor KL (w=2)",
+        "IMSM + self anchors [gate+adapter] (w=2)",
+        "LoRA + retrofit [gate] (w=0.5)",
+        "LoRA + retrofit [gate] (w=2)",
+    ]
     again_out = tmp_path / "again"
     argv = [*REDUCED, "--seeds", "2", "--cache-dir", str(cache), "--out", str(again_out), "--jobs", "1"]
     assert main([*argv, "--methods", ",".join(subset)]) == 0

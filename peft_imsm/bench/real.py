@@ -288,16 +288,14 @@ class RealProtocol:
 def real_methods(chat_prefix: list[int] | None, weights: Sequence[float] = (1.0,)) -> list[Any]:
     """The protocol's methods: base, LoRA, IMSM, and per anchor weight LoRA + anchor KL and the two self-anchored
     IMSM variants. ``chat_prefix``: the chat template's user-turn prefix, where self anchors start (else BOS)."""
-    from .runner import RETROFIT_METHOD, Method, anchored_methods
+    from .runner import Method, anchored_methods, retrofit_methods
 
     methods = [
         Method("base model", "base", group="reference"),
         Method("LoRA", "lora", group="paper"),
         Method("IMSM", "imsm", "query", group="paper"),
     ]
-    methods += anchored_methods(tuple(weights))
-    methods.append(Method(RETROFIT_METHOD, "derived", anchor_weight=1.0, derive_from="LoRA", group="retrofit",
-                          extra={"retrofit": True}))  # fmt: skip
+    methods += anchored_methods(tuple(weights)) + retrofit_methods(tuple(weights))
     if chat_prefix:
         for m in methods:
             if m.anchor_weight is not None:

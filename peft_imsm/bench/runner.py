@@ -90,8 +90,8 @@ def reduce_intruders(model: Any) -> Any:
 
 def default_methods(anchor_weights: tuple[float, ...] = (1.0,)) -> list[Method]:
     """The default run's rows: the paper's methods and ablations, post-hoc LoRA baselines, and per anchor weight
-    the anchored methods (LoRA + anchor KL, IMSM + self anchors on the gate alone and on gate+adapter); the retrofit
-    of the trained LoRA (weight 1)."""
+    the anchored methods (LoRA + anchor KL, IMSM + self anchors on the gate alone and on gate+adapter) and the
+    retrofit of the trained LoRA."""
     methods = [
         Method("base model", "base", group="reference"),
         Method("LoRA", "lora", group="paper"),
@@ -107,10 +107,7 @@ def default_methods(anchor_weights: tuple[float, ...] = (1.0,)) -> list[Method]:
         Method("IMSM w/o query", "imsm", "token", group="paper"),
         Method("IMSM w/o gate", "imsm", "fixed", group="paper"),
     ]
-    methods += anchored_methods(anchor_weights)
-    methods.append(Method(RETROFIT_METHOD, "derived", anchor_weight=1.0, derive_from="LoRA", group="retrofit",
-                          extra={"retrofit": True}))  # fmt: skip
-    return methods
+    return methods + anchored_methods(anchor_weights) + retrofit_methods(anchor_weights)
 
 
 def anchored_methods(weights: tuple[float, ...]) -> list[Method]:
@@ -131,7 +128,15 @@ def anchored_methods(weights: tuple[float, ...]) -> list[Method]:
     return methods
 
 
+def retrofit_methods(weights: tuple[float, ...]) -> list[Method]:
+    """Per anchor weight: the trained LoRA retrofitted with a gate (:func:`retrofit_lora`), rows derived from "LoRA"
+    (each retrofit's gate initialisation draws from the global RNG after the rows derived before it)."""
+    return [Method(f"LoRA + retrofit [gate] (w={w:g})", "derived", anchor_weight=w, derive_from="LoRA",
+                   group="retrofit", extra={"retrofit": True}) for w in weights]  # fmt: skip
+
+
 RETROFIT_METHOD = "LoRA + retrofit [gate] (w=1)"
+"""The retrofit row of the default weight."""
 
 
 def retrofit_lora(
