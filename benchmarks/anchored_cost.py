@@ -28,10 +28,9 @@ from typing import Any
 import torch
 
 import peft_imsm
-from peft_imsm.anchors import AnchorConfig, anchor_kl, sample_self_anchors
 from peft_imsm.bench.batching import collate, encode_examples
 from peft_imsm.bench.pretrain import load_or_build_skills_model
-from peft_imsm.bench.runner import FinetuneSettings, Method, build_model, frozen_anchor_logits_of
+from peft_imsm.bench.runner import FinetuneSettings, Method, SelfDistillation, build_model
 from peft_imsm.bench.skills import TARGET_TASK, make_examples
 
 METHODS = [
@@ -51,31 +50,20 @@ class Trainee:
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0)
-        self.kl_anchors = None
         self.settings = settings
+        self.distill = None
         if method.kind == "imsm" and method.anchor_weight is not None:
             peft_imsm.prepare_anchors(self.model)
         elif method.anchor_weight is not None:
-            config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=0,
-                                  start_tokens=method.extra.get("start_tokens"))  # fmt: skip
-            with self.model.disable_adapter():
-                self.kl_anchors = sample_self_anchors(self.model.get_base_model(), config, torch.device("cpu"))
-            self.kl_frozen = frozen_anchor_logits_of(self.model, self.kl_anchors, settings.anchor_batch_size, "cpu")
+            self.distill = SelfDistillation(self.model, method, settings, seed=0, device=torch.device("cpu"))
         self.draws = 0
 
     def step(self, batch: dict) -> float:
         start = time.perf_counter()
         loss = self.model(**batch, use_cache=False).loss
-        if self.kl_anchors is not None:
-            rows = self.kl_anchors.rows(self.draws, self.settings.anchor_batch_size)
+        if self.distill is not None:
+            loss = loss + self.method.anchor_weight * self.distill.kl(self.draws)
             self.draws += 1
-            ids, mask, frozen = (
-                self.kl_anchors.input_ids[rows],
-                self.kl_anchors.attention_mask[rows],
-                self.kl_frozen[rows],
-            )
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            loss = loss + self.method.anchor_weight * anchor_kl(frozen, logits, mask)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

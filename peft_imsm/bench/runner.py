@@ -215,13 +215,9 @@ def finetune(
         lambda step: min(1.0, (step + 1) / settings.warmup_steps)
         * 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps)),
     )  # fmt: skip
-    lora_anchor = None
+    distill = None
     if method.kind == "lora" and method.anchor_weight is not None:
-        anchor_cfg = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=seed,
-                                  start_tokens=method.extra.get("start_tokens"))  # fmt: skip
-        with model.disable_adapter():
-            lora_anchor = sample_self_anchors(model.get_base_model(), anchor_cfg, device)
-        frozen_anchor_logits = frozen_anchor_logits_of(model, lora_anchor, settings.anchor_batch_size, device)
+        distill = SelfDistillation(model, method, settings, seed, device)
     rng = random.Random(seed)
     order: list[int] = []
     log: dict[str, Any] = {"loss": [], "anchor_kl": []}
@@ -237,11 +233,8 @@ def finetune(
         order = order[settings.batch_size :]
         out = model(**batch, use_cache=False)
         loss = out.loss
-        if lora_anchor is not None:
-            rows = lora_anchor.rows(step, settings.anchor_batch_size)
-            ids, mask = lora_anchor.input_ids[rows].to(device), lora_anchor.attention_mask[rows].to(device)
-            frozen = frozen_anchor_logits[rows].to(device)
-            kl = anchor_kl(frozen, model(input_ids=ids, attention_mask=mask, use_cache=False).logits, mask)
+        if distill is not None:
+            kl = distill.kl(step)
             log["anchor_kl"].append(float(kl.detach()))
             loss = loss + method.anchor_weight * kl
         loss.backward()
@@ -260,6 +253,27 @@ def finetune(
     log["seconds"] = time.perf_counter() - start
     model.eval()
     return model, log
+
+
+class SelfDistillation:
+    """The LoRA + anchor KL baseline's term: ``KL(p_frozen || p_model)`` on self anchors sampled from the base model
+    (``settings.anchor_*``, ``seed``, ``method.extra["start_tokens"]``), whose frozen logits are computed once."""
+
+    def __init__(self, model: Any, method: Method, settings: FinetuneSettings, seed: int, device: Any) -> None:
+        self.model, self.batch_size, self.device = model, settings.anchor_batch_size, device
+        config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=seed,
+                              start_tokens=method.extra.get("start_tokens"))  # fmt: skip
+        with model.disable_adapter():
+            self.anchors = sample_self_anchors(model.get_base_model(), config, device)
+        self.frozen_logits = frozen_anchor_logits_of(model, self.anchors, self.batch_size, device)
+
+    def kl(self, draw: int) -> torch.Tensor:
+        """The (differentiable) KL on anchor batch number ``draw``, at the anchors' full padded width."""
+        rows = self.anchors.rows(draw, self.batch_size)
+        ids = self.anchors.input_ids[rows].to(self.device)
+        mask = self.anchors.attention_mask[rows].to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return anchor_kl(self.frozen_logits[rows].to(self.device), logits, mask)
 
 
 @torch.no_grad()
