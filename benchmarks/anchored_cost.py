@@ -9,9 +9,11 @@ step and the median wall time is reported, with the ratio to plain LoRA:
 * ``IMSM + anchors [gate]``: the anchor term trains the gate only (the adapted view runs without autograd there);
 * ``IMSM + anchors [gate+adapter]``: the anchor term trains the adapter too;
 * ``LoRA + anchor KL``: ``imsm-bench``'s self-distillation baseline (the frozen logits on the anchors computed once,
-  under ``disable_adapter()``, as IMSM computes its frozen side once).
+  under ``disable_adapter()``, as IMSM computes its frozen side once);
+* ``..., every k``: the anchor term on every k-th step only, weighted k x there (``AnchorConfig.every``); the figure
+  is the mean over k consecutive steps (one anchored, k - 1 not), medians over the timed runs of k steps.
 
-    python benchmarks/anchored_cost.py [--steps 30] [--threads 1]
+    python benchmarks/anchored_cost.py [--steps 32] [--threads 1] [--every 4]
     python benchmarks/anchored_cost.py --model <SmolLM2 folder or GGUF> --steps 8   # imsm-bench --protocol real's step
 
 The anchors are sampled before the timed steps (as ``prepare_anchors`` does before training).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -42,10 +45,21 @@ METHODS = [
 ]
 
 
+def with_every(methods: list[Method], every: int) -> list[Method]:
+    """The anchored methods again, named ``..., every k``, with ``extra["every"] = k``."""
+    return [
+        dataclasses.replace(m, name=f"{m.name}, every {every}", extra={**m.extra, "every": every})
+        for m in methods
+        if m.anchor_weight is not None
+    ]
+
+
 class Trainee:
     def __init__(self, method: Method, settings: FinetuneSettings, base: Any, tokenizer: Any) -> None:
         base, self.tokenizer = copy.deepcopy(base), tokenizer
         self.method = method
+        self.every = method.extra.get("every", 1)
+        settings = dataclasses.replace(settings, anchor_every=self.every)
         self.model = build_model(base, method, settings, seed=0)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -56,23 +70,28 @@ class Trainee:
             peft_imsm.prepare_anchors(self.model)
         elif method.anchor_weight is not None:
             self.distill = SelfDistillation(self.model, method, settings, seed=0, device=torch.device("cpu"))
-        self.draws = 0
+        self.steps = 0
 
     def step(self, batch: dict) -> float:
         start = time.perf_counter()
         loss = self.model(**batch, use_cache=False).loss
-        if self.distill is not None:
-            loss = loss + self.method.anchor_weight * self.distill.kl(self.draws)
-            self.draws += 1
+        if self.distill is not None and self.steps % self.every == 0:
+            loss = loss + self.method.anchor_weight * self.every * self.distill.kl(self.steps // self.every)
+        self.steps += 1
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
+    def period(self, batches: list[dict], first: int) -> float:
+        """Mean seconds per step over ``every`` consecutive steps (one of them anchored)."""
+        return sum(self.step(batches[(first + i) % len(batches)]) for i in range(self.every)) / self.every
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per method")
+    parser.add_argument("--steps", type=int, default=32, help="timed steps per method")
+    parser.add_argument("--every", type=int, default=4, help="also time the anchored methods with AnchorConfig.every")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--model", default=None,
@@ -99,17 +118,19 @@ def main() -> None:
         settings = FinetuneSettings(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3)  # default run
         train = encode_examples(tokenizer, make_examples(TARGET_TASK, 4 * settings.batch_size, 0, "train"), 64)
         setting = "skills LM"
-    trainees = [Trainee(m, settings, base, tokenizer) for m in METHODS]
+    methods = METHODS + (with_every(METHODS, args.every) if args.every > 1 else [])
+    trainees = [Trainee(m, settings, base, tokenizer) for m in methods]
     batches = [
         collate(train[i : i + settings.batch_size], tokenizer.pad_token_id)
         for i in range(0, len(train), settings.batch_size)
     ]
     for t in trainees:  # warm-up
-        t.step(batches[0])
+        t.period(batches, 0)
     times: dict[str, list[float]] = {t.method.name: [] for t in trainees}
-    for step in range(args.steps):
+    for step in range(0, args.steps, args.every):
         for t in trainees:
-            times[t.method.name].append(t.step(batches[step % len(batches)]))
+            for k in range(0, args.every, t.every):
+                times[t.method.name].append(t.period(batches, step + k))
     lora = statistics.median(times["LoRA"]) * 1e3
     print(f"{setting}, batch {settings.batch_size}, anchors {settings.anchor_batch_size} x "
           f"{settings.anchor_length} new tokens, {args.steps} interleaved steps, threads={torch.get_num_threads()}")  # fmt: skip

@@ -38,7 +38,11 @@ class AnchorConfig:
     Args:
         source: ``"self"`` (sample anchors from the frozen view) or ``"data"`` (see :func:`set_anchor_data`).
         weight: ``anchor_weight``, the factor of the KL term (>= 0).
-        batch_size: anchors per training forward.
+        batch_size: anchors per anchored training forward.
+        every: run the anchor term on every ``every``-th training forward only, weighted ``weight * every`` there:
+            the same weight on average for ``1 / every`` of its cost (the anchor batch costs about as much as a
+            training batch of as many tokens; ``every=4`` keeps anchored IMSM's step near plain IMSM's, see
+            ``docs/anchor-variants.md``).
         num_samples: number of self-sampled anchors.
         sample_length: new tokens per self-sampled anchor.
         start: ``"bos"`` (start every sample from the BOS token) or ``"random"`` (``start_length`` uniformly random
@@ -54,6 +58,7 @@ class AnchorConfig:
     source: str = "self"
     weight: float = 1.0
     batch_size: int = 8
+    every: int = 1
     num_samples: int = 64
     sample_length: int = 32
     start: str = "bos"
@@ -69,7 +74,7 @@ class AnchorConfig:
             raise ValueError(f"anchor source must be one of {ANCHOR_SOURCES}, got {self.source!r}.")
         if not isinstance(self.weight, (int, float)) or self.weight < 0:
             raise ValueError(f"anchor weight must be a number >= 0, got {self.weight!r}.")
-        for name in ("batch_size", "num_samples", "sample_length", "start_length", "max_length"):
+        for name in ("batch_size", "every", "num_samples", "sample_length", "start_length", "max_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"anchor {name} must be an integer >= 1, got {value!r}.")

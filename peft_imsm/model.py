@@ -48,6 +48,8 @@ from .gate import IMSMGate
 
 # Key under which the number of anchor batches drawn so far is saved with the adapter (exact resumes).
 _ANCHOR_DRAWS_KEY = "base_model.imsm_anchor_draws"
+# Key of the number of training forwards that had the anchor term due (saved when AnchorConfig.every > 1).
+_TRAINING_FORWARDS_KEY = "base_model.imsm_training_forwards"
 # Methods of the wrapped tuner that IMSM passes on unchanged.
 _PASSED_TO_ADAPTER_TUNER = frozenset({"update_and_allocate"})  # AdaLoRA's rank-budget step
 
@@ -119,6 +121,9 @@ class IMSMModel(BaseTuner):
         self._anchors: AnchorSet | None = None
         #: Anchor batches drawn so far (saved with the adapter, so resumed runs draw the same batches).
         self.anchor_draws = 0
+        #: Training forwards with the anchor term due so far, whether ``AnchorConfig.every`` ran it or skipped it
+        #: (saved with the adapter when ``every > 1``, so resumed runs anchor the same forwards).
+        self.training_forwards = 0
         # Sums for the Trainer's logs (device tensors, so a training step never waits for the device to read them
         # back) and their counts; read and reset by pop_training_stats.
         self._stats: dict[str, Any] = {}
@@ -169,7 +174,9 @@ class IMSMModel(BaseTuner):
             output = self.adapter_tuner(*args, **kwargs)
         self._check_hooks_ran(call, "forward")
         if self._anchoring_now(output):
-            output.loss = output.loss + self._anchor_term(labels, kwargs.get("num_items_in_batch"), output.loss)
+            forward_number, self.training_forwards = self.training_forwards, self.training_forwards + 1
+            if forward_number % self.anchor_config.every == 0:
+                output.loss = output.loss + self._anchor_term(labels, kwargs.get("num_items_in_batch"), output.loss)
         return output
 
     def generate(self, *args: Any, **kwargs: Any):
@@ -371,7 +378,7 @@ class IMSMModel(BaseTuner):
     def _anchor_term(
         self, labels: torch.Tensor | None, num_items_in_batch: Any, task_loss: torch.Tensor
     ) -> torch.Tensor:
-        """``weight * KL(p_frozen || p_imsm)`` on the next anchor batch, scaled for gradient accumulation.
+        """``weight * every * KL(p_frozen || p_imsm)`` on the next anchor batch, scaled for gradient accumulation.
 
         With ``num_items_in_batch`` (the Trainer's token-normalised loss across accumulated micro-batches), the term
         is weighted by this micro-batch's share of the supervised tokens, so the accumulated total carries it once.
@@ -406,7 +413,7 @@ class IMSMModel(BaseTuner):
         self._add_stat("anchor_kl", kl)
         self._add_stat("task_loss", task_loss)
         self._stats["anchor_forwards"] = self._stats.get("anchor_forwards", 0) + 1
-        return config.weight * kl * share
+        return config.weight * config.every * kl * share
 
     # ------------------------------------------------------------------------- peft tuner interface
     def _prepare_adapter_config(self, peft_config, model_config):
@@ -540,6 +547,8 @@ class IMSMModel(BaseTuner):
         tuner = find_imsm_tuner(model, required=False)
         if tuner is not None and config.anchor is not None and tuner.anchor_draws:
             to_return[_ANCHOR_DRAWS_KEY] = torch.tensor(tuner.anchor_draws, dtype=torch.int64)
+            if config.anchor.every > 1:
+                to_return[_TRAINING_FORWARDS_KEY] = torch.tensor(tuner.training_forwards, dtype=torch.int64)
         return to_return
 
     @classmethod
@@ -553,9 +562,13 @@ class IMSMModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = dict(state_dict)
         draws = state_dict.pop(_ANCHOR_DRAWS_KEY, None)
+        forwards = state_dict.pop(_TRAINING_FORWARDS_KEY, None)
         tuner = find_imsm_tuner(model, required=False)
         if draws is not None and tuner is not None:
             tuner.anchor_draws = int(draws)
+            # (saved with every == 1, the anchor term ran on every forward: the next forward is due after the draws)
+            every = config.anchor.every if config.anchor is not None else 1
+            tuner.training_forwards = int(forwards) if forwards is not None else int(draws) * every
         model_state = model.state_dict()
         remapped: dict[str, torch.Tensor] = {}
         for key, value in state_dict.items():

@@ -72,6 +72,30 @@ def test_anchor_gradients_reach_the_adapter_only_with_train_adapter(train_adapte
             assert reached == train_adapter, name
 
 
+def test_every_k_runs_the_anchor_term_on_every_kth_forward_weighted_k_times():
+    """AnchorConfig.every=3, weight 1: forwards 0 and 3 carry 3 x KL (== every=1 at weight 3 on the same anchor
+    batch), forwards 1, 2 and 4 carry the task loss alone and draw no anchor batch."""
+    every3, weight3 = anchored(every=3), anchored(weight=3.0)
+    plain = anchored()
+    plain.peft_config["default"].anchor = None
+    ids, mask, labels = labelled_batch()
+    losses, draws = [], []
+    for _ in range(5):
+        losses.append(every3(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.detach())
+        draws.append(every3.base_model.anchor_draws)
+    assert draws == [1, 1, 1, 2, 2] and every3.base_model.training_forwards == 5
+    task = plain(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.detach()
+    for i in (1, 2, 4):
+        torch.testing.assert_close(losses[i], task, rtol=1e-6, atol=1e-7)
+    for i in (0, 3):
+        expected = weight3(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.detach()
+        torch.testing.assert_close(losses[i], expected, rtol=1e-5, atol=1e-6)
+        assert losses[i] > task + 1e-4
+    assert weight3.base_model.anchor_draws == 2
+    with pytest.raises(ValueError, match="every must be an integer >= 1"):
+        AnchorConfig(every=0)
+
+
 def test_gradient_accumulation_weights_the_term_by_token_share():
     model = anchored()
     ids, mask, labels = labelled_batch()
@@ -201,17 +225,21 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_resuming_an_anchored_trainer_run_from_a_checkpoint_is_exact(tmp_path):
+@pytest.mark.parametrize("every", [1, 4])
+def test_resuming_an_anchored_trainer_run_from_a_checkpoint_is_exact(tmp_path, every):
     """The anchor batches follow a draw count saved with each checkpoint: the resumed run draws exactly the anchor
-    batches the uninterrupted run drew (it used to restart their order and replay the first steps' batches)."""
-    whole = anchored(num_samples=6, batch_size=4)
+    batches the uninterrupted run drew (it used to restart their order and replay the first steps' batches). With
+    every=4 the checkpoint (6 forwards in, 2 draws: forwards 0 and 4) also saves the forward count: counted from the
+    draws alone (2 x 4 = 8) the resumed run would anchor forwards 6 and 10 instead of 8 (4 draws instead of 3)."""
+    whole = anchored(num_samples=6, batch_size=4, every=every)
     _trainer(whole, tmp_path / "whole", steps=6, save_steps=3).train()
-    assert whole.base_model.anchor_draws == 12  # 6 steps x 2 accumulated micro-batches
-    resumed = anchored(num_samples=6, batch_size=4)
+    draws = 12 // every  # 6 steps x 2 accumulated micro-batches, anchored on every `every`-th
+    assert whole.base_model.anchor_draws == draws and whole.base_model.training_forwards == 12
+    resumed = anchored(num_samples=6, batch_size=4, every=every)
     _trainer(resumed, tmp_path / "whole", steps=6, save_steps=3).train(
         resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3")
     )
-    assert resumed.base_model.anchor_draws == 12
+    assert resumed.base_model.anchor_draws == draws and resumed.base_model.training_forwards == 12
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
         if a.requires_grad:
             assert torch.equal(a, b), name

@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument(
         "--target-modules", default=None, help="comma-separated module names (e.g. q_proj,v_proj) or all-linear"
     )
+    t.add_argument("--anchor-batch-size", type=int, default=None, help="anchors per anchored step")
+    t.add_argument(
+        "--anchor-every", type=int, default=None,
+        help="the anchor term (anchored IMSM's and LoRA + anchor KL's) on every k-th step only, weighted k x there "
+        "(AnchorConfig.every; default 1)",
+    )  # fmt: skip
     g = p.add_argument_group("default run (offline skills LM)")
     g.add_argument("--train-examples", type=int, default=2000)
     g.add_argument("--eval-examples", type=int, default=100, help="test examples per task")
@@ -141,7 +147,8 @@ def settings_from(args: argparse.Namespace, **defaults: Any) -> FinetuneSettings
     """The run's defaults, overridden by every fine-tuning option given on the command line."""
     settings = FinetuneSettings(adapter=args.adapter, **defaults)
     options = {"steps": "steps", "lr": "lr", "batch_size": "batch_size", "rank": "r", "alpha": "lora_alpha",
-               "dropout": "lora_dropout"}  # fmt: skip
+               "dropout": "lora_dropout", "anchor_batch_size": "anchor_batch_size",
+               "anchor_every": "anchor_every"}  # fmt: skip
     for option, field_name in options.items():
         value = getattr(args, option, None)
         if value is not None:
@@ -150,7 +157,7 @@ def settings_from(args: argparse.Namespace, **defaults: Any) -> FinetuneSettings
     if modules:
         names = [m.strip() for m in modules.split(",") if m.strip()]
         settings.target_modules = "all-linear" if names == ["all-linear"] else names
-    for name in ("steps", "batch_size", "r"):
+    for name in ("steps", "batch_size", "r", "anchor_batch_size", "anchor_every"):
         if getattr(settings, name) < 1:
             raise SystemExit(f"error: {name} must be >= 1, got {getattr(settings, name)}.")
     return settings

@@ -45,6 +45,7 @@ class FinetuneSettings:
     anchor_samples: int = 64
     anchor_length: int = 24
     anchor_batch_size: int = 8
+    anchor_every: int = 1  # the anchor term (IMSM's and LoRA + anchor KL's) on every k-th step, weighted k x there
     retrofit_examples: int = 256  # target examples the retrofit's gate trains on (LoRA + retrofit row)
     retrofit_anchor_samples: int = 256  # self anchors the retrofit's gate trains on
 
@@ -186,7 +187,8 @@ def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int
     if method.anchor_weight is not None:
         anchor = AnchorConfig(
             weight=method.anchor_weight, num_samples=settings.anchor_samples, sample_length=settings.anchor_length,
-            batch_size=settings.anchor_batch_size, seed=seed, train_adapter=method.anchor_train_adapter,
+            batch_size=settings.anchor_batch_size, every=settings.anchor_every, seed=seed,
+            train_adapter=method.anchor_train_adapter,
             start_tokens=method.extra.get("start_tokens"),
         )  # fmt: skip
     imsm = IMSMConfig(adapter_config=config, gate_rank=settings.gate_rank, gate_mode=method.gate_mode,
@@ -233,10 +235,10 @@ def finetune(
         order = order[settings.batch_size :]
         out = model(**batch, use_cache=False)
         loss = out.loss
-        if distill is not None:
-            kl = distill.kl(step)
+        if distill is not None and step % settings.anchor_every == 0:
+            kl = distill.kl(step // settings.anchor_every)
             log["anchor_kl"].append(float(kl.detach()))
-            loss = loss + method.anchor_weight * kl
+            loss = loss + method.anchor_weight * settings.anchor_every * kl
         loss.backward()
         optimizer.step()
         if adalora:
