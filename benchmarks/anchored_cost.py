@@ -92,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=32, help="timed steps per method")
     parser.add_argument("--every", type=int, default=4, help="also time the anchored methods with AnchorConfig.every")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the rows (LoRA is always timed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--model", default=None,
@@ -119,6 +120,12 @@ def main() -> None:
         train = encode_examples(tokenizer, make_examples(TARGET_TASK, 4 * settings.batch_size, 0, "train"), 64)
         setting = "skills LM"
     methods = METHODS + (with_every(METHODS, args.every) if args.every > 1 else [])
+    if args.methods:
+        wanted = {"LoRA", *(name.strip() for name in args.methods.split(","))}
+        unknown = wanted - {m.name for m in methods}
+        if unknown:
+            raise SystemExit(f"error: unknown method(s) {sorted(unknown)}; known: {[m.name for m in methods]}")
+        methods = [m for m in methods if m.name in wanted]
     trainees = [Trainee(m, settings, base, tokenizer) for m in methods]
     batches = [
         collate(train[i : i + settings.batch_size], tokenizer.pad_token_id)

@@ -2,8 +2,9 @@
 
 The paper trains the gate on target-task data only, where the adapted view is always the better one, so the gate
 learns to favour it everywhere. Anchors are token sequences that stand for the base model's general behaviour; on a
-small anchor batch in every training forward IMSM adds ``anchor_weight * KL(p_frozen || p_imsm)`` (mean over anchor
-tokens) to the loss the forward returns, so the Trainer and TRL optimise it with no code change.
+small anchor batch in every training forward (or every ``every``-th, weighted ``every`` times there) IMSM adds
+``anchor_weight * KL(p_frozen || p_imsm)`` (mean over anchor tokens) to the loss the forward returns, so the Trainer
+and TRL optimise it with no code change.
 
 * ``source="self"`` (default): anchors are sampled from the frozen view itself (the base model) before the first
   training step: ``num_samples`` sequences of ``sample_length`` new tokens, from the BOS token (or ``start_tokens``,

@@ -100,7 +100,14 @@ class IMSMArguments:
             "general behaviour in imsm-bench); false: only the gate does ('gate only', cheaper)."
         },
     )
-    imsm_anchor_batch_size: int = field(default=8, metadata={"help": "Anchors per training step (per device)."})
+    imsm_anchor_batch_size: int = field(default=8, metadata={"help": "Anchors per anchored step (per device)."})
+    imsm_anchor_every: int = field(
+        default=1,
+        metadata={
+            "help": "Run the anchor term on every k-th training forward only, weighted k x there: the same weight on "
+            "average for 1/k of its cost (AnchorConfig.every)."
+        },
+    )
     imsm_anchor_num_samples: int = field(
         default=64, metadata={"help": "Number of anchors sampled from the frozen model (source 'self')."}
     )
@@ -221,7 +228,7 @@ def check_arguments(model_args: Any, imsm_args: IMSMArguments) -> None:
             f"--imsm_anchor_weight must be >= 0 (it multiplies a KL divergence that the loss minimises), got "
             f"{a.imsm_anchor_weight!r}."
         )
-    for name in ("batch_size", "num_samples", "sample_length", "max_length"):
+    for name in ("batch_size", "every", "num_samples", "sample_length", "max_length"):
         value = getattr(a, f"imsm_anchor_{name}")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise IMSMArgumentError(f"--imsm_anchor_{name} must be an integer >= 1, got {value!r}.")
@@ -251,6 +258,7 @@ def anchor_config(imsm_args: IMSMArguments, seed: int) -> AnchorConfig | None:
         source=a.imsm_anchor_source,
         weight=float(a.imsm_anchor_weight),
         batch_size=a.imsm_anchor_batch_size,
+        every=a.imsm_anchor_every,
         num_samples=a.imsm_anchor_num_samples,
         sample_length=a.imsm_anchor_sample_length,
         start=a.imsm_anchor_start if a.imsm_anchor_start in ("bos", "random") else "bos",  # chat: set by the trainer

@@ -65,6 +65,81 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
             assert again[name]["per_seed"][seed]["scores"] == methods[name]["per_seed"][seed]["scores"], (name, seed)
 
 
+def _select_anchor_weight():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "select_anchor_weight.py"
+    spec = importlib.util.spec_from_file_location("select_anchor_weight", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_validation_split_run_and_the_weight_picked_on_it(tmp_path, capsys):
+    """--eval-split validation scores draws of the train split (no test example, no training example) and says so in
+    results.json; select_anchor_weight.py picks, per family, the best retention among weights that keep the target."""
+    out = tmp_path / "val"
+    methods = (
+        "LoRA,LoRA + anchor KL (w=0.5),LoRA + anchor KL (w=2),LoRA + retrofit [gate] (w=0.5),"
+        "LoRA + retrofit [gate] (w=2),IMSM + self anchors [gate+adapter] (w=2)"
+    )
+    argv = [*REDUCED, "--seeds", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--jobs", "1",
+            "--anchor-every", "2"]  # fmt: skip
+    assert main([*argv, "--eval-split", "validation", "--methods", methods]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["eval_split"] == "validation"
+    select = _select_anchor_weight()
+    assert select.main([str(out / "results.json")]) == 0
+    printed = capsys.readouterr().out
+    picked = select.pick(results, margin=2.0)
+    assert set(picked) == {"LoRA + anchor KL", "LoRA + retrofit [gate]", "IMSM + self anchors [gate+adapter]"}
+    assert results["settings"]["finetune"]["anchor_every"] == 2
+    floor = results["methods"]["LoRA"]["scores"][results["target"]]["mean"] - 2.0
+    for family, choice in picked.items():
+        assert f"{family}: w={choice['weight']:g}" in printed
+        rows = {
+            w: results["methods"][f"{family} (w={w:g})"]
+            for w in (0.5, 2.0)
+            if f"{family} (w={w:g})" in results["methods"]
+        }
+        kept = {w: r["retention"]["mean"] for w, r in rows.items() if r["scores"][results["target"]]["mean"] >= floor}
+        if kept:
+            assert choice["weight"] == max(sorted(kept), key=lambda w: kept[w])
+
+
+def test_anchor_weight_rule_on_known_figures():
+    select = _select_anchor_weight()
+
+    def row(target, retention):
+        return {"scores": {"t": {"mean": target}}, "retention": {"mean": retention}}
+
+    results = {"target": "t", "methods": {
+        "LoRA": row(90.0, 30.0),
+        "KL (w=1)": row(89.0, 50.0), "KL (w=3)": row(88.5, 60.0), "KL (w=10)": row(80.0, 80.0),  # w=10 misses the target
+        "G (w=1)": row(70.0, 50.0), "G (w=3)": row(75.0, 60.0),  # none keeps the target: the highest target
+        "T (w=1)": row(95.0, 40.0), "T (w=3)": row(95.0, 40.0),  # a tie: the smaller weight
+    }}  # fmt: skip
+    picked = select.pick(results, margin=2.0)
+    assert {f: (p["weight"], p["kept_target"]) for f, p in picked.items()} == {
+        "KL": (3.0, True), "G": (3.0, False), "T": (1.0, True),
+    }  # fmt: skip
+
+
+def test_validation_sets_never_meet_the_test_sets_or_the_training_examples():
+    from peft_imsm.bench.skills import EVAL_TASKS, TARGET_TASK, make_examples, validation_sets
+
+    train = make_examples(TARGET_TASK, 500, seed=0, split="train")
+    sets = validation_sets(50, train)
+    assert list(sets) == list(EVAL_TASKS) and sets == validation_sets(50, train)
+    for task, rows in sets.items():
+        assert len(rows) == 50
+        if task != "recall":  # (recall has no split: its test set asks the same memorised facts)
+            test = {r["input"] for r in make_examples(task, 500, seed=1, split="test")}
+            assert not test & {r["input"] for r in rows}
+    assert not {r["input"] for r in train} & {r["input"] for r in sets[TARGET_TASK]}
+
+
 def test_existing_results_are_never_overwritten_silently(tmp_path):
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(SystemExit, match="already holds results.*--overwrite"):

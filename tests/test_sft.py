@@ -206,7 +206,7 @@ def yaml_run(workdir: Path) -> Path:
         "use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_modules": "all-linear",
         "imsm_gate_rank": 2, "imsm_gate_mode": "token", "imsm_gate_dropout": 0.0,
         "imsm_anchor": True, "imsm_anchor_source": "data", "imsm_anchor_dataset": str(workdir / "anchors.jsonl"),
-        "imsm_anchor_batch_size": 2, "imsm_anchor_weight": 2.0,
+        "imsm_anchor_batch_size": 2, "imsm_anchor_weight": 2.0, "imsm_anchor_every": 2,
     }  # fmt: skip
     path = workdir / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -288,7 +288,9 @@ def test_yaml_run_equals_trained_model_after_reload(workdir, yaml_run, reloaded)
     trained = torch.load(workdir / "yaml.pt")
     config = json.loads((yaml_run / "adapter_config.json").read_text())
     assert config["gate_mode"] == "token" and config["gate_rank"] == 2
-    assert config["anchor"]["source"] == "data" and config["anchor"]["weight"] == 2.0
+    assert (
+        config["anchor"]["source"] == "data" and config["anchor"]["weight"] == 2.0 and config["anchor"]["every"] == 2
+    )
     assert config["anchor"]["train_adapter"] is True  # the default: gate+adapter
     # TRL's "all-linear", resolved by peft to every linear layer but the output layer.
     targets = {name.rsplit(".", 1)[-1] for name in config["adapter_config"]["target_modules"]}
@@ -363,6 +365,7 @@ BASE_ARGV = [
         (["--imsm_gate_rank", "0"], "--imsm_gate_rank must be an integer >= 1"),
         (["--imsm_gate_mode", "sigmoid"], "invalid choice: 'sigmoid'"),
         (["--imsm_anchor", "--imsm_anchor_weight", "-1"], "--imsm_anchor_weight must be >= 0"),
+        (["--imsm_anchor", "--imsm_anchor_every", "0"], "--imsm_anchor_every must be an integer >= 1"),
         (["--imsm_gate_rnk", "4"], "unknown IMSM argument --imsm_gate_rnk (did you mean --imsm_gate_rank?)"),
         (["--imsm_gate_dropout", "1.5"], "--imsm_gate_dropout must be in [0, 1)"),
         (["--imsm_anchor_weight", "2"], "the anchor term is off. Add --imsm_anchor"),

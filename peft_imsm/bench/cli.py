@@ -82,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("default run (offline skills LM)")
     g.add_argument("--train-examples", type=int, default=2000)
     g.add_argument("--eval-examples", type=int, default=100, help="test examples per task")
+    g.add_argument(
+        "--eval-split", choices=["test", "validation"], default="test",
+        help="score the held-out test split (default), or a validation set for choosing settings such as the "
+        "anchor weight: fresh draws from the train split, none of them a training example of the run",
+    )  # fmt: skip
     g.add_argument("--pretrain-steps", type=int, default=None, help="override the skills LM's pretraining steps")
     g.add_argument(
         "--cache-dir", default=None, help="cache of the skills LM and of converted GGUF models (~/.cache/peft_imsm)"
@@ -278,7 +283,7 @@ def run(
 
 def run_default(args: argparse.Namespace) -> dict[str, Any]:
     from .pretrain import DEFAULT_RECIPE, evaluate_tasks, load_or_build_skills_model
-    from .skills import MIXTURE_TASKS, TARGET_TASK, make_examples
+    from .skills import EVAL_TASKS, TARGET_TASK, make_examples, validation_sets
 
     progress = not args.no_progress
     recipe = DEFAULT_RECIPE
@@ -289,9 +294,10 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     base, tokenizer = load_or_build_skills_model(args.cache_dir, progress=progress, recipe=recipe)
     train_rows = make_examples(TARGET_TASK, args.train_examples, seed=0, split="train")
-    eval_sets = {TARGET_TASK: make_examples(TARGET_TASK, args.eval_examples, seed=1, split="test")}
-    for task in MIXTURE_TASKS:
-        eval_sets[task] = make_examples(task, args.eval_examples, seed=1, split="test")
+    if args.eval_split == "test":
+        eval_sets = {task: make_examples(task, args.eval_examples, seed=1, split="test") for task in EVAL_TASKS}
+    else:
+        eval_sets = validation_sets(args.eval_examples, train_rows)
     methods = select(default_methods(anchor_weights(args, "1")), args.methods)
     # LoRA r=8 on the attention's q/v projections: plain LoRA learns the target to 100% and forgets part of the
     # skills mixture (measured when the skills LM was designed), which is the regime where the methods differ.

@@ -248,7 +248,7 @@ def finetune(
         log["loss"].append(float(loss.detach()))
         if method.kind == "imsm" and method.anchor_weight is not None:
             stats = model.base_model.pop_training_stats()
-            if stats:
+            if "anchor_kl" in stats:  # (not on the steps that AnchorConfig.every skips)
                 log["anchor_kl"].append(stats["anchor_kl"])
         if step % 10 == 0:
             bar.set_postfix(loss=f"{log['loss'][-1]:.3f}")

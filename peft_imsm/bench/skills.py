@@ -43,6 +43,8 @@ TEST_FRACTION_PER_MILLE: int = 200  # 20% of the example keys of add / reverse /
 MIXTURE_TASKS: tuple[str, ...] = ("recall", "add", "reverse", "compare")
 TARGET_TASK: str = "ends"  # first + last letter of a word; learned by LoRA in ~100-200 steps
 ALL_TASKS: tuple[str, ...] = MIXTURE_TASKS + (TARGET_TASK,)
+EVAL_TASKS: tuple[str, ...] = (TARGET_TASK,) + MIXTURE_TASKS  # the benchmark's eval sets, target first
+VALIDATION_SEED: int = 2  # seed of the validation sets (the test sets use seed 1, the training examples seed 0)
 SPLITS: tuple[str, ...] = ("train", "test")
 
 
@@ -208,3 +210,25 @@ def make_examples(task: str, n: int, seed: int, split: str) -> list[dict]:
         seen.add(prompt)
         examples.append({"input": prompt, "output": answer})
     return examples
+
+
+def validation_sets(n: int, exclude: list[dict]) -> dict[str, list[dict]]:
+    """``n`` validation examples per task of :data:`EVAL_TASKS`, for choosing settings without the test sets.
+
+    Seeded draws (:data:`VALIDATION_SEED`) from the TRAIN split, so no validation example is a test example; prompts
+    of ``exclude`` (the run's training examples) are left out, so none is a training example either. The mixture
+    tasks' train split is what the skills LM was pretrained on, so their validation items may be ones it saw (as
+    recall's test items are: recall has no split). Raises ``ValueError`` when the pool cannot give ``n`` examples.
+    """
+    excluded = {row["input"] for row in exclude}
+    sets = {}
+    for task in EVAL_TASKS:
+        pool = make_examples(task, 2 * n + len(excluded), VALIDATION_SEED, "train")
+        if task == "recall":
+            rows = pool[:n]
+        else:
+            rows = [row for row in pool if row["input"] not in excluded][:n]
+        if len(rows) < n:
+            raise ValueError(f"The {task!r} train split has fewer than {n} examples outside the training set.")
+        sets[task] = rows
+    return sets
