@@ -10,7 +10,7 @@ step and the median wall time is reported, with the ratio to plain LoRA:
 * ``IMSM + anchors [gate+adapter]``: the anchor term trains the adapter too;
 * ``LoRA + anchor KL``: ``imsm-bench``'s self-distillation baseline (the frozen logits on the anchors computed once,
   under ``disable_adapter()``, as IMSM computes its frozen side once);
-* ``..., every k``: the anchor term on every k-th step only, weighted k x there (``AnchorConfig.every``); the figure
+* ``... (every k)``: the anchor term on every k-th step only, weighted k x there (``AnchorConfig.every``); the figure
   is the mean over k consecutive steps (one anchored, k - 1 not), medians over the timed runs of k steps.
 
     python benchmarks/anchored_cost.py [--steps 32] [--threads 1] [--every 4]
@@ -46,9 +46,9 @@ METHODS = [
 
 
 def with_every(methods: list[Method], every: int) -> list[Method]:
-    """The anchored methods again, named ``..., every k``, with ``extra["every"] = k``."""
+    """The anchored methods again, named ``... (every k)``, with ``extra["every"] = k``."""
     return [
-        dataclasses.replace(m, name=f"{m.name}, every {every}", extra={**m.extra, "every": every})
+        dataclasses.replace(m, name=f"{m.name} (every {every})", extra={**m.extra, "every": every})
         for m in methods
         if m.anchor_weight is not None
     ]
