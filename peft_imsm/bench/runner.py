@@ -131,7 +131,7 @@ def anchored_methods(weights: tuple[float, ...]) -> list[Method]:
 
 def retrofit_methods(weights: tuple[float, ...]) -> list[Method]:
     """Per anchor weight: the trained LoRA retrofitted with a gate (:func:`retrofit_lora`), rows derived from "LoRA"
-    (each retrofit's gate initialisation draws from the global RNG after the rows derived before it)."""
+    (each retrofit's gate is initialised from its seed alone, so its figures do not depend on the other rows)."""
     return [Method(f"LoRA + retrofit [gate] (w={w:g})", "derived", anchor_weight=w, derive_from="LoRA",
                    group="retrofit", extra={"retrofit": True}) for w in weights]  # fmt: skip
 
@@ -155,6 +155,7 @@ def retrofit_lora(
     anchor = AnchorConfig(weight=method.anchor_weight, num_samples=settings.retrofit_anchor_samples,
                           sample_length=settings.anchor_length, seed=seed,
                           start_tokens=method.extra.get("start_tokens"))  # fmt: skip
+    torch.manual_seed(seed)  # the gate's initialisation: the same whichever rows were derived before this one
     model = retrofit(model, gate_rank=settings.gate_rank, gate_dropout=0.0, anchor=anchor)
     log = train_gate(model, train[: settings.retrofit_examples], tokenizer, steps=settings.steps, lr=5e-3, seed=seed)
     log.seconds_total = time.perf_counter() - start
