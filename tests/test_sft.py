@@ -311,10 +311,12 @@ def test_yaml_run_equals_trained_model_after_reload(workdir, yaml_run, reloaded)
     for name, value in init.items():
         assert not torch.equal(saved[name], value.to(saved[name].dtype)), f"{name} was saved at its initial value"
 
-    # Anchor texts from --imsm_anchor_dataset were used: the logged anchor KL is there, every step.
+    # Anchor texts from --imsm_anchor_dataset were used: the logged anchor KL is there on every 2nd step (every: 2).
     steps = [log for log in trained["log_history"] if "loss" in log]
     assert len(steps) == 4
-    assert all(log["anchor_kl"] >= 0 and log["task_loss"] > 0 and 0 < log["gate_mean"] < 1 for log in steps)
+    assert ["anchor_kl" in log for log in steps] == [True, False, True, False]
+    assert all(log["anchor_kl"] >= 0 and log["task_loss"] > 0 for log in steps if "anchor_kl" in log)
+    assert all(0 < log["gate_mean"] < 1 for log in steps)
 
 
 def test_qlora_run_reloads_4bit(workdir, qlora_run, reloaded):
