@@ -75,8 +75,9 @@ class Trainee:
     def step(self, batch: dict) -> float:
         start = time.perf_counter()
         loss = self.model(**batch, use_cache=False).loss
-        if self.distill is not None and self.steps % self.every == 0:
-            loss = loss + self.method.anchor_weight * self.every * self.distill.kl(self.steps // self.every)
+        kl = self.distill.kl_at(self.steps) if self.distill is not None else None
+        if kl is not None:
+            loss = loss + self.distill.weight * kl
         self.steps += 1
         loss.backward()
         self.optimizer.step()

@@ -236,10 +236,10 @@ def finetune(
         order = order[settings.batch_size :]
         out = model(**batch, use_cache=False)
         loss = out.loss
-        if distill is not None and step % settings.anchor_every == 0:
-            kl = distill.kl(step // settings.anchor_every)
+        kl = distill.kl_at(step) if distill is not None else None
+        if kl is not None:
             log["anchor_kl"].append(float(kl.detach()))
-            loss = loss + method.anchor_weight * settings.anchor_every * kl
+            loss = loss + distill.weight * kl
         loss.backward()
         optimizer.step()
         if adalora:
@@ -260,15 +260,23 @@ def finetune(
 
 class SelfDistillation:
     """The LoRA + anchor KL baseline's term: ``KL(p_frozen || p_model)`` on self anchors sampled from the base model
-    (``settings.anchor_*``, ``seed``, ``method.extra["start_tokens"]``), whose frozen logits are computed once."""
+    (``settings.anchor_*``, ``seed``, ``method.extra["start_tokens"]``), whose frozen logits are computed once. As
+    ``AnchorConfig.every`` does for IMSM, the term is due on every ``settings.anchor_every``-th step only, and
+    :attr:`weight` (``method.anchor_weight * anchor_every``) is the factor it takes in the loss there."""
 
     def __init__(self, model: Any, method: Method, settings: FinetuneSettings, seed: int, device: Any) -> None:
         self.model, self.batch_size, self.device = model, settings.anchor_batch_size, device
+        self.every = settings.anchor_every
+        self.weight = method.anchor_weight * settings.anchor_every
         config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=seed,
                               start_tokens=method.extra.get("start_tokens"))  # fmt: skip
         with model.disable_adapter():
             self.anchors = sample_self_anchors(model.get_base_model(), config, device)
         self.frozen_logits = frozen_anchor_logits_of(model, self.anchors, self.batch_size, device)
+
+    def kl_at(self, step: int) -> torch.Tensor | None:
+        """The KL of training step ``step`` (0-based), or None on the steps that ``anchor_every`` skips."""
+        return self.kl(step // self.every) if step % self.every == 0 else None
 
     def kl(self, draw: int) -> torch.Tensor:
         """The (differentiable) KL on anchor batch number ``draw``, at the anchors' full padded width."""

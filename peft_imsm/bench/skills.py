@@ -223,10 +223,10 @@ def validation_sets(n: int, exclude: list[dict]) -> dict[str, list[dict]]:
     excluded = {row["input"] for row in exclude}
     sets = {}
     for task in EVAL_TASKS:
-        pool = make_examples(task, 2 * n + len(excluded), VALIDATION_SEED, "train")
-        if task == "recall":
-            rows = pool[:n]
+        if task == "recall":  # no split, no training examples of it: the memorised facts, as its test set
+            rows = make_examples(task, n, VALIDATION_SEED, "train")
         else:
+            pool = make_examples(task, 2 * n + len(excluded), VALIDATION_SEED, "train")
             rows = [row for row in pool if row["input"] not in excluded][:n]
         if len(rows) < n:
             raise ValueError(f"The {task!r} train split has fewer than {n} examples outside the training set.")
