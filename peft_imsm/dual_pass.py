@@ -80,6 +80,7 @@ class BackbonePass:
     stacked_rows: int | None = None  # rows per view in the doubled batch (stacked layout)
     stacked_tokens: int = 0  # rows * seq per view (layers that flatten the batch, e.g. OPT's MLP)
     grad_enabled: bool | None = None  # autograd state to restore after an adapted view run without it
+    prefix_hidden: torch.Tensor | None = None  # [1, prefix, d] adapted view of a shared prefix (run once)
 
 
 @dataclass
@@ -96,6 +97,10 @@ class CallContext:
         frozen_rows_first: the call's batch is ``[x; x]``: the backbone runs on the second half only, and its output
             is ``[h_frozen; interwoven]``, so the model's own head (and logit post-processing) gives the frozen view's
             logits and IMSM's in one pass (the anchor term, with ``given_h_frozen`` cached).
+        shared_prefix: with ``given_h_frozen``: every row's first ``shared_prefix`` tokens are the same and unpadded
+            (self anchors that start from a chat template's user turn). The adapted view runs them once, on one row,
+            and the other rows continue from that row's KV cache; the post-hook puts the prefix's states back in
+            front of every row, so what follows is unchanged (up to float rounding) at a fraction of the cost.
         capture_frozen: when a list, the final hidden states of every backbone pass run in the frozen view within
             this call are appended to it (the anchor term's KL-target pass).
         stacking: whether this call may run both views as one doubled batch.
@@ -109,6 +114,7 @@ class CallContext:
     given_h_frozen: torch.Tensor | None = None
     adapted_without_grad: bool = False
     frozen_rows_first: bool = False
+    shared_prefix: int = 0
     capture_frozen: list[torch.Tensor] | None = None
     stacking: bool = True
     on_gate: Callable[[torch.Tensor, torch.Tensor | None, CallContext], None] | None = None
@@ -149,6 +155,7 @@ class DualPass:
         self.supports_stacking = supports_stacked_views(adapter_tuner, model)
         self._get_gate = get_gate
         self._positional_names = _bound_parameter_names(self.backbone)
+        self._cache_name = _cache_parameter_name(self.backbone)
         self._hooks = [
             self.backbone.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             self.backbone.register_forward_hook(self._post_hook, with_kwargs=True),
@@ -252,6 +259,8 @@ class DualPass:
         given, call.given_h_frozen = call.given_h_frozen, None
         if given is not None and cache is None and given.shape[:2] == (batch_size, seq_len):
             step.h_frozen = given  # the caller already ran the frozen view on these exact inputs (anchor term)
+            if self._can_share_prefix(module, kwargs, call.shared_prefix, seq_len):
+                step.prefix_hidden = self._run_shared_prefix(module, kwargs, call.shared_prefix)
         else:
             frozen_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS}
             if cache is not None:
@@ -276,6 +285,9 @@ class DualPass:
         if step.grad_enabled is not None:
             torch.set_grad_enabled(step.grad_enabled)
         hidden = last_hidden_state(output)
+        if step.prefix_hidden is not None:  # the rows ran after their shared prefix: put it back in front
+            prefix = step.prefix_hidden.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
+            hidden = torch.cat([prefix, hidden], dim=1)
         if step.stacked_rows is not None:
             h_frozen, h_adapted = hidden[: step.stacked_rows], hidden[step.stacked_rows :]
         else:
@@ -308,6 +320,50 @@ class DualPass:
         if call.frozen_rows_first:
             mixed = torch.cat([h_frozen.to(mixed.dtype), mixed])
         return replace_last_hidden_state(output, mixed)
+
+    # ------------------------------------------------------------------------------------------------ shared prefix
+    def _can_share_prefix(self, module: nn.Module, kwargs: dict, prefix: int, seq_len: int) -> bool:
+        """Whether the adapted view can run ``prefix`` tokens once for all rows (see ``CallContext.shared_prefix``).
+
+        Not under gradient checkpointing (recomputing a pass that fills a KV cache would fill it twice), and only
+        for plain inputs: ``input_ids``, a 2-D attention mask, no explicit positions.
+        """
+        if not 0 < prefix < seq_len or self._cache_name is None:
+            return False
+        if kwargs.get("input_ids") is None or kwargs.get("position_ids") is not None:
+            return False
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            return False
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            return False
+        checkpointing = torch.is_grad_enabled() and module.training
+        return not (checkpointing and any(getattr(m, "gradient_checkpointing", False) for m in module.modules()))
+
+    def _run_shared_prefix(self, module: nn.Module, kwargs: dict, prefix: int) -> torch.Tensor:
+        """Run the adapted view on row 0's first ``prefix`` tokens with a KV cache, then point ``kwargs`` (in place)
+        at the remaining tokens of every row, continuing from that cache repeated for each row. Returns the prefix's
+        ``[1, prefix, d]`` final hidden states."""
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        rows = ids.shape[0]
+        cache = DynamicCache(config=module.config)
+        prefix_kwargs = {
+            k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS and k not in _BATCHED_KWARGS
+        }  # fmt: skip
+        prefix_kwargs.update(input_ids=ids[:1, :prefix], use_cache=True)
+        prefix_kwargs[self._cache_name] = cache
+        if mask is not None:
+            prefix_kwargs["attention_mask"] = mask[:1, :prefix]
+        token = _CALL.set(None)  # a plain adapted-view pass: the hooks stay out of it
+        try:
+            out = module(**prefix_kwargs)
+        finally:
+            _CALL.reset(token)
+        cache.batch_repeat_interleave(rows)
+        kwargs["input_ids"] = ids[:, prefix:]
+        kwargs[self._cache_name] = cache
+        kwargs["use_cache"] = True
+        return last_hidden_state(out)
 
     # ------------------------------------------------------------------------------------------------ stacking
     def can_stack(self, kwargs: dict, cache: Cache | None, index: QueryIndex | None) -> bool:
@@ -416,6 +472,12 @@ def find_backbone(model: nn.Module) -> nn.Module:
 def _bound_parameter_names(module: nn.Module) -> list[str]:
     params = inspect.signature(module.forward).parameters
     return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _cache_parameter_name(module: nn.Module) -> str | None:
+    """The name of the backbone's KV-cache argument (``cache`` in transformers 5, ``past_key_values`` before)."""
+    params = inspect.signature(module.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def last_hidden_state(output: Any) -> torch.Tensor:

@@ -397,8 +397,9 @@ class IMSMModel(BaseTuner):
         # target (the frozen logits) next to IMSM's logits.
         h_frozen = self._frozen_anchor_hidden(anchors)[rows].to(device)
         on_gate = functools.partial(self._observe_gate, stat="anchor_gate")
+        # Anchors that share a prefix (self anchors from a chat template's user turn) run it once per batch.
         call = self.dual_pass.call(
-            given_h_frozen=h_frozen, frozen_rows_first=True,
+            given_h_frozen=h_frozen, frozen_rows_first=True, shared_prefix=anchors.prefix_worth_sharing(len(rows)),
             adapted_without_grad=not config.train_adapter or self.peft_config[self._active_name].freeze_adapter,
             on_gate=on_gate,
         )  # fmt: skip

@@ -327,3 +327,70 @@ def test_chat_start_tokens_needs_a_chat_template():
     tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
     prefix = chat_start_tokens(tokenizer)
     assert tokenizer.decode(prefix) == tokenizer.decode(tokenizer("<user>", add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("train_adapter", [False, True], ids=["gate", "gate+adapter"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "cohere", "gpt2", "gpt_neox", "opt"])
+def test_a_shared_anchor_prefix_runs_once_and_changes_nothing(arch, train_adapter):
+    """Self anchors from ``start_tokens`` (a chat template's user turn) share their first tokens: the adapted view runs
+    them once per anchor batch and the other rows continue from its KV cache. The anchor term is still
+    ``weight * KL(p_frozen || p_imsm)`` by plain calls, in value and gradients, and the backbone saw fewer tokens."""
+    start = [5, 9, 13, 2, 7, 11, 3, 8]
+    model = anchored(arch=arch, train_adapter=train_adapter, weight=0.7, start_tokens=start, sample_length=4)
+    model.eval()
+    tuner = model.base_model
+    prepare_anchors(model)
+    anchors = tuner.anchor_set()
+    assert anchors.shared_prefix == len(start) and anchors.prefix_worth_sharing(4) == len(start)
+    rows = anchors.rows(0, 4)
+    ids, mask = anchors.input_ids[rows], anchors.attention_mask[rows]
+    with torch.no_grad(), model.disable_adapter():
+        frozen = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    from peft_imsm.anchors import anchor_kl
+
+    expected = 0.7 * anchor_kl(frozen, logits, mask)
+    tuner._frozen_anchor_hidden(anchors)
+    seen = []
+    hook = tuner.dual_pass.backbone.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        got = tuner._anchor_term(None, None, torch.tensor(0.0))
+    finally:
+        hook.remove()
+    assert seen == [(1, 8), (4, 4)]  # (after IMSM's pre-hook) the prefix once, then the rest of every row
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    got_grads = torch.autograd.grad(got, [p for _, p in named], allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, [p for _, p in named], allow_unused=True)
+    for (name, _), a, b in zip(named, got_grads, expected_grads):
+        if "imsm_gate" in name or train_adapter:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+        else:
+            assert a is None or not a.any(), name
+
+
+def test_no_prefix_sharing_for_bos_anchors_padded_data_anchors_or_gradient_checkpointing():
+    from peft_imsm.anchors import AnchorSet
+
+    ids = torch.tensor([[1, 4, 5, 6], [1, 4, 7, 8], [1, 4, 5, 9]])
+    assert AnchorSet(ids, torch.ones_like(ids), 0).shared_prefix == 2
+    assert AnchorSet(ids[:, :1].repeat(1, 4), torch.ones_like(ids), 0).shared_prefix == 3  # never the whole row
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0  # left padding: row 0's first token is padding
+    assert AnchorSet(ids, mask, 0).shared_prefix == 0
+    bos = anchored()  # BOS + 6 sampled tokens: a 1-token prefix is not worth a second backbone call
+    prepare_anchors(bos)
+    assert bos.base_model.anchor_set().shared_prefix == 1 and bos.base_model.anchor_set().prefix_worth_sharing(4) == 0
+    model = anchored(start_tokens=[5, 9, 13, 2, 7, 11, 3, 8], sample_length=4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    seen = []
+    hook = model.base_model.dual_pass.backbone.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        model.base_model._anchor_term(None, None, torch.tensor(0.0)).backward()
+    finally:
+        hook.remove()
+    assert seen[-1] == (4, 12)  # one pass over the whole rows: a cache cannot be refilled by checkpointing
