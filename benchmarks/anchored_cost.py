@@ -11,9 +11,13 @@ step and the median wall time is reported, with the ratio to plain LoRA:
 * ``LoRA + anchor KL``: ``imsm-bench``'s self-distillation baseline (the frozen logits on the anchors computed once,
   under ``disable_adapter()``, as IMSM computes its frozen side once);
 * ``... (every k)``: the anchor term on every k-th step only, weighted k x there (``AnchorConfig.every``); the figure
-  is the mean over k consecutive steps (one anchored, k - 1 not), medians over the timed runs of k steps.
+  is the mean over k consecutive steps (one anchored, k - 1 not), medians over the timed runs of k steps;
+* ``LoRA + retrofit [gate] (whole run)``: no training step of its own: the LoRA trained as above for the benchmark's
+  step count, then retrofitted as ``imsm-bench``'s retrofit rows do (``retrofit()`` + ``train_gate`` on stored
+  states: anchor sampling, the stored pass, gate training; timed once, after the steps). Its figure is the whole
+  run per LoRA step, ``(steps x LoRA's step + retrofit seconds) / steps`` (``--no-retrofit`` leaves it out).
 
-    python benchmarks/anchored_cost.py [--steps 32] [--threads 1] [--every 4]
+    python benchmarks/anchored_cost.py [--steps 32] [--threads 1] [--every 4] [--no-retrofit]
     python benchmarks/anchored_cost.py --model <SmolLM2 folder or GGUF> --steps 8   # imsm-bench --protocol real's step
 
 The anchors are sampled before the timed steps (as ``prepare_anchors`` does before training).
@@ -33,7 +37,14 @@ import torch
 import peft_imsm
 from peft_imsm.bench.batching import collate, encode_examples
 from peft_imsm.bench.pretrain import load_or_build_skills_model
-from peft_imsm.bench.runner import FinetuneSettings, Method, SelfDistillation, build_model
+from peft_imsm.bench.runner import (
+    FinetuneSettings,
+    Method,
+    SelfDistillation,
+    build_model,
+    retrofit_lora,
+    retrofit_methods,
+)
 from peft_imsm.bench.skills import TARGET_TASK, make_examples
 
 METHODS = [
@@ -95,6 +106,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=4, help="also time the anchored methods with AnchorConfig.every")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the rows (LoRA is always timed)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-retrofit", action="store_true", help="leave out the retrofit's whole-run row")
     parser.add_argument(
         "--model", default=None,
         help="a real model (HF folder or GGUF, as imsm-bench --model): the training step of imsm-bench --protocol "
@@ -112,6 +124,8 @@ def main() -> None:
         settings = settings_from(bench_args, **REAL_SETTINGS)
         rows = tag_examples(4 * settings.batch_size, "train", 0)
         train = encode_examples(tokenizer, rows, settings.max_length, chat=True)
+        retrofit_rows = tag_examples(settings.retrofit_examples, "train", 0)
+        retrofit_train = encode_examples(tokenizer, retrofit_rows, settings.max_length, chat=True)
         for method in METHODS:
             method.extra["start_tokens"] = chat_start_tokens(tokenizer)
         setting = f"{args.model}, --protocol real"
@@ -119,6 +133,9 @@ def main() -> None:
         base, tokenizer = load_or_build_skills_model(progress=False)
         settings = FinetuneSettings(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3)  # default run
         train = encode_examples(tokenizer, make_examples(TARGET_TASK, 4 * settings.batch_size, 0, "train"), 64)
+        retrofit_train = encode_examples(
+            tokenizer, make_examples(TARGET_TASK, settings.retrofit_examples, 0, "train"), 64
+        )
         setting = "skills LM"
     methods = METHODS + (with_every(METHODS, args.every) if args.every > 1 else [])
     if args.methods:
@@ -140,12 +157,20 @@ def main() -> None:
             for k in range(0, args.every, t.every):
                 times[t.method.name].append(t.period(batches, step + k))
     lora = statistics.median(times["LoRA"]) * 1e3
+    if not args.no_retrofit:  # the retrofit of the LoRA just trained, as imsm-bench derives it (see the docstring)
+        method = retrofit_methods((1.0,))[0]
+        method.extra["start_tokens"] = METHODS[0].extra.get("start_tokens")
+        lora_model = next(t for t in trainees if t.method.name == "LoRA").model
+        _, log = retrofit_lora(copy.deepcopy(lora_model), tokenizer, retrofit_train, settings, 0, method)
+        name = f"LoRA + retrofit [gate] (whole run of {settings.steps} steps)"
+        times[name] = [(settings.steps * lora / 1e3 + log.seconds_total) / settings.steps]
     print(f"{setting}, batch {settings.batch_size}, anchors {settings.anchor_batch_size} x "
           f"{settings.anchor_length} new tokens, {args.steps} interleaved steps, threads={torch.get_num_threads()}")  # fmt: skip
-    print(f"{'method':<32}{'ms/step':>10}{'x LoRA':>9}")
+    width = max(len(name) for name in times) + 2
+    print(f"{'method':<{width}}{'ms/step':>10}{'x LoRA':>9}")
     for name, values in times.items():
         ms = statistics.median(values) * 1e3
-        print(f"{name:<32}{ms:>10.1f}{ms / lora:>8.2f}x")
+        print(f"{name:<{width}}{ms:>10.1f}{ms / lora:>8.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ and TRL optimise it with no code change.
 Query rule for anchors: an anchor has no prompt/response split, so its query is the whole anchor sequence (for
 ``"data"`` anchors given as prompts this is exactly the prompt).
 
+Cost: the frozen view's states of the anchors are computed once (they never change); per anchored forward only the
+adapted view runs on the anchor batch. Anchors that share a prefix (self anchors started from a chat template's user
+turn, whose system prompt can be most of each anchor) run that prefix once per batch, the other rows continuing from
+its KV cache (:attr:`AnchorSet.shared_prefix`; the same term up to float rounding).
+
 By default the adapter learns from the anchor term too (``train_adapter=True``, "gate+adapter": it kept the most
 general behaviour on both of ``imsm-bench``'s benchmarks, see ``docs/anchor-variants.md``); ``train_adapter=False``
 ("gate only") detaches the adapted view's hidden states there, so only the gate learns from it (cheaper: the adapted
