@@ -24,11 +24,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import peft_imsm  # noqa: F401  (registers IMSM with peft)
+from peft_imsm.anchors import AnchorSet
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_train.py"
 TIMEOUT_S = 90
@@ -128,25 +130,42 @@ def test_example_accelerate_configs_load():
         )
 
 
-def test_fsdp2_training_equals_single_process_training(tmp_path):
+@pytest.mark.parametrize("anchors", [False, True], ids=["plain", "shared-prefix anchors"])
+def test_fsdp2_training_equals_single_process_training(tmp_path, anchors):
     """FSDP2 (fully_shard per decoder layer + root, gloo): the gate and LoRA shard like any parameter, the frozen
     view runs through the sharded layers, and 3 steps on 2 ranks give the weights of 3 single-process steps on the
-    two ranks' batches together (same token count per rank, so the averaged gradient is the full batch's)."""
+    two ranks' batches together (same token count per rank, so the averaged gradient is the full batch's).
+    With anchors (each rank samples its own, through the sharded model, at its first forward; they share a start, so
+    the anchor term runs its prefix once per batch through the sharded layers): the reference is the mean of the two
+    ranks' losses, each with that rank's anchors and anchor batch."""
     sys.path.insert(0, str(SCRIPT.parent))
     import fsdp2_train
 
-    dumps = launch(tmp_path, script=SCRIPT.parent / "fsdp2_train.py")
+    dumps = launch(tmp_path, *(["anchors"] if anchors else []), script=SCRIPT.parent / "fsdp2_train.py")
     rank0, rank1 = dumps
     assert any("imsm_gate" in n for n in rank0["sharded"]) and any("lora_A" in n for n in rank0["sharded"])
     for name in rank0["trained"]:
         assert torch.equal(rank0["trained"][name], rank1["trained"][name]), f"ranks differ: {name}"
 
-    model = fsdp2_train.build_model()
+    model = fsdp2_train.build_model(anchors)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    if anchors:
+        assert not torch.equal(rank0["anchors"], rank1["anchors"])  # each rank its own anchors
+        sets = [AnchorSet(d["anchors"], torch.ones_like(d["anchors"]), seed=r) for r, d in enumerate(dumps)]
+        assert all(s.prefix_worth_sharing(fsdp2_train.ANCHORS.batch_size) == 8 for s in sets)
     for step in range(fsdp2_train.STEPS):
-        ids = torch.cat([rank0["batches"][step], rank1["batches"][step]])
-        model(input_ids=ids, labels=ids).loss.backward()
+        if anchors:
+            loss = 0.0
+            for anchor_set, dump in zip(sets, dumps):
+                model.base_model.set_anchors(anchor_set)
+                model.base_model.anchor_draws = step
+                ids = dump["batches"][step]
+                loss = loss + model(input_ids=ids, labels=ids).loss / 2
+            loss.backward()
+        else:
+            ids = torch.cat([rank0["batches"][step], rank1["batches"][step]])
+            model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     reference = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -2,12 +2,14 @@
 
 Launched by ``tests/test_distributed.py``::
 
-    torchrun --nproc_per_node 2 tests/scripts/fsdp2_train.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/scripts/fsdp2_train.py OUT_DIR [anchors]
 
 Each decoder layer and the root peft model are sharded (what accelerate's FSDP2 plugin does with a transformer
 auto-wrap policy); the gate stays in the root unit. Each rank trains 3 AdamW steps on its own batch (seeded by rank)
 and writes ``rank{r}.pt``: ``{"batches": [...], "trained": {name: full tensor}, "sharded": [names of DTensor params]}``
-with every trainable parameter gathered to a full tensor.
+with every trainable parameter gathered to a full tensor. With ``anchors``: self anchors that share a start (the
+anchor term's shared-prefix path), sampled by each rank at its first training forward, as in Trainer training; the
+dump then also holds the rank's ``"anchors"`` (ids).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import peft_imsm
 
 STEPS = 3
+ANCHORS = peft_imsm.AnchorConfig(
+    weight=0.5, num_samples=8, sample_length=4, batch_size=4, start_tokens=[5, 9, 13, 2, 7, 11, 3, 8]
+)
 
 
-def build_model() -> torch.nn.Module:
+def build_model(anchors: bool = False) -> torch.nn.Module:
     """Tiny random Llama + IMSM LoRA, identical on every rank; no dropout anywhere so runs are deterministic."""
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -35,7 +40,8 @@ def build_model() -> torch.nn.Module:
         num_key_value_heads=2, pad_token_id=0,
     )  # fmt: skip
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
-    return get_peft_model(LlamaForCausalLM(config), peft_imsm.IMSMConfig(adapter_config=lora, gate_dropout=0.0))
+    imsm = peft_imsm.IMSMConfig(adapter_config=lora, gate_dropout=0.0, anchor=ANCHORS if anchors else None)
+    return get_peft_model(LlamaForCausalLM(config), imsm)
 
 
 def rank_batch(rank: int, step: int) -> torch.Tensor:
@@ -46,7 +52,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model = build_model()
+    anchors = sys.argv[2:] == ["anchors"]
+    model = build_model(anchors)
     model.train()
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
@@ -67,7 +74,10 @@ def main() -> None:
                 sharded.append(name)
                 param = param.full_tensor()
             trained[name] = param.detach().clone()
-    torch.save({"batches": batches, "trained": trained, "sharded": sharded}, out / f"rank{rank}.pt")
+    dump = {"batches": batches, "trained": trained, "sharded": sharded}
+    if anchors:
+        dump["anchors"] = model.base_model.anchor_set().input_ids
+    torch.save(dump, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
