@@ -105,7 +105,8 @@ class IMSMArguments:
         default=1,
         metadata={
             "help": "Run the anchor term on every k-th training forward only, weighted k x there: the same weight on "
-            "average for 1/k of its cost (AnchorConfig.every)."
+            "average for 1/k of its cost (AnchorConfig.every). 4 kept as much on SmolLM2-135M-Instruct with a step "
+            "1.4x plain LoRA's instead of 1.8-1.9x; on a 1M-parameter model it cost the target, so the default is 1."
         },
     )
     imsm_anchor_num_samples: int = field(
