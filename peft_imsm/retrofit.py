@@ -535,7 +535,12 @@ def _left_pad(rows: list[list[int]], pad_id: int, fill: int, device: torch.devic
 
 
 def _model_logits(model: PeftModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The causal LM's output head on final hidden states, with its logit post-processing."""
+    """The causal LM's output head on final hidden states, with its logit post-processing.
+
+    Written out here because transformers has no head-only entry point (each ``*ForCausalLM.forward`` applies these
+    steps after its backbone) and the fast gate training works on stored token states, not on sequences.
+    :func:`_check_head` compares the result with the model's own forward on the first batch and refuses a model
+    whose head does something else."""
     hf_model = model.get_base_model()
     logits = hf_model.get_output_embeddings()(hidden)
     scale = getattr(hf_model, "logit_scale", None)  # Cohere
