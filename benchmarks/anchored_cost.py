@@ -44,6 +44,7 @@ from peft_imsm.bench.runner import (
     build_model,
     retrofit_lora,
     retrofit_methods,
+    training_loss,
 )
 from peft_imsm.bench.skills import TARGET_TASK, make_examples
 
@@ -85,10 +86,7 @@ class Trainee:
 
     def step(self, batch: dict) -> float:
         start = time.perf_counter()
-        loss = self.model(**batch, use_cache=False).loss
-        kl = self.distill.kl_at(self.steps) if self.distill is not None else None
-        if kl is not None:
-            loss = loss + self.distill.weight * kl
+        loss, _ = training_loss(self.model, batch, self.distill, self.steps)
         self.steps += 1
         loss.backward()
         self.optimizer.step()
@@ -122,21 +120,22 @@ def main() -> None:
         bench_args = parse_args(["--model", args.model, "--protocol", "real", "--no-progress"])
         base, tokenizer = load_model(bench_args)
         settings = settings_from(bench_args, **REAL_SETTINGS)
-        rows = tag_examples(4 * settings.batch_size, "train", 0)
-        train = encode_examples(tokenizer, rows, settings.max_length, chat=True)
-        retrofit_rows = tag_examples(settings.retrofit_examples, "train", 0)
-        retrofit_train = encode_examples(tokenizer, retrofit_rows, settings.max_length, chat=True)
-        for method in METHODS:
-            method.extra["start_tokens"] = chat_start_tokens(tokenizer)
+        examples = max(4 * settings.batch_size, settings.retrofit_examples)
+        train = encode_examples(tokenizer, tag_examples(examples, "train", 0), settings.max_length, chat=True)
+        start_tokens = chat_start_tokens(tokenizer)
         setting = f"{args.model}, --protocol real"
     else:
         base, tokenizer = load_or_build_skills_model(progress=False)
         settings = FinetuneSettings(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3)  # default run
-        train = encode_examples(tokenizer, make_examples(TARGET_TASK, 4 * settings.batch_size, 0, "train"), 64)
-        retrofit_train = encode_examples(
-            tokenizer, make_examples(TARGET_TASK, settings.retrofit_examples, 0, "train"), 64
-        )
+        examples = max(4 * settings.batch_size, settings.retrofit_examples)
+        train = encode_examples(tokenizer, make_examples(TARGET_TASK, examples, 0, "train"), 64)
+        start_tokens = None
         setting = "skills LM"
+    # timed steps cycle through 4 batches of the first examples; the retrofit takes its sample from all of them
+    batches = [
+        collate(train[i : i + settings.batch_size], tokenizer.pad_token_id)
+        for i in range(0, 4 * settings.batch_size, settings.batch_size)
+    ]
     methods = METHODS + (with_every(METHODS, args.every) if args.every > 1 else [])
     if args.methods:
         wanted = {"LoRA", *(name.strip() for name in args.methods.split(","))}
@@ -144,11 +143,8 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"error: unknown method(s) {sorted(unknown)}; known: {[m.name for m in methods]}")
         methods = [m for m in methods if m.name in wanted]
+    methods = [dataclasses.replace(m, extra={**m.extra, "start_tokens": start_tokens}) for m in methods]
     trainees = [Trainee(m, settings, base, tokenizer) for m in methods]
-    batches = [
-        collate(train[i : i + settings.batch_size], tokenizer.pad_token_id)
-        for i in range(0, len(train), settings.batch_size)
-    ]
     for t in trainees:  # warm-up
         t.period(batches, 0)
     times: dict[str, list[float]] = {t.method.name: [] for t in trainees}
@@ -159,9 +155,9 @@ def main() -> None:
     lora = statistics.median(times["LoRA"]) * 1e3
     if not args.no_retrofit:  # the retrofit of the LoRA just trained, as imsm-bench derives it (see the docstring)
         method = retrofit_methods((1.0,))[0]
-        method.extra["start_tokens"] = METHODS[0].extra.get("start_tokens")
+        method.extra["start_tokens"] = start_tokens
         lora_model = next(t for t in trainees if t.method.name == "LoRA").model
-        _, log = retrofit_lora(copy.deepcopy(lora_model), tokenizer, retrofit_train, settings, 0, method)
+        _, log = retrofit_lora(copy.deepcopy(lora_model), tokenizer, train, settings, 0, method)
         name = f"LoRA + retrofit [gate] (whole run of {settings.steps} steps)"
         times[name] = [(settings.steps * lora / 1e3 + log.seconds_total) / settings.steps]
     print(f"{setting}, batch {settings.batch_size}, anchors {settings.anchor_batch_size} x "

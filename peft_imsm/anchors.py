@@ -28,11 +28,14 @@ view then runs on the anchors without autograd).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .padding import left_pad
 
 ANCHOR_SOURCES = ("self", "data")
 
@@ -123,10 +126,10 @@ class AnchorSet:
         """Tokens per anchor (padded width)."""
         return self.input_ids.shape[1]
 
-    @property
+    @functools.cached_property
     def shared_prefix(self) -> int:
         """How many leading tokens every anchor has in common, unpadded (e.g. the chat template's start of a user
-        turn that self anchors continue; at most ``length - 1``)."""
+        turn that self anchors continue; at most ``length - 1``). Computed once: the anchors never change."""
         same = (self.input_ids == self.input_ids[:1]).all(dim=0) & self.attention_mask.bool().all(dim=0)
         return min(int(same.long().cumprod(dim=0).sum()), self.length - 1)
 
@@ -272,12 +275,7 @@ def tokenize_anchor_data(
     rows = [r for r in rows if r]
     if not rows:
         raise ValueError("Every anchor text tokenized to nothing.")
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), int(pad_id or 0), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
+    ids, mask = left_pad(rows, int(pad_id or 0))
     return AnchorSet(ids, mask, seed + process_rank())
 
 

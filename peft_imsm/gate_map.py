@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .model import find_imsm_tuner
+from .padding import left_pad
 
 
 @dataclass
@@ -167,7 +168,7 @@ def gate_map(
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            input_ids, mask = _left_pad(chunk, pad_id)
+            input_ids, mask = left_pad([ids for ids, _ in chunk], pad_id)
             width = input_ids.shape[1]
             labels = torch.full_like(input_ids, -100)
             for r, (ids, n) in enumerate(chunk):
@@ -189,17 +190,6 @@ def gate_map(
     return GateMap(prompts, tokens, token_ids, gates, [n for _, n in rows])
 
 
-def _left_pad(chunk: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[rows, width]`` left-padded ids and attention mask of ``(ids, prompt_length)`` rows."""
-    width = max(len(ids) for ids, _ in chunk)
-    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for r, (ids, _) in enumerate(chunk):
-        input_ids[r, width - len(ids) :] = torch.tensor(ids)
-        mask[r, width - len(ids) :] = 1
-    return input_ids, mask
-
-
 def _generate(model, rows, max_new_tokens, batch_size, pad_id, eos_id, device) -> list[tuple[list[int], int]]:
     out_rows = []
     was_training = model.training
@@ -207,7 +197,7 @@ def _generate(model, rows, max_new_tokens, batch_size, pad_id, eos_id, device) -
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            input_ids, mask = _left_pad(chunk, pad_id)
+            input_ids, mask = left_pad([ids for ids, _ in chunk], pad_id)
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,

@@ -38,6 +38,7 @@ from .anchors import AnchorConfig, anchor_kl
 from .config import IMSMConfig
 from .gate import IMSMGate
 from .model import IMSMModel, find_imsm_tuner, prepare_anchors, set_anchor_data
+from .padding import left_pad
 from .query import build_query_index, query_summary
 
 _DEFAULT = object()
@@ -524,16 +525,6 @@ def _capture_views(
     return captured[0][0], captured[0][1], out.logits
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, fill: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), fill, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _model_logits(model: PeftModel, hidden: torch.Tensor) -> torch.Tensor:
     """The causal LM's output head on final hidden states, with its logit post-processing.
 
@@ -578,8 +569,8 @@ def _precompute_target(model, tuner, examples, batch_size, device, pad_id) -> _T
     offset = 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        ids, mask = _left_pad([e[0] for e in chunk], pad_id, pad_id, device)
-        labels, _ = _left_pad([e[1] for e in chunk], pad_id, -100, device)
+        ids, mask = left_pad([e[0] for e in chunk], pad_id, device)
+        labels, _ = left_pad([e[1] for e in chunk], -100, device)
         h_frozen, h_adapted, logits = _capture_views(model, tuner, input_ids=ids, attention_mask=mask)
         if i == 0:
             _check_head(model, tuner, h_frozen, h_adapted, mask, logits)

@@ -28,6 +28,31 @@ def labelled_batch():
     return ids, mask, labels
 
 
+def plain_anchor_term(model, rows: list[int], weight: float) -> torch.Tensor:
+    """``weight * KL(p_frozen || p_imsm)`` on anchor rows ``rows``, by plain calls of the model (the definition)."""
+    from peft_imsm.anchors import anchor_kl
+
+    anchors = model.base_model.anchor_set()
+    ids, mask = anchors.input_ids[rows], anchors.attention_mask[rows]
+    with torch.no_grad(), model.disable_adapter():
+        frozen = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return weight * anchor_kl(frozen, logits, mask)
+
+
+def assert_same_term_and_gradients(model, got: torch.Tensor, expected: torch.Tensor, train_adapter: bool) -> None:
+    """Equal values and gradients; in gate-only mode the adapter gets nothing from the anchor term."""
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    got_grads = torch.autograd.grad(got, [p for _, p in named], allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, [p for _, p in named], allow_unused=True)
+    for (name, _), a, b in zip(named, got_grads, expected_grads):
+        if "imsm_gate" in name or train_adapter:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+        else:
+            assert a is None or not a.any(), name
+
+
 def test_self_anchor_sampling_is_deterministic_and_leaves_the_global_rng_alone():
     a, b, c = anchored(seed=0), anchored(seed=0), anchored(seed=1)
     torch.manual_seed(123)
@@ -293,28 +318,10 @@ def test_anchor_term_equals_its_definition(arch, train_adapter):
     (In eval mode: GPT-2's dropout would make every plain call a different draw.)"""
     model = anchored(arch=arch, train_adapter=train_adapter, weight=0.7)
     model.eval()
-    tuner = model.base_model
     prepare_anchors(model)
-    rows = tuner.anchor_set().rows(0, 4)
-    ids, mask = tuner.anchor_set().input_ids[rows], tuner.anchor_set().attention_mask[rows]
-    with torch.no_grad(), model.disable_adapter():
-        frozen = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    from peft_imsm.anchors import anchor_kl
-
-    expected = 0.7 * anchor_kl(frozen, logits, mask)
-    got = tuner._anchor_term(None, None, torch.tensor(0.0))
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-    params = [p for p in model.parameters() if p.requires_grad]
-    got_grads = torch.autograd.grad(got, params, allow_unused=True)
-    expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
-    for (name, _), a, b in zip(
-        [(n, p) for n, p in model.named_parameters() if p.requires_grad], got_grads, expected_grads
-    ):
-        if "imsm_gate" in name or train_adapter:
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
-        else:  # gate-only: the adapter gets nothing from the anchor term
-            assert a is None or not a.any(), name
+    expected = plain_anchor_term(model, model.base_model.anchor_set().rows(0, 4), 0.7)
+    got = model.base_model._anchor_term(None, None, torch.tensor(0.0))
+    assert_same_term_and_gradients(model, got, expected, train_adapter)
 
 
 def test_chat_start_tokens_needs_a_chat_template():
@@ -342,14 +349,7 @@ def test_a_shared_anchor_prefix_runs_once_and_changes_nothing(arch, train_adapte
     prepare_anchors(model)
     anchors = tuner.anchor_set()
     assert anchors.shared_prefix == len(start) and anchors.prefix_worth_sharing(4) == len(start)
-    rows = anchors.rows(0, 4)
-    ids, mask = anchors.input_ids[rows], anchors.attention_mask[rows]
-    with torch.no_grad(), model.disable_adapter():
-        frozen = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    from peft_imsm.anchors import anchor_kl
-
-    expected = 0.7 * anchor_kl(frozen, logits, mask)
+    expected = plain_anchor_term(model, anchors.rows(0, 4), 0.7)
     tuner._frozen_anchor_hidden(anchors)
     seen = []
     hook = tuner.dual_pass.backbone.register_forward_pre_hook(
@@ -360,15 +360,7 @@ def test_a_shared_anchor_prefix_runs_once_and_changes_nothing(arch, train_adapte
     finally:
         hook.remove()
     assert seen == [(1, 8), (4, 4)]  # (after IMSM's pre-hook) the prefix once, then the rest of every row
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    got_grads = torch.autograd.grad(got, [p for _, p in named], allow_unused=True)
-    expected_grads = torch.autograd.grad(expected, [p for _, p in named], allow_unused=True)
-    for (name, _), a, b in zip(named, got_grads, expected_grads):
-        if "imsm_gate" in name or train_adapter:
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
-        else:
-            assert a is None or not a.any(), name
+    assert_same_term_and_gradients(model, got, expected, train_adapter)
 
 
 def test_no_prefix_sharing_for_bos_anchors_padded_data_anchors_or_gradient_checkpointing():

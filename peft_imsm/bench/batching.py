@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..padding import left_pad
+
 
 def encode_examples(
     tokenizer: Any, rows: list[dict], max_length: int, chat: bool = False
@@ -62,12 +64,6 @@ def collate(
     batch: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Left-pad a list of ``(input_ids, labels)`` into ``[batch, width]`` tensors."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(batch):
-        ids[i, width - len(row_ids) :] = torch.tensor(row_ids)
-        labels[i, width - len(row_labels) :] = torch.tensor(row_labels)
-        mask[i, width - len(row_ids) :] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    ids, mask = left_pad([row_ids for row_ids, _ in batch], pad_id, device)
+    labels, _ = left_pad([row_labels for _, row_labels in batch], -100, device)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

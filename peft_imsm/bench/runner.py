@@ -234,12 +234,9 @@ def finetune(
             order += more
         batch = collate([train[i] for i in order[: settings.batch_size]], tokenizer.pad_token_id, device)
         order = order[settings.batch_size :]
-        out = model(**batch, use_cache=False)
-        loss = out.loss
-        kl = distill.kl_at(step) if distill is not None else None
+        loss, kl = training_loss(model, batch, distill, step)
         if kl is not None:
             log["anchor_kl"].append(float(kl.detach()))
-            loss = loss + distill.weight * kl
         loss.backward()
         optimizer.step()
         if adalora:
@@ -285,6 +282,19 @@ class SelfDistillation:
         mask = self.anchors.attention_mask[rows].to(self.device)
         logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return anchor_kl(self.frozen_logits[rows].to(self.device), logits, mask)
+
+
+def training_loss(
+    model: Any, batch: dict[str, torch.Tensor], distill: SelfDistillation | None, step: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss of training step ``step`` (0-based): the model's own (an anchored IMSM's includes its anchor term),
+    plus, for LoRA + anchor KL, ``distill.weight * KL`` on the steps where it is due. Returns the loss and that KL
+    (None when not due or without ``distill``)."""
+    loss = model(**batch, use_cache=False).loss
+    kl = distill.kl_at(step) if distill is not None else None
+    if kl is not None:
+        loss = loss + distill.weight * kl
+    return loss, kl
 
 
 @torch.no_grad()
