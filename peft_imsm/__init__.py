@@ -4,22 +4,24 @@
 
     model = get_peft_model(base_model, IMSMConfig(adapter_config=LoraConfig(...)))
 
+What users call is listed in ``__all__``; internals stay importable from their modules.
+
 Modules, in import order (each imports only those before it): ``peft_type`` (the enum member), ``gate``, ``query``,
-``cache``, ``anchors`` (anchor config, sampling, KL), ``config`` (``IMSMConfig``), ``dual_pass`` (the two views),
-``model`` (``IMSMModel``, the peft tuner), ``callbacks`` (Trainer callbacks), ``registration`` (peft registration);
-then the tools built on them: ``retrofit`` (``peft_imsm.retrofit.retrofit``: a gate for an adapter you already have,
-and ``train_gate``), ``gate_map`` (per-token gate values and their picture), ``sft`` (``imsm-sft``).
+``cache``, ``padding``, ``anchors`` (anchor config, sampling, KL), ``config`` (``IMSMConfig``), ``dual_pass`` (the two
+views), ``model`` (``IMSMModel``, the peft tuner), ``callbacks`` (Trainer callbacks), ``registration`` (peft
+registration); then the tools built on them: ``retrofitting`` (:func:`retrofit`: a gate for an adapter you already
+have), ``gate_training`` (:func:`train_gate`: that gate trained on stored states), ``gate_maps`` (:func:`gate_map`:
+per-token gate values and their picture), ``sft`` (``imsm-sft``).
 """
 
-from .anchors import AnchorConfig
+from .anchors import AnchorConfig, chat_start_tokens
 from .callbacks import AdaLoraBudgetCallback, IMSMLogCallback
 from .config import IMSMConfig
-from .gate import IMSMGate
-from .gate_map import GateMap
-from .model import IMSMModel, find_imsm_tuner, prepare_anchors, set_anchor_data
-from .peft_type import IMSM_PEFT_TYPE
+from .gate_maps import GateMap, gate_map
+from .gate_training import GateTrainingLog, train_gate
+from .model import IMSMModel, prepare_anchors, set_anchor_data
 from .registration import register
-from .retrofit import GateTrainingLog, train_gate
+from .retrofitting import retrofit
 
 register()
 
@@ -27,17 +29,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IMSMConfig",
-    "IMSMModel",
-    "IMSMGate",
     "AnchorConfig",
+    "chat_start_tokens",
     "set_anchor_data",
     "prepare_anchors",
-    "find_imsm_tuner",
+    "retrofit",
     "train_gate",
     "GateTrainingLog",
+    "gate_map",
     "GateMap",
-    "AdaLoraBudgetCallback",
     "IMSMLogCallback",
-    "IMSM_PEFT_TYPE",
+    "AdaLoraBudgetCallback",
+    "IMSMModel",
     "__version__",
 ]

@@ -20,15 +20,16 @@ adapted view runs on the anchor batch. Anchors that share a prefix (self anchors
 turn, whose system prompt can be most of each anchor) run that prefix once per batch, the other rows continuing from
 its KV cache (:attr:`AnchorSet.shared_prefix`; the same term up to float rounding).
 
-By default the adapter learns from the anchor term too (``train_adapter=True``, "gate+adapter": it kept the most
-general behaviour on both of ``imsm-bench``'s benchmarks, see ``docs/anchor-variants.md``); ``train_adapter=False``
-("gate only") detaches the adapted view's hidden states there, so only the gate learns from it (cheaper: the adapted
-view then runs on the anchors without autograd).
+By default the adapter learns from the anchor term too (``train_adapter=True``, "gate+adapter");
+``train_adapter=False`` ("gate only") detaches the adapted view's hidden states there, so only the gate learns from it
+(cheaper: the adapted view then runs on the anchors without autograd). Measured results of both: ``docs/anchors.md``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,6 +39,11 @@ import torch.nn.functional as F
 from .padding import left_pad
 
 ANCHOR_SOURCES = ("self", "data")
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for a finite real number (int or float, numpy's too), False for bools, NaN, infinities and the rest."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -50,16 +56,16 @@ class AnchorConfig:
         batch_size: anchors per anchored training forward.
         every: run the anchor term on every ``every``-th training forward only, weighted ``weight * every`` there:
             the same weight on average for ``1 / every`` of its cost (the anchor batch costs about as much as a
-            training batch of as many tokens). ``every=4`` kept as much on SmolLM2-135M at a quarter of the anchor
-            cost, but cost the target on ``imsm-bench``'s 1M-parameter skills LM (``docs/anchor-variants.md``), so
-            the default is 1: the term on every forward.
+            training batch of as many tokens). 1 runs it on every forward. Recommended for instruct models: 4.
+            Measured results: ``docs/anchors.md``.
         num_samples: number of self-sampled anchors.
         sample_length: new tokens per self-sampled anchor.
         start: ``"bos"`` (start every sample from the BOS token) or ``"random"`` (``start_length`` uniformly random
             token ids).
         start_length: length of random starts.
-        start_tokens: explicit start token ids (for models without a BOS token).
-        temperature: sampling temperature of self anchors.
+        start_tokens: explicit start token ids, None or a non-empty list of ids below the vocabulary size (for
+            models without a BOS token, or ``chat_start_tokens(tokenizer)`` for instruct models).
+        temperature: sampling temperature of self anchors (> 0).
         seed: sampling and batching seed (the process rank is added in multi-process training).
         train_adapter: let the wrapped adapter learn from the anchor term too (default); False: only the gate does.
         max_length: truncation length of ``"data"`` anchors.
@@ -82,16 +88,36 @@ class AnchorConfig:
     def __post_init__(self) -> None:
         if self.source not in ANCHOR_SOURCES:
             raise ValueError(f"anchor source must be one of {ANCHOR_SOURCES}, got {self.source!r}.")
-        if not isinstance(self.weight, (int, float)) or self.weight < 0:
-            raise ValueError(f"anchor weight must be a number >= 0, got {self.weight!r}.")
+        if not is_finite_number(self.weight) or self.weight < 0:
+            raise ValueError(
+                f"anchor weight must be a number >= 0 (a finite float, e.g. 1.0), got {self.weight!r}: a NaN or "
+                "infinite weight makes the loss, and after one step every trained weight, NaN."
+            )
         for name in ("batch_size", "every", "num_samples", "sample_length", "start_length", "max_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"anchor {name} must be an integer >= 1, got {value!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"anchor seed must be an integer, got {self.seed!r}.")
         if self.start not in ("bos", "random"):
             raise ValueError(f"anchor start must be 'bos' or 'random', got {self.start!r}.")
-        if self.temperature <= 0:
-            raise ValueError(f"anchor temperature must be > 0, got {self.temperature!r}.")
+        if isinstance(self.start_tokens, tuple):
+            self.start_tokens = list(self.start_tokens)
+        if self.start_tokens is not None:
+            tokens = self.start_tokens
+            valid_ids = isinstance(tokens, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
+            )
+            if not valid_ids or not tokens:
+                raise ValueError(
+                    f"anchor start_tokens must be None (start from the BOS token) or a non-empty list of token ids "
+                    f"(integers >= 0), got {tokens!r}. For an instruct model pass "
+                    "peft_imsm.chat_start_tokens(tokenizer); otherwise e.g. [tokenizer.bos_token_id]."
+                )
+        if not is_finite_number(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"anchor temperature must be > 0 and finite (e.g. 1.0), got {self.temperature!r}.")
+        if not isinstance(self.train_adapter, bool):
+            raise ValueError(f"anchor train_adapter must be True or False, got {self.train_adapter!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,6 +234,14 @@ def sample_self_anchors(hf_model: torch.nn.Module, config: AnchorConfig, device:
     vocab = hf_model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     n = config.num_samples
+    tokens = config.start_tokens or []
+    outside = [t for t in tokens if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+    if outside:
+        raise ValueError(
+            f"AnchorConfig.start_tokens holds token id(s) {outside} that are not in this model's vocabulary of "
+            f"{vocab} tokens (ids 0 to {vocab - 1}). Pass ids of this model's tokenizer, e.g. "
+            "peft_imsm.chat_start_tokens(tokenizer)."
+        )
     if config.start_tokens:
         starts = torch.tensor(config.start_tokens, dtype=torch.long)[None].expand(n, -1)
     elif config.start == "random":

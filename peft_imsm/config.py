@@ -9,7 +9,7 @@ from typing import Any
 from peft.config import PeftConfig
 from peft.utils.peft_types import TaskType
 
-from .anchors import AnchorConfig
+from .anchors import AnchorConfig, is_finite_number
 from .gate import GATE_MODES
 from .peft_type import IMSM_PEFT_TYPE
 
@@ -92,8 +92,11 @@ class IMSMConfig(PeftConfig):
             raise ValueError(f"gate_rank must be an integer >= 1 (the paper uses 8), got {self.gate_rank!r}.")
         if self.gate_mode not in GATE_MODES:
             raise ValueError(f"Unknown gate_mode {self.gate_mode!r}; choose one of {', '.join(GATE_MODES)}.")
-        if not 0.0 <= float(self.gate_dropout) < 1.0:
-            raise ValueError(f"gate_dropout must be in [0, 1), got {self.gate_dropout!r}.")
+        if not is_finite_number(self.gate_dropout) or not 0.0 <= self.gate_dropout < 1.0:
+            raise ValueError(
+                f"gate_dropout must be a number in [0, 1) (0.1 in the authors' settings, 0.0 for none), got "
+                f"{self.gate_dropout!r}."
+            )
         if not isinstance(self.gate_scalar, bool):
             raise ValueError(f"gate_scalar must be True or False, got {self.gate_scalar!r}.")
         if not isinstance(self.freeze_adapter, bool):

@@ -22,7 +22,9 @@ Per-call state, safe when several threads share one model:
   of a call is kept on the model.
 * :func:`frozen_view` switches the adapter layers off for the current thread only (a ``ContextVar`` read by the
   layers' ``disable_adapters`` property, see :mod:`peft_imsm.registration`), never by flipping flags on the shared
-  layers.
+  layers. Per thread is IMSM's internal frozen view only: ``PeftModel.disable_adapter()`` keeps peft's behaviour and is
+  model-wide (while its block runs, every thread sees the base model, as with plain LoRA; see
+  ``IMSMModel.disable_adapter_layers``). Concurrent forward / ``generate()`` calls are each exact.
 * Outside an IMSM call the hooks do nothing: a direct call of the inner model (``peft_model.get_base_model()(...)``
   or its backbone) is the ADAPTED view alone, the base model with the adapter injected, as in peft.
 """
@@ -45,7 +47,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import as_imsm_cache, is_imsm_cache
 from .gate import IMSMGate
-from .query import QueryIndex, build_query_index, per_token, query_summary
+from .query import QueryIndex, build_query_index, check_attention_mask, per_token, query_summary
 
 # Backbone inputs with a batch dimension, doubled when both views run as one batch.
 _BATCHED_KWARGS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
@@ -144,14 +146,18 @@ class DualPass:
         stacked_views: run both views as one doubled batch where possible (see :meth:`can_stack`); False always
             runs two passes (same results up to float rounding).
         supports_stacking: whether the wrapped adapter allows the doubled batch at all (plain LoRA only).
-        removed: True after :meth:`remove` (``unload()``).
+        adapter_tuner: the wrapped adapter's tuner (a newer IMSM model on the same model unloads its layers).
+        removed: True after :meth:`remove` (``unload()``, or a newer IMSM model built on the same model).
+        superseded: True when a newer IMSM model was built on the same model (see :func:`installed_dual_pass`).
     """
 
     def __init__(self, model: nn.Module, adapter_tuner: nn.Module, get_gate: Callable[[], IMSMGate]) -> None:
         self.backbone = find_backbone(model)
+        self.adapter_tuner = adapter_tuner
         self.enabled = True
         self.stacked_views = True
         self.removed = False
+        self.superseded = False
         self.supports_stacking = supports_stacked_views(adapter_tuner, model)
         self._get_gate = get_gate
         self._positional_names = _bound_parameter_names(self.backbone)
@@ -206,6 +212,11 @@ class DualPass:
                 if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
                     kwargs[key] = value[batch_size // 2 :]
             batch_size //= 2
+        if cache is None or isinstance(cache, Cache):
+            past_length = cache.get_seq_length() if cache is not None else 0
+            inputs_name = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+            inputs_shape = (batch_size, *first.shape[1:])  # (the half the backbone runs on, with frozen_rows_first)
+            check_attention_mask(kwargs.get("attention_mask"), inputs_shape, past_length, inputs_name)
         index = None
         if not (is_imsm_cache(cache) and cache.imsm_has_query):
             labels = call.labels
@@ -391,6 +402,20 @@ class DualPass:
         if len(args) > len(names):
             raise TypeError(f"Too many positional arguments for {type(module).__name__}.forward.")
         return dict(zip(names, args))
+
+
+def installed_dual_pass(model: nn.Module) -> DualPass | None:
+    """The :class:`DualPass` whose hooks are on ``model``'s backbone (an IMSM model built on ``model`` before and
+    still in place), or None."""
+    try:
+        backbone = find_backbone(model)
+    except ValueError:
+        return None  # (not a causal LM: building the new DualPass raises the clear error)
+    for hook in backbone._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, DualPass) and not owner.removed:
+            return owner
+    return None
 
 
 def _zero_frozen_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, TrainableTokensWrapper
 from torch import nn
 
 from .anchors import (
@@ -43,8 +44,9 @@ from .anchors import (
     tokenize_anchor_data,
 )
 from .config import IMSMConfig
-from .dual_pass import CallContext, DualPass, frozen_view
+from .dual_pass import CallContext, DualPass, frozen_view, installed_dual_pass
 from .gate import IMSMGate
+from .query import check_attention_mask
 
 # Key under which the number of anchor batches drawn so far is saved with the adapter (exact resumes).
 _ANCHOR_DRAWS_KEY = "base_model.imsm_anchor_draws"
@@ -84,6 +86,9 @@ class IMSMModel(BaseTuner):
         imsm_config = config[adapter_name] if isinstance(config, dict) else config
         if not isinstance(imsm_config, IMSMConfig):
             raise TypeError(f"IMSMModel needs an IMSMConfig, got {type(imsm_config).__name__}.")
+        _refuse_nested_imsm(model)
+        _supersede_earlier_imsm(model)
+        head_tied = _head_tied_to_input_embeddings(model)
 
         adapter_config = imsm_config.adapter_config
         adapter_config.inference_mode = imsm_config.inference_mode
@@ -92,6 +97,16 @@ class IMSMModel(BaseTuner):
         adapter_tuner = tuner_cls(
             model, {adapter_name: adapter_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
         )
+        reason = _trained_head_reason(model, head_tied)
+        if reason is not None:
+            adapter_tuner.unload()  # (the user's model goes back untouched)
+            raise ValueError(
+                f"IMSM cannot train the output head: {reason}. IMSM's gate mixes the two views' final hidden states "
+                "before the single output head, so a trained head would also change the frozen view, which then is no "
+                "longer the base model. Leave the output head out of target_modules / modules_to_save / "
+                "trainable_token_indices (with tied embeddings, train the input embeddings with LoRA instead: "
+                "target_modules=[..., 'embed_tokens'], without ensure_weight_tying)."
+            )
 
         self.model = model
         self.__dict__["adapter_tuner"] = adapter_tuner  # not a submodule: its parameters are `model`'s
@@ -190,6 +205,9 @@ class IMSMModel(BaseTuner):
         attention_mask = kwargs.get("attention_mask")
         prompt = input_ids if input_ids is not None else inputs_embeds
         if self.dual_pass.enabled and prompt is not None:
+            # (generate() takes the whole sequence, cached tokens included: the mask covers exactly the prompt)
+            inputs_name = "input_ids" if input_ids is not None else "inputs_embeds"
+            check_attention_mask(attention_mask, tuple(prompt.shape), 0, inputs_name)
             _check_generation_prompt(attention_mask)
         prompt_length = prompt.shape[1] if prompt is not None else None
         on_gate = functools.partial(self._observe_gate, labels=None)
@@ -202,6 +220,13 @@ class IMSMModel(BaseTuner):
         return output
 
     def _check_usable(self) -> None:
+        if self.dual_pass.superseded:
+            raise RuntimeError(
+                "This IMSM model was superseded: get_peft_model (or PeftModel.from_pretrained) was called again on its "
+                f"base model ({type(self.model).__name__}), which removed this model's hooks and adapter layers from it "
+                "and gave them to the new IMSM model. Use the newest model, or reload the base model (e.g. "
+                "AutoModelForCausalLM.from_pretrained) for each IMSM model you want to keep."
+            )
         if self._unloaded:
             raise RuntimeError(
                 "IMSM was unloaded from this model (`unload()` returned the base model and removed the gate and the "
@@ -464,12 +489,22 @@ class IMSMModel(BaseTuner):
         )
 
     def enable_adapter_layers(self) -> None:
-        """Turn IMSM back on (both the wrapped adapter and the gate)."""
+        """Turn IMSM back on (both the wrapped adapter and the gate), for every thread.
+
+        Model-wide, as in peft: see :meth:`disable_adapter_layers`.
+        """
+        self._check_usable()
         self.adapter_tuner.enable_adapter_layers()
         self.dual_pass.enabled = True
 
     def disable_adapter_layers(self) -> None:
-        """Turn IMSM off: the model is then the plain base model (used by ``PeftModel.disable_adapter()``)."""
+        """Turn IMSM off: the model is then the plain base model (used by ``PeftModel.disable_adapter()``).
+
+        Model-wide, as in peft: while ``with model.disable_adapter():`` runs, every thread sees the base model, as
+        with plain LoRA. What is per thread is IMSM's internal frozen view only (the base-model pass inside each
+        forward / ``generate()``), so concurrent IMSM calls outside such a block are each exact.
+        """
+        self._check_usable()
         self.adapter_tuner.disable_adapter_layers()
         self.dual_pass.enabled = False
 
@@ -525,6 +560,7 @@ class IMSMModel(BaseTuner):
 
     def unload(self) -> nn.Module:
         """Remove IMSM (gate and wrapped adapter) and return the untouched base model."""
+        self._check_usable()
         self.dual_pass.remove()
         self._unloaded = True
         return self.adapter_tuner.unload()
@@ -707,6 +743,90 @@ def _warn_about_unmatched_keys(
 def _first(keys: list[str], n: int = 5) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _refuse_nested_imsm(model: nn.Module) -> None:
+    """Refuse to build IMSM on a model that already holds an IMSM model (a PeftModel of IMSM, or its tuner)."""
+    if any(isinstance(m, IMSMModel) for m in model.modules()):
+        raise ValueError(
+            f"get_peft_model was given a model that already holds an IMSM model ({type(model).__name__}): IMSM cannot "
+            "wrap an IMSM model. Pass the base transformers model instead (a newly loaded one, or "
+            "`peft_model.get_base_model()`, on which the new IMSM model then replaces the old one), or keep using the "
+            "existing PeftModel."
+        )
+
+
+def _supersede_earlier_imsm(model: nn.Module) -> None:
+    """Remove an earlier IMSM model from ``model`` (``get_peft_model`` run twice on one base model, e.g. a notebook
+    cell run again): its hooks and its wrapped adapter's layers go, and it is marked superseded (it then refuses to
+    run), so that the new IMSM model is built exactly as on a fresh base model."""
+    earlier = installed_dual_pass(model)
+    if earlier is None:
+        return
+    earlier.remove()
+    earlier.superseded = True
+    earlier.adapter_tuner.unload()  # (also drops `model.peft_config`)
+    left = [n for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    if left:
+        raise ValueError(
+            f"get_peft_model was called again on a model that an earlier IMSM model had adapted, and the earlier "
+            f"adapter's layers could not be removed ({_first(left)}), so the new IMSM model would not be built on "
+            "the plain base model. Reload the base model (e.g. AutoModelForCausalLM.from_pretrained) and call "
+            "get_peft_model on it."
+        )
+
+
+def _head_tied_to_input_embeddings(model: nn.Module) -> bool:
+    """Whether the output head's weight IS the input embeddings' weight (tied embeddings), before injection."""
+    try:
+        head_weight = getattr(model.get_output_embeddings(), "weight", None)
+        embeddings_weight = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):
+        return False
+    return head_weight is not None and head_weight is embeddings_weight
+
+
+def _trained_head_reason(model: nn.Module, head_tied: bool) -> str | None:
+    """Why the wrapped adapter, as injected, trains the output head (None when it does not).
+
+    The head trains when it is (or contains) a peft adapter layer (LoRA etc. on ``lm_head``, also peft's
+    ``ensure_weight_tying`` copy of an embedding adapter) or a modules_to_save / trainable-tokens wrapper (peft
+    wraps a tied head with the input embeddings' trainable tokens); and when the head shares its weight with input
+    embeddings that such a wrapper trains a copy of (transformers' ``tie_weights()`` re-ties the head to that copy).
+    LoRA on the input embeddings leaves the head's weight alone: the frozen view switches it off.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if head is None:
+        return None
+    head_name = next((n for n, m in model.named_modules() if m is head), "lm_head")
+    for name, module in head.named_modules():
+        where = f"`{head_name}.{name}`" if name else f"`{head_name}`"
+        if isinstance(module, ModulesToSaveWrapper):
+            return (
+                f"modules_to_save trains a copy of the output head {where} (named in modules_to_save, which TRL's "
+                "SFTTrainer does when the chat template adds tokens, or put there by ensure_weight_tying to follow "
+                "the input embeddings)"
+            )
+        if isinstance(module, TrainableTokensWrapper):
+            return (
+                f"trainable_token_indices trains rows of the output head {where} (named there, or tied to the input "
+                "embeddings' trainable tokens because the model has tie_word_embeddings=True)"
+            )
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            return (
+                f"the wrapped adapter put a {type(module).__module__}.{type(module).__name__} layer on the output head "
+                f"{where} (lm_head in target_modules, or ensure_weight_tying with an embedding adapter)"
+            )
+    embeddings = model.get_input_embeddings()
+    if head_tied and isinstance(embeddings, AuxiliaryTrainingWrapper):
+        option = "modules_to_save" if isinstance(embeddings, ModulesToSaveWrapper) else "trainable_token_indices"
+        return (
+            f"the output head `{head_name}` shares its weight with the input embeddings (tie_word_embeddings=True), "
+            f"and {option} trains a copy of those: transformers re-ties the head to the trained copy whenever "
+            "model.tie_weights() runs (accelerate's FSDP set-up, resize_token_embeddings, checkpoint loading)"
+        )
+    return None
 
 
 def _hidden_size(model: nn.Module) -> int:

@@ -43,6 +43,40 @@ def _segment_cumsum(x: torch.Tensor, start_of: torch.Tensor) -> torch.Tensor:
     return inclusive - exclusive.gather(1, start_of)
 
 
+def check_attention_mask(
+    attention_mask: torch.Tensor | None,
+    inputs_shape: tuple[int, ...],
+    past_length: int,
+    inputs_name: str = "input_ids",
+) -> None:
+    """Refuse a 2D ``attention_mask`` that does not fit the inputs (it would fail later with a bare indexing error, or
+    silently mark the wrong tokens as padding).
+
+    Args:
+        attention_mask: the backbone's mask; only a 2D ``[batch, past + seq]`` padding mask is checked.
+        inputs_shape: shape of the backbone's ``input_ids`` (``[batch, seq]``) or ``inputs_embeds``.
+        past_length: tokens already in the KV cache (0 without one). With cached tokens the mask covers them too, so
+            it is longer than the inputs (``generate()``'s decoding steps, a user-given cache).
+        inputs_name: what the inputs are called in the message.
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return
+    batch_size, seq_len = inputs_shape[0], inputs_shape[1]
+    rows, width = attention_mask.shape
+    if rows == batch_size and (width == seq_len or (past_length > 0 and width >= seq_len)):
+        return
+    if past_length > 0:
+        needed = f"[{batch_size}, {past_length} + {seq_len}] (one column per cached and per new token)"
+    else:
+        needed = f"[{batch_size}, {seq_len}] (one 1/0 entry per token of {inputs_name})"
+    raise ValueError(
+        f"attention_mask has shape {list(attention_mask.shape)} but {inputs_name} has shape {list(inputs_shape)}"
+        + (f" after {past_length} cached tokens" if past_length > 0 else "")
+        + f": the mask must be {needed}. Pass the attention_mask the tokenizer returned together with these "
+        f"{inputs_name} (or no attention_mask when no row is padded)."
+    )
+
+
 def build_query_index(
     batch_size: int,
     seq_len: int,

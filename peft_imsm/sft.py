@@ -78,9 +78,9 @@ class IMSMArguments:
     imsm_anchor: bool = field(
         default=False,
         metadata={
-            "help": "Add IMSM's self-anchored gate (beyond the paper): weight * KL(p_frozen || p_imsm) on a small batch "
-            "of anchor sequences in every training step, so the gate learns what 'not the target task' looks like. "
-            "The other --imsm_anchor_* arguments need this flag."
+            "help": "Add IMSM's self-anchored gate (beyond the paper; recommended): weight * KL(p_frozen || p_imsm) "
+            "on a small batch of anchor sequences every --imsm_anchor_every training steps, so the gate and the "
+            "adapter learn what 'not the target task' looks like. The other --imsm_anchor_* arguments need this flag."
         },
     )
     imsm_anchor_source: Literal["self", "data"] = field(
@@ -96,17 +96,17 @@ class IMSMArguments:
     imsm_anchor_train_adapter: bool = field(
         default=True,
         metadata={
-            "help": "Let the adapter learn from the anchor term too ('gate+adapter', the default: it kept the most "
-            "general behaviour in imsm-bench); false: only the gate does ('gate only', cheaper)."
+            "help": "Let the adapter learn from the anchor term too ('gate+adapter', the default and the recommended "
+            "setting); false: only the gate does ('gate only': cheaper per anchored step, keeps less)."
         },
     )
     imsm_anchor_batch_size: int = field(default=8, metadata={"help": "Anchors per anchored step (per device)."})
     imsm_anchor_every: int = field(
-        default=1,
+        default=4,
         metadata={
             "help": "Run the anchor term on every k-th training forward only, weighted k x there: the same weight on "
-            "average for 1/k of its cost (AnchorConfig.every). 4 kept as much on SmolLM2-135M-Instruct with a step "
-            "1.4x plain LoRA's instead of 1.8-1.9x; on a 1M-parameter model it cost the target, so the default is 1."
+            "average for 1/k of its cost (AnchorConfig.every). 4 (the default) is the recommended setting; 1 runs it "
+            "on every forward (measured effects: docs/anchors.md)."
         },
     )
     imsm_anchor_num_samples: int = field(
@@ -119,7 +119,7 @@ class IMSMArguments:
         default="auto",
         metadata={
             "help": "Where sampled anchors start: 'chat' (the chat template's user turn, so anchors look like the "
-            "prompts an instruct model answers; kept the most general behaviour in imsm-bench --protocol real), "
+            "prompts an instruct model answers; the recommended start for instruct models), "
             "'bos' (the BOS token), 'random' (random token ids; for models without a BOS token), or 'auto' "
             "(default: 'chat' when the tokenizer has a chat template, else 'bos')."
         },

@@ -32,7 +32,7 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
         "IMSM w/o query", "IMSM w/o gate",
         *(f"{kind} (w={w})" for w in ("0.5", "2") for kind in (
             "LoRA + anchor KL", "IMSM + self anchors [gate]", "IMSM + self anchors [gate+adapter]",
-            "LoRA + retrofit [gate]")),
+            "IMSM w/o gate + self anchors [adapter]", "LoRA + retrofit [gate]")),
     }  # fmt: skip
     assert set(methods) == expected
     tasks = [results["target"], *results["retention_tasks"]]
@@ -45,6 +45,7 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
     assert methods["IMSM"]["gate_target"] is not None and methods["LoRA"]["gate_target"] is None
     assert 0.0 < methods["IMSM"]["gate_target"]["mean"] < 1.0
     assert methods["IMSM w/o gate"]["gate_others"]["mean"] == pytest.approx(0.5)
+    assert methods["IMSM w/o gate + self anchors [adapter] (w=2)"]["gate_target"]["mean"] == pytest.approx(0.5)
     assert methods["base model"]["scores"][tasks[1]]["std"] == 0.0
     # Same seeds, same data: a second run, one method at a time in this process (--jobs 1) instead of two worker
     # processes, reproduces the figures exactly (the skills LM now comes from the cache).

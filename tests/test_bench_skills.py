@@ -141,6 +141,49 @@ def test_target_prompts_look_different():
 # ---------------------------------------------------------------------------------------------------------------
 # Build + cache
 # ---------------------------------------------------------------------------------------------------------------
+def _sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_the_default_skills_lm_is_the_shipped_one_and_nothing_is_trained(tmp_path, monkeypatch):
+    """The default benchmark fine-tunes the model that ships with the package: no pretraining, no cache written."""
+    monkeypatch.setattr(pretrain, "train_skills_model", lambda *a, **k: pytest.fail("pretrained instead of loading"))
+    info = pretrain.shipped_model_info()
+    assert info is not None and info["key"] == pretrain.skills_model_key(SKILLS_MODEL_CONFIG, 0, pretrain.DEFAULT_RECIPE)
+    assert _sha256(os.path.join(pretrain.SHIPPED_MODEL_DIR, "model.safetensors")) == info["model_sha256"]
+    model, tok = load_or_build_skills_model(str(tmp_path), progress=False)
+    assert os.listdir(tmp_path) == []
+    assert sum(p.numel() for p in model.parameters()) == 1_062_400 and not model.training
+    assert tok.padding_side == "left" and tok.pad_token_id == 0
+
+
+def test_a_changed_world_is_built_instead_of_loading_the_shipped_model(tmp_path, monkeypatch):
+    """The shipped copy is used only under its own key: another key (a changed skills world, recipe or seed) builds."""
+    monkeypatch.setattr(pretrain, "SKILLS_MODEL_CONFIG", TINY_CONFIG)
+    monkeypatch.setattr(pretrain, "DEFAULT_RECIPE", TINY_RECIPE)
+    monkeypatch.setattr(pretrain, "shipped_model_info", lambda: {"key": "not-this-world"})
+    model, _ = load_or_build_skills_model(str(tmp_path), progress=False)
+    assert model.config.hidden_size == TINY_CONFIG.hidden_size
+    assert os.listdir(tmp_path) == [os.path.basename(skills_model_dir(str(tmp_path), 0, TINY_CONFIG, TINY_RECIPE))]
+
+
+@pytest.mark.slow  # ~4.5 min: the full pretraining, on one thread
+def test_rebuilding_on_this_machine_gives_the_shipped_weights(tmp_path):
+    """``imsm-bench --rebuild`` retrains the skills LM; on a CPU of the same float kernels as the machine that wrote
+    the shipped copy it is the same model bit for bit (other CPUs may build another model: why the model ships)."""
+    info = pretrain.shipped_model_info()
+    here = pretrain.float_kernels()
+    if here["cpu_capability"] != info["float_kernels"]["cpu_capability"] or here["torch"] != info["float_kernels"]["torch"]:
+        pytest.skip(f"float kernels differ from the shipped build's ({here} vs {info['float_kernels']})")
+    model, _ = load_or_build_skills_model(str(tmp_path), progress=False, rebuild=True)
+    shipped, _ = load_or_build_skills_model(progress=False)
+    for (name, built), (_, reference) in zip(model.state_dict().items(), shipped.state_dict().items(), strict=True):
+        assert torch.equal(built, reference), name
+
+
 def test_cache_is_reused(tmp_path, monkeypatch):
     calls = []
     real_train = pretrain.train_skills_model

@@ -281,7 +281,11 @@ def test_stacked_frozen_rows_get_the_base_model_exactly(arch):
 
 @pytest.mark.parametrize(
     "extra",
-    [{"lora_bias": True}, {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}, {"modules_to_save": ["lm_head"]}],
+    [
+        {"lora_bias": True},
+        {"target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+        {"modules_to_save": ["embed_tokens"]},
+    ],
     ids=["lora_bias", "embedding_lora", "modules_to_save"],
 )
 def test_lora_that_cannot_stack_falls_back_to_two_passes(extra):

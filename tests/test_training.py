@@ -128,10 +128,10 @@ def test_callback_without_adalora_is_a_clear_error(tmp_path):
 def test_trl_new_token_settings_reach_the_wrapped_adapter():
     config = IMSMConfig(adapter_config=LoraConfig(target_modules="all-linear"))
     config.trainable_token_indices = {"embed_tokens": [5, 6]}
-    config.modules_to_save = ["lm_head"]
+    config.modules_to_save = ["model.norm"]  # (not lm_head: IMSM refuses a trained output head)
     config.modules_to_save.append("score")
     assert config.adapter_config.trainable_token_indices == {"embed_tokens": [5, 6]}
-    assert config.adapter_config.modules_to_save == ["lm_head", "score"]
+    assert config.adapter_config.modules_to_save == ["model.norm", "score"]
     model = get_peft_model(tiny_model("llama"), config)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("trainable_tokens_delta" in n for n in names) and any("modules_to_save" in n for n in names)

@@ -87,7 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="score the held-out test split (default), or a validation set for choosing settings such as the "
         "anchor weight: fresh draws from the train split, none of them a training example of the run",
     )  # fmt: skip
-    g.add_argument("--pretrain-steps", type=int, default=None, help="override the skills LM's pretraining steps")
+    g.add_argument(
+        "--rebuild", action="store_true",
+        help="pretrain the skills LM on this machine (about 4.5 min, one thread) instead of using the copy shipped "
+        "with the package; float kernels differ between CPUs, so another CPU may build another model",
+    )  # fmt: skip
+    g.add_argument(
+        "--pretrain-steps", type=int, default=None,
+        help="pretrain a skills LM with this many steps (built and cached, not the shipped model)",
+    )  # fmt: skip
     g.add_argument(
         "--cache-dir", default=None, help="cache of the skills LM and of converted GGUF models (~/.cache/peft_imsm)"
     )
@@ -282,7 +290,7 @@ def run(
 
 
 def run_default(args: argparse.Namespace) -> dict[str, Any]:
-    from .pretrain import DEFAULT_RECIPE, evaluate_tasks, load_or_build_skills_model
+    from .pretrain import DEFAULT_RECIPE, evaluate_tasks, float_kernels, load_or_build_skills_model
     from .skills import EVAL_TASKS, TARGET_TASK, make_examples, validation_sets
 
     progress = not args.no_progress
@@ -292,7 +300,7 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
 
         recipe = replace(DEFAULT_RECIPE, steps=args.pretrain_steps)
     torch.manual_seed(0)
-    base, tokenizer = load_or_build_skills_model(args.cache_dir, progress=progress, recipe=recipe)
+    base, tokenizer = load_or_build_skills_model(args.cache_dir, progress=progress, recipe=recipe, rebuild=args.rebuild)
     train_rows = make_examples(TARGET_TASK, args.train_examples, seed=0, split="train")
     if args.eval_split == "test":
         eval_sets = {task: make_examples(task, args.eval_examples, seed=1, split="test") for task in EVAL_TASKS}
@@ -313,7 +321,8 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
                   first_seed=args.first_seed, jobs=args.jobs)  # fmt: skip
     results["title"] = f"imsm-bench default: skills LM fine-tuned on '{TARGET_TASK}' ({args.adapter})"
     results["metric"] = "exact match (%)"
-    results["settings"] = {**vars(args), "finetune": vars(settings), "pretrain_recipe": vars(recipe)}
+    results["settings"] = {**vars(args), "finetune": vars(settings), "pretrain_recipe": vars(recipe),
+                           "float_kernels": float_kernels()}  # fmt: skip
     return results
 
 

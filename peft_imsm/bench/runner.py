@@ -112,7 +112,9 @@ def default_methods(anchor_weights: tuple[float, ...] = (1.0,)) -> list[Method]:
 
 
 def anchored_methods(weights: tuple[float, ...]) -> list[Method]:
-    """Per anchor weight: LoRA + anchor KL (self-distillation), IMSM + self anchors [gate] and [gate+adapter]."""
+    """Per anchor weight: LoRA + anchor KL (self-distillation), IMSM + self anchors [gate] and [gate+adapter], and
+    the fixed-gate ablation of the last (``IMSM w/o gate + self anchors [adapter]``: the gate held at 0.5, so the
+    anchor term trains the adapter through a constant 50/50 mix; what the learned gate adds is the difference)."""
     methods = []
     for w in weights:
         methods += [
@@ -121,6 +123,14 @@ def anchored_methods(weights: tuple[float, ...]) -> list[Method]:
             Method(
                 f"IMSM + self anchors [gate+adapter] (w={w:g})",
                 "imsm",
+                anchor_weight=w,
+                anchor_train_adapter=True,
+                group="anchor",
+            ),  # fmt: skip
+            Method(
+                f"IMSM w/o gate + self anchors [adapter] (w={w:g})",
+                "imsm",
+                "fixed",
                 anchor_weight=w,
                 anchor_train_adapter=True,
                 group="anchor",
@@ -145,11 +155,11 @@ def retrofit_lora(
     method: Method,
 ) -> tuple[Any, Any]:  # fmt: skip
     """The trained plain-LoRA ``model`` retrofitted with an IMSM gate, trained gate-only on stored hidden states
-    (``peft_imsm.retrofit.train_gate``) on ``settings.retrofit_examples`` of the target's training examples and
+    (``peft_imsm.train_gate``) on ``settings.retrofit_examples`` of the target's training examples and
     ``settings.retrofit_anchor_samples`` self anchors.
-    Returns the model and the :class:`~peft_imsm.retrofit.GateTrainingLog` (its ``seconds_total`` counts everything
+    Returns the model and the :class:`~peft_imsm.GateTrainingLog` (its ``seconds_total`` counts everything
     from the trained LoRA to the retrofitted model: building, anchor sampling, the stored pass, gate training)."""
-    from ..retrofit import retrofit, train_gate
+    from .. import retrofit, train_gate
 
     start = time.perf_counter()
     anchor = AnchorConfig(weight=method.anchor_weight, num_samples=settings.retrofit_anchor_samples,

