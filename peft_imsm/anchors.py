@@ -53,10 +53,10 @@ class AnchorConfig:
     Args:
         source: ``"self"`` (sample anchors from the frozen view) or ``"data"`` (see :func:`set_anchor_data`).
         weight: ``anchor_weight``, the factor of the KL term (>= 0).
-        batch_size: anchors per anchored training forward.
+        batch_size: anchors per anchored training forward (per process).
         every: run the anchor term on every ``every``-th training forward only, weighted ``weight * every`` there:
             the same weight on average for ``1 / every`` of its cost (the anchor batch costs about as much as a
-            training batch of as many tokens). 1 runs it on every forward. Recommended for instruct models: 4.
+            training batch of as many tokens). 4 (the default) is the recommended setting; 1 runs it on every forward.
             Measured results: ``docs/anchors.md``.
         num_samples: number of self-sampled anchors.
         sample_length: new tokens per self-sampled anchor.
@@ -73,10 +73,10 @@ class AnchorConfig:
 
     source: str = "self"
     weight: float = 1.0
-    batch_size: int = 8
-    every: int = 1
-    num_samples: int = 64
-    sample_length: int = 32
+    batch_size: int = 4
+    every: int = 4
+    num_samples: int = 32
+    sample_length: int = 16
     start: str = "bos"
     start_length: int = 2
     start_tokens: list[int] | None = None
@@ -118,6 +118,21 @@ class AnchorConfig:
             raise ValueError(f"anchor temperature must be > 0 and finite (e.g. 1.0), got {self.temperature!r}.")
         if not isinstance(self.train_adapter, bool):
             raise ValueError(f"anchor train_adapter must be True or False, got {self.train_adapter!r}.")
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, **overrides: Any) -> AnchorConfig:
+        """The recommended anchor section for a model with this tokenizer: self anchors that continue the chat
+        template's user turn (:func:`chat_start_tokens`), so that they look like the prompts an instruct model
+        answers; from the BOS token when the tokenizer has no chat template. Every other field keeps its default
+        (gate+adapter, weight 1, the term on every 4th training step) unless given in ``overrides``.
+
+        Example::
+
+            config = IMSMConfig(adapter_config=LoraConfig(...), anchor=AnchorConfig.from_tokenizer(tokenizer))
+        """
+        if "start_tokens" not in overrides and overrides.get("source", "self") == "self":
+            overrides["start_tokens"] = user_turn_start(tokenizer)
+        return cls(**overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -223,6 +238,14 @@ def chat_start_tokens(tokenizer: Any) -> list[int]:
     marker = "\x00MARK\x00"
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
     return tokenizer(text.split(marker)[0], add_special_tokens=False)["input_ids"]
+
+
+def user_turn_start(tokenizer: Any) -> list[int] | None:
+    """:func:`chat_start_tokens` where the tokenizer has a chat template that puts tokens before a user message,
+    else None (self anchors then start from the BOS token)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return chat_start_tokens(tokenizer) or None
 
 
 def sample_self_anchors(hf_model: torch.nn.Module, config: AnchorConfig, device: torch.device) -> AnchorSet:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from . import AnchorConfig, IMSMConfig, IMSMLogCallback, set_anchor_data
-from .anchors import ANCHOR_SOURCES, chat_start_tokens
+from .anchors import ANCHOR_SOURCES, user_turn_start
 from .gate import GATE_MODES
 from .model import find_imsm_tuner
 
@@ -100,7 +100,7 @@ class IMSMArguments:
             "setting); false: only the gate does ('gate only': cheaper per anchored step, keeps less)."
         },
     )
-    imsm_anchor_batch_size: int = field(default=8, metadata={"help": "Anchors per anchored step (per device)."})
+    imsm_anchor_batch_size: int = field(default=4, metadata={"help": "Anchors per anchored step (per device)."})
     imsm_anchor_every: int = field(
         default=4,
         metadata={
@@ -110,10 +110,10 @@ class IMSMArguments:
         },
     )
     imsm_anchor_num_samples: int = field(
-        default=64, metadata={"help": "Number of anchors sampled from the frozen model (source 'self')."}
+        default=32, metadata={"help": "Number of anchors sampled from the frozen model (source 'self')."}
     )
     imsm_anchor_sample_length: int = field(
-        default=32, metadata={"help": "New tokens per sampled anchor (source 'self')."}
+        default=16, metadata={"help": "New tokens per sampled anchor (source 'self')."}
     )
     imsm_anchor_start: Literal["auto", "chat", "bos", "random"] = field(
         default="auto",
@@ -369,7 +369,7 @@ def _start_anchors_from_chat(model: Any, tokenizer: Any, imsm_args: IMSMArgument
                 "--imsm_anchor_start bos (or auto), or give the tokenizer a chat template."
             )
         return
-    find_imsm_tuner(model).anchor_config.start_tokens = chat_start_tokens(tokenizer)
+    find_imsm_tuner(model).anchor_config.start_tokens = user_turn_start(tokenizer)  # (as AnchorConfig.from_tokenizer)
 
 
 class ParsedArguments(NamedTuple):

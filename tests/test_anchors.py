@@ -7,11 +7,12 @@ import torch
 from helpers import adapter_config, batch, perturb_adapter, quantizable_config, tiny_model
 from peft import PeftModel, get_peft_model
 
+import peft_imsm
 from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, prepare_anchors, set_anchor_data
 
 
 def anchored(seed: int = 0, arch: str = "llama", **anchor_kwargs):
-    anchor = AnchorConfig(**{"num_samples": 8, "sample_length": 6, "batch_size": 4, "seed": seed, **anchor_kwargs})
+    anchor = AnchorConfig(**{"num_samples": 8, "sample_length": 6, "batch_size": 4, "every": 1, "seed": seed, **anchor_kwargs})
     model = get_peft_model(
         tiny_model(arch),
         IMSMConfig(adapter_config=adapter_config("lora", identity=False), anchor=anchor, gate_dropout=0.0),
@@ -177,11 +178,11 @@ def test_saved_anchored_adapter_loads_and_generates(tmp_path):
 
 def test_bad_anchor_config():
     with pytest.raises(ValueError, match="anchor weight must be a number >= 0"):
-        AnchorConfig(weight=-1.0)
+        AnchorConfig(every=1, weight=-1.0)
     with pytest.raises(ValueError, match="anchor source"):
-        AnchorConfig(source="web")
+        AnchorConfig(every=1, source="web")
     with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
-        AnchorConfig(num_samples=0)
+        AnchorConfig(every=1, num_samples=0)
     model = anchored()
     model.base_model.model.config.bos_token_id = None
     model.base_model.model.generation_config.bos_token_id = None
@@ -203,7 +204,7 @@ def test_each_process_rank_samples_its_own_anchors(monkeypatch):
 def test_anchors_with_gradient_checkpointing(reentrant):
     base = tiny_model("llama")
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    anchor = AnchorConfig(num_samples=8, sample_length=6, batch_size=4)
+    anchor = AnchorConfig(every=1, num_samples=8, sample_length=6, batch_size=4)
     model = get_peft_model(base, IMSMConfig(adapter_config=adapter_config("lora"), anchor=anchor, gate_dropout=0.0))
     model.enable_input_require_grads()
     model.train()
@@ -224,7 +225,7 @@ def test_anchors_on_a_4bit_quantized_base(tmp_path):
     base = prepare_model_for_kbit_training(
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
     )
-    anchor = AnchorConfig(num_samples=4, sample_length=4, batch_size=2)
+    anchor = AnchorConfig(every=1, num_samples=4, sample_length=4, batch_size=2)
     model = get_peft_model(base, IMSMConfig(adapter_config=adapter_config("lora"), anchor=anchor))
     model.train()
     ids, mask, labels = labelled_batch()
@@ -386,3 +387,22 @@ def test_no_prefix_sharing_for_bos_anchors_padded_data_anchors_or_gradient_check
     finally:
         hook.remove()
     assert seen[-1] == (4, 12)  # one pass over the whole rows: a cache cannot be refilled by checkpointing
+
+
+def test_from_tokenizer_starts_self_anchors_from_the_user_turn_or_bos():
+    from peft_imsm.bench.skills import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    plain = AnchorConfig.from_tokenizer(tokenizer)
+    assert plain.start_tokens is None and plain == AnchorConfig()  # no chat template: BOS starts, all defaults
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
+    chat = AnchorConfig.from_tokenizer(tokenizer, weight=2.0)
+    assert (
+        chat.start_tokens
+        == peft_imsm.chat_start_tokens(tokenizer)
+        == tokenizer("<bos>user: ", add_special_tokens=False)["input_ids"]
+    )
+    assert chat.weight == 2.0 and chat.every == 4 and chat.train_adapter is True
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # nothing before the message
+    assert AnchorConfig.from_tokenizer(tokenizer).start_tokens is None
+    assert AnchorConfig.from_tokenizer(tokenizer, source="data").start_tokens is None

@@ -152,7 +152,9 @@ def test_the_default_skills_lm_is_the_shipped_one_and_nothing_is_trained(tmp_pat
     """The default benchmark fine-tunes the model that ships with the package: no pretraining, no cache written."""
     monkeypatch.setattr(pretrain, "train_skills_model", lambda *a, **k: pytest.fail("pretrained instead of loading"))
     info = pretrain.shipped_model_info()
-    assert info is not None and info["key"] == pretrain.skills_model_key(SKILLS_MODEL_CONFIG, 0, pretrain.DEFAULT_RECIPE)
+    assert info is not None and info["key"] == pretrain.skills_model_key(
+        SKILLS_MODEL_CONFIG, 0, pretrain.DEFAULT_RECIPE
+    )
     assert _sha256(os.path.join(pretrain.SHIPPED_MODEL_DIR, "model.safetensors")) == info["model_sha256"]
     model, tok = load_or_build_skills_model(str(tmp_path), progress=False)
     assert os.listdir(tmp_path) == []
@@ -176,7 +178,10 @@ def test_rebuilding_on_this_machine_gives_the_shipped_weights(tmp_path):
     the shipped copy it is the same model bit for bit (other CPUs may build another model: why the model ships)."""
     info = pretrain.shipped_model_info()
     here = pretrain.float_kernels()
-    if here["cpu_capability"] != info["float_kernels"]["cpu_capability"] or here["torch"] != info["float_kernels"]["torch"]:
+    if (
+        here["cpu_capability"] != info["float_kernels"]["cpu_capability"]
+        or here["torch"] != info["float_kernels"]["torch"]
+    ):
         pytest.skip(f"float kernels differ from the shipped build's ({here} vs {info['float_kernels']})")
     model, _ = load_or_build_skills_model(str(tmp_path), progress=False, rebuild=True)
     shipped, _ = load_or_build_skills_model(progress=False)

@@ -9,9 +9,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from peft_imsm import IMSMConfig
-from peft_imsm.model import find_imsm_tuner
 from peft_imsm.bench.skills import build_tokenizer
 from peft_imsm.gate_maps import GateMap, gate_map
+from peft_imsm.model import find_imsm_tuner
 
 PROMPTS = ["<kobe> ends:", "add 12+7=", "reverse lyr="]
 

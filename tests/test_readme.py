@@ -70,6 +70,12 @@ def _reader_namespace() -> dict:
 @pytest.mark.parametrize("index", range(len(code_blocks("python"))))
 def test_python_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    if not torch.cuda.is_available():  # (the README's SFTConfig is a GPU user's; here it trains on the CPU)
+        import functools
+
+        import trl
+
+        monkeypatch.setattr(trl, "SFTConfig", functools.partial(trl.SFTConfig, use_cpu=True))
     torch.manual_seed(0)
     namespace = _reader_namespace()
     code = code_blocks("python")[index]
@@ -167,7 +173,9 @@ def test_shell_training_command_runs(index, tmp_path_factory):
         pytest.skip(f"{argv[0]} is not installed")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, cwd=work)
-    assert proc.returncode == 0, f"{command}\n{argv}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"{command}\n{argv}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    )
     configs = list(work.rglob("adapter_config.json"))
     assert configs, f"no adapter was saved by {command}"
     saved = json.loads(configs[0].read_text())

@@ -27,14 +27,13 @@ from peft import (
 from peft.utils import get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
 
-from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback
-from peft_imsm.model import find_imsm_tuner
+from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, retrofit, train_gate
 from peft_imsm.anchors import anchor_kl
 from peft_imsm.bench.skills import TARGET_TASK, build_tokenizer, make_examples
-from peft_imsm import retrofit, train_gate
 from peft_imsm.gate_training import _gate_on, _model_logits, _precompute_anchors, _precompute_target
+from peft_imsm.model import find_imsm_tuner
 
-SMALL_ANCHORS = AnchorConfig(num_samples=8, sample_length=6, batch_size=4)
+SMALL_ANCHORS = AnchorConfig(every=1, num_samples=8, sample_length=6, batch_size=4)
 
 
 def trained_adapter(kind: str = "lora", arch: str = "llama", seed: int = 0) -> PeftModel:
@@ -223,7 +222,7 @@ def test_train_gate_learns_a_separable_gate():
         written = lora.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6,
                                 min_new_tokens=6, do_sample=False, pad_token_id=0)  # fmt: skip
     rows = [(row.tolist(), [-100] * 4 + row[4:].tolist()) for row in written]
-    model = retrofit(lora, anchor=AnchorConfig(num_samples=32, sample_length=8, weight=1.0))
+    model = retrofit(lora, anchor=AnchorConfig(every=1, num_samples=32, sample_length=8, weight=1.0))
     log = train_gate(model, rows, steps=200, lr=2e-2, batch_tokens=64)
     assert log.task_loss[-1] < log.task_loss[0]
     assert log.anchor_gate_mean > log.gate_mean + 0.3, (log.gate_mean, log.anchor_gate_mean)

@@ -498,3 +498,25 @@ def test_two_processes_through_accelerate_launch(workdir):
     assert [float(log["epoch"]) for log in logs] == [0.125, 0.25, 0.375, 0.5]
     assert all(float(log["anchor_kl"]) >= 0 and 0 < float(log["gate_mean"]) < 1 for log in logs)
     assert json.loads((workdir / "out_ddp" / "adapter_config.json").read_text())["peft_type"] == "IMSM"
+
+
+def test_imsm_sft_defaults_are_the_python_apis():
+    """`imsm-sft --imsm_anchor` gives what `AnchorConfig()` gives (the recommended setting), flag for flag."""
+    from dataclasses import fields as dataclass_fields
+
+    from peft import LoraConfig
+
+    from peft_imsm import AnchorConfig, IMSMConfig
+    from peft_imsm.sft import IMSMArguments
+
+    args, anchor = IMSMArguments(), AnchorConfig()
+    compared = []
+    for f in dataclass_fields(AnchorConfig):
+        flag = f"imsm_anchor_{f.name}"
+        if hasattr(args, flag) and f.name not in ("start", "seed"):  # (start: auto picks chat or bos; seed: the run's)
+            assert getattr(args, flag) == getattr(anchor, f.name), flag
+            compared.append(f.name)
+    assert {"weight", "batch_size", "every", "num_samples", "sample_length", "train_adapter"} <= set(compared)
+    config = IMSMConfig(adapter_config=LoraConfig())
+    for name in ("gate_rank", "gate_mode", "gate_dropout"):
+        assert getattr(args, f"imsm_{name}") == getattr(config, name)

@@ -300,7 +300,9 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
 
         recipe = replace(DEFAULT_RECIPE, steps=args.pretrain_steps)
     torch.manual_seed(0)
-    base, tokenizer = load_or_build_skills_model(args.cache_dir, progress=progress, recipe=recipe, rebuild=args.rebuild)
+    base, tokenizer = load_or_build_skills_model(
+        args.cache_dir, progress=progress, recipe=recipe, rebuild=args.rebuild
+    )
     train_rows = make_examples(TARGET_TASK, args.train_examples, seed=0, split="train")
     if args.eval_split == "test":
         eval_sets = {task: make_examples(task, args.eval_examples, seed=1, split="test") for task in EVAL_TASKS}
