@@ -1,7 +1,7 @@
 """Fine-tune a small local model with IMSM through TRL's SFTTrainer, then generate an answer. Fully offline.
 
-The base model is the project's own tiny "pretrained" skills LM (Llama-style, about 1.06M parameters, trained by
-code in ``peft_imsm.bench`` from a fixed seed and cached on disk after the first build, ~3 min on 2 CPU cores).
+The base model is the project's own tiny "pretrained" skills LM (Llama-style, about 1.06M parameters), the one that
+ships with the package for ``imsm-bench``.
 The target task (``<kobe> ends:`` -> ``ke``, the first and last letter of a word) is not one of its skills. Swap in
 your own model and dataset: nothing below is specific to IMSM except the ``peft_config``.
 
@@ -29,13 +29,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    model, tokenizer = load_or_build_skills_model()
+    model, tokenizer = load_or_build_skills_model(progress=False)
     rows = make_examples(TARGET_TASK, 512, seed=0, split="train")
     dataset = Dataset.from_list([{"prompt": r["input"], "completion": r["output"]} for r in rows])
 
     peft_config = peft_imsm.IMSMConfig(
         adapter_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"),
         gate_rank=8,
+        anchor=peft_imsm.AnchorConfig.from_tokenizer(tokenizer),  # self anchors (this tokenizer has no chat template)
     )
     trainer = SFTTrainer(
         model=model,

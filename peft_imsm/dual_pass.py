@@ -424,8 +424,8 @@ def _zero_frozen_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> N
     LoRA adds ``lora_B(lora_A(x)) * scaling`` to the base layer's output; with ``lora_A``'s output zeroed on the
     frozen rows (and no LoRA bias, see :func:`supports_stacked_views`) that update is exactly 0 there, so those rows
     get the base layer's output bit for bit while the adapted rows get plain LoRA. peft's own mixed-adapter batches
-    (``adapter_names=``) give the same result but index the batch with Python lists in every layer, which made each
-    decode step of ``benchmarks/generation_speed.py`` about 1 ms slower (float32, batch 1).
+    (``adapter_names=``) give the same result but index the batch with Python lists in every layer, which slows each
+    decode step (``benchmarks/generation_speed.py`` measures it).
 
     The frozen rows are the first half of dim 0, also for layers that see the batch flattened to
     ``[batch * seq, ...]`` (e.g. OPT's MLP). Zeroed in place: stacking only runs without autograd.

@@ -579,9 +579,11 @@ class IMSMModel(BaseTuner):
             state_dict=state_dict,
             unwanted_adapter_names=unwanted_adapter_names,
         )
+        tuner = find_imsm_tuner(model, required=False)
+        if tuner is not None:
+            tuner._check_usable()  # (a superseded model's weights are the newer model's: saving them would mislabel)
         gate_prefix = f"imsm_gate.{adapter_name}."
         to_return.update({k: v for k, v in state_dict.items() if gate_prefix in k})
-        tuner = find_imsm_tuner(model, required=False)
         if tuner is not None and config.anchor is not None and tuner.anchor_draws:
             to_return[_ANCHOR_DRAWS_KEY] = torch.tensor(tuner.anchor_draws, dtype=torch.int64)
             if config.anchor.every > 1:

