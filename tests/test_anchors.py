@@ -12,7 +12,9 @@ from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, prepare_anchors
 
 
 def anchored(seed: int = 0, arch: str = "llama", **anchor_kwargs):
-    anchor = AnchorConfig(**{"num_samples": 8, "sample_length": 6, "batch_size": 4, "every": 1, "seed": seed, **anchor_kwargs})
+    anchor = AnchorConfig(
+        **{"num_samples": 8, "sample_length": 6, "batch_size": 4, "every": 1, "seed": seed, **anchor_kwargs}
+    )
     model = get_peft_model(
         tiny_model(arch),
         IMSMConfig(adapter_config=adapter_config("lora", identity=False), anchor=anchor, gate_dropout=0.0),
