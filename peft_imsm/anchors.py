@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .padding import left_pad
+from .padding import left_pad, pad_token_id
 
 ANCHOR_SOURCES = ("self", "data")
 
@@ -143,8 +143,9 @@ class AnchorSet:
 
     Batches are drawn by index: draw ``k`` takes positions ``k * batch_size ...`` of an endless sequence of seeded
     permutations of the anchors (a new permutation each time the anchors are used up), so the batch of a draw depends
-    only on the seed and ``k``. The IMSM tuner counts its draws and saves the count with the adapter, which makes a
-    Trainer run resumed from a checkpoint draw exactly the batches the uninterrupted run would have drawn.
+    only on the seed and ``k``. The anchor term (:class:`~peft_imsm.anchor_term.AnchorRegularizer`) counts its draws
+    and saves the count with the adapter, which makes a Trainer run resumed from a checkpoint draw exactly the batches
+    the uninterrupted run would have drawn.
     """
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> None:
@@ -153,9 +154,6 @@ class AnchorSet:
         self.input_ids = input_ids
         self.attention_mask = attention_mask
         self.seed = seed
-        #: ``[num_anchors, length, d]`` the frozen view's final hidden states of every anchor, filled by the IMSM
-        #: tuner on first use (the frozen view never changes during training, so it is computed once).
-        self.frozen_hidden: torch.Tensor | None = None
         self._permutations: list[torch.Tensor] = []
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -327,12 +325,12 @@ def tokenize_anchor_data(
         raise ValueError("The anchor set is empty: give at least one anchor text.")
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("Anchor texts must be strings.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     rows = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     rows = [r for r in rows if r]
     if not rows:
         raise ValueError("Every anchor text tokenized to nothing.")
-    ids, mask = left_pad(rows, int(pad_id or 0))
+    ids, mask = left_pad(rows, pad_id)
     return AnchorSet(ids, mask, seed + process_rank())
 
 

@@ -4,15 +4,16 @@ This module knows the transformers model and peft's adapter layers, not peft's t
 puts two hooks on the model's backbone (the module whose output feeds the output head, e.g. ``LlamaModel``), so the
 dual pass runs the same way for ``forward``, the HF ``Trainer``, TRL and ``generate()``:
 
-1. ``_pre_hook`` runs the FROZEN view: the backbone again, under ``torch.no_grad()`` inside :func:`frozen_view`
-   (every adapter layer off), on its own KV cache; it also finds the query tokens.
+1. ``_pre_hook`` runs the FROZEN view (``_run_frozen_view``): the backbone again, under ``torch.no_grad()`` inside
+   :func:`frozen_view` (every adapter layer off), on its own KV cache; it also finds the query tokens.
 2. The backbone then runs as usual: the ADAPTED view, with autograd.
 3. ``_post_hook`` computes the gate from both views' final hidden states and query summaries and replaces the
    backbone's ``last_hidden_state`` with the interwoven state; the model's own head and loss then run on it, once.
 
-Without autograd (generation, evaluation) and with plain LoRA, steps 1 and 2 are ONE pass instead: the pre-hook
-doubles the batch (rows ``[frozen; adapted]``), ``_zero_frozen_rows`` (a hook on every ``lora_A``) cancels the LoRA
-update on the frozen rows, and the post-hook splits the two halves (see :meth:`DualPass.can_stack`).
+Without autograd (generation, evaluation) and with plain LoRA, steps 1 and 2 are ONE pass instead (``_stack_views``):
+the batch doubled (rows ``[frozen; adapted]``), ``_zero_frozen_rows`` (a hook on every ``lora_A``) cancels the LoRA
+update on the frozen rows, and the post-hook splits the two halves (see :meth:`DualPass.can_stack`). The anchor
+term's pass (:class:`AnchorPass`, ``_anchor_step``) skips step 1: it brings the frozen states, computed once.
 
 Per-call state, safe when several threads share one model:
 
@@ -31,7 +32,6 @@ Per-call state, safe when several threads share one model:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -39,12 +39,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer, LoraModel, ParamWrapper
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
+from .backbone import (
+    bound_parameter_names,
+    cache_parameter_name,
+    find_backbone,
+    last_hidden_state,
+    replace_last_hidden_state,
+    supports_stacked_views,
+)
 from .cache import as_imsm_cache, is_imsm_cache
 from .gate import IMSMGate
 from .query import QueryIndex, build_query_index, check_attention_mask, per_token, query_summary
@@ -86,25 +92,40 @@ class BackbonePass:
 
 
 @dataclass
+class AnchorPass:
+    """The anchor term's one model pass (:mod:`peft_imsm.anchor_term`): the call's batch is rows ``[x; x]``.
+
+    The backbone runs the ADAPTED view on the second half only; ``h_frozen`` (the frozen view's states of ``x``,
+    computed earlier with :meth:`DualPass.frozen_states`) stands for the frozen view; and the backbone's output is
+    ``[h_frozen; interwoven]``, so the model's own head (and logit post-processing) gives the frozen view's logits
+    (the KL target) and IMSM's in one pass. Never stacked.
+
+    Attributes:
+        h_frozen: ``[batch, seq, d]`` the frozen view's final hidden states of ``x``, taken by the call's first
+            backbone pass (set to None there; a pass that cannot use it runs the frozen view itself).
+        adapted_without_grad: run the adapted view's backbone without autograd; the gate and the head still get
+            gradients (gate-only mode).
+        shared_prefix: every row's first ``shared_prefix`` tokens are the same and unpadded (self anchors that start
+            from a chat template's user turn). The adapted view runs them once, on one row, and the other rows
+            continue from that row's KV cache; the post-hook puts the prefix's states back in front of every row, so
+            what follows is unchanged (up to float rounding) at a fraction of the cost.
+    """
+
+    h_frozen: torch.Tensor | None
+    adapted_without_grad: bool = False
+    shared_prefix: int = 0
+
+
+@dataclass
 class CallContext:
     """The state of one IMSM call (a forward, a ``generate()``, an anchor pass), created for that call only.
 
     Attributes:
         labels: ``[batch, seq]`` labels of the forward (they define the query), or None.
         prompt_length: prompt length of a ``generate()`` call (the query at prefill), or None.
-        given_h_frozen: ``[batch, seq, d]`` frozen view already computed by the caller on these exact inputs (the
-            anchor term reuses the frozen pass that gave its KL target).
-        adapted_without_grad: run the adapted view's backbone without autograd; the gate and the head still get
-            gradients (the anchor term in gate-only mode).
-        frozen_rows_first: the call's batch is ``[x; x]``: the backbone runs on the second half only, and its output
-            is ``[h_frozen; interwoven]``, so the model's own head (and logit post-processing) gives the frozen view's
-            logits and IMSM's in one pass (the anchor term, with ``given_h_frozen`` cached).
-        shared_prefix: with ``given_h_frozen``: every row's first ``shared_prefix`` tokens are the same and unpadded
-            (self anchors that start from a chat template's user turn). The adapted view runs them once, on one row,
-            and the other rows continue from that row's KV cache; the post-hook puts the prefix's states back in
-            front of every row, so what follows is unchanged (up to float rounding) at a fraction of the cost.
-        capture_frozen: when a list, the final hidden states of every backbone pass run in the frozen view within
-            this call are appended to it (the anchor term's KL-target pass).
+        anchor: the anchor term's pass (:class:`AnchorPass`: batch ``[x; x]``, frozen states given), or None.
+        frozen_capture: when a list, the final hidden states of every backbone pass run in the frozen view within
+            this call are appended to it (see :meth:`DualPass.frozen_states`).
         stacking: whether this call may run both views as one doubled batch.
         on_gate: called with ``(gate, attention_mask, call)`` after every interwoven pass (logging, recording).
         passes: backbone passes in flight (pre-hook pushes, post-hook pops).
@@ -113,11 +134,8 @@ class CallContext:
 
     labels: torch.Tensor | None = None
     prompt_length: int | None = None
-    given_h_frozen: torch.Tensor | None = None
-    adapted_without_grad: bool = False
-    frozen_rows_first: bool = False
-    shared_prefix: int = 0
-    capture_frozen: list[torch.Tensor] | None = None
+    anchor: AnchorPass | None = None
+    frozen_capture: list[torch.Tensor] | None = None
     stacking: bool = True
     on_gate: Callable[[torch.Tensor, torch.Tensor | None, CallContext], None] | None = None
     passes: list[BackbonePass] = field(default_factory=list)
@@ -125,11 +143,6 @@ class CallContext:
 
 
 _CALL: ContextVar[CallContext | None] = ContextVar("imsm_call", default=None)
-
-
-def current_call() -> CallContext | None:
-    """The IMSM call running in this thread, or None."""
-    return _CALL.get()
 
 
 class DualPass:
@@ -160,8 +173,8 @@ class DualPass:
         self.superseded = False
         self.supports_stacking = supports_stacked_views(adapter_tuner, model)
         self._get_gate = get_gate
-        self._positional_names = _bound_parameter_names(self.backbone)
-        self._cache_name = _cache_parameter_name(self.backbone)
+        self._positional_names = bound_parameter_names(self.backbone)
+        self._cache_name = cache_parameter_name(self.backbone)
         self._hooks = [
             self.backbone.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             self.backbone.register_forward_hook(self._post_hook, with_kwargs=True),
@@ -191,47 +204,75 @@ class DualPass:
         finally:
             _CALL.reset(token)
 
+    def frozen_states(self, model: nn.Module, **inputs: Any) -> torch.Tensor:
+        """``[batch, seq, d]`` final hidden states of ``model(**inputs)`` (the hooked LM), frozen view, no grad."""
+        with self.call(frozen_capture=[]) as call, torch.no_grad(), frozen_view():
+            model(**inputs)
+        return call.frozen_capture[-1]
+
     # ------------------------------------------------------------------------------------------------ hooks
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Before each backbone pass of an IMSM call: push a :class:`BackbonePass` made by one of three steps,
+        :meth:`_stack_views` (one doubled batch), :meth:`_anchor_step` (frozen states given, see :class:`AnchorPass`)
+        or :meth:`_run_frozen_view` (two passes: the frozen view now, the adapted view as the backbone's own run)."""
         call = _CALL.get()
         if call is None or _FROZEN_VIEW.get() or not self.enabled:
             return None
         kwargs = dict(kwargs)
         if args:
             kwargs.update(self._args_to_kwargs(module, args))
-            args = ()
         cache_key = "past_key_values" if "past_key_values" in kwargs else "cache"
-        cache = kwargs.get(cache_key)
         first = kwargs.get("input_ids")
         if first is None:
             first = kwargs.get("inputs_embeds")
-        batch_size, seq_len, device = first.shape[0], first.shape[1], first.device
-        if call.frozen_rows_first:  # rows [x; x]: the backbone runs on the second half (see CallContext)
-            for key in _BATCHED_KWARGS:
-                value = kwargs.get(key)
-                if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
-                    kwargs[key] = value[batch_size // 2 :]
+        batch_size, seq_len = first.shape[0], first.shape[1]
+        if call.anchor is not None:  # rows [x; x]: the backbone runs on the second half (see AnchorPass)
+            _map_batched(kwargs, batch_size, lambda value: value[batch_size // 2 :])
             batch_size //= 2
+        cache = kwargs.get(cache_key)
+        index = self._query_index(call, kwargs, cache, first, batch_size)
+        stacked = call.stacking and call.anchor is None and self.can_stack(kwargs, cache, index)
+        cache, stacked = self._open_cache(module, kwargs, cache_key, index, stacked)
+        step = BackbonePass(index=index, cache=cache)
+        if stacked:
+            self._stack_views(step, kwargs, batch_size, seq_len)
+        elif call.anchor is not None:
+            self._anchor_step(module, call.anchor, step, kwargs, cache_key, (batch_size, seq_len))
+        else:
+            self._run_frozen_view(module, step, kwargs, cache_key)
+        call.passes.append(step)
+        return (), kwargs
+
+    def _query_index(self, call: CallContext, kwargs: dict, cache: Any, first: torch.Tensor, batch_size: int):
+        """Check the attention mask; the query tokens (a :class:`QueryIndex`) of the ``batch_size`` rows the backbone
+        runs on, or None when a KV cache already holds the query summaries (decode steps)."""
+        seq_len = first.shape[1]
         if cache is None or isinstance(cache, Cache):
             past_length = cache.get_seq_length() if cache is not None else 0
             inputs_name = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
-            inputs_shape = (batch_size, *first.shape[1:])  # (the half the backbone runs on, with frozen_rows_first)
+            inputs_shape = (batch_size, *first.shape[1:])  # (the half the backbone runs on, in an anchor pass)
             check_attention_mask(kwargs.get("attention_mask"), inputs_shape, past_length, inputs_name)
-        index = None
-        if not (is_imsm_cache(cache) and cache.imsm_has_query):
-            labels = call.labels
-            if labels is not None and (labels.dim() != 2 or labels.shape != (batch_size, seq_len)):
-                labels = None
-            index = build_query_index(
-                batch_size,
-                seq_len,
-                device,
-                attention_mask=kwargs.get("attention_mask"),
-                labels=labels,
-                position_ids=kwargs.get("position_ids"),
-                prompt_length=call.prompt_length,
-            )
-        stacked = call.stacking and not call.frozen_rows_first and self.can_stack(kwargs, cache, index)
+        if is_imsm_cache(cache) and cache.imsm_has_query:
+            return None
+        labels = call.labels
+        if labels is not None and (labels.dim() != 2 or labels.shape != (batch_size, seq_len)):
+            labels = None
+        return build_query_index(
+            batch_size,
+            seq_len,
+            first.device,
+            attention_mask=kwargs.get("attention_mask"),
+            labels=labels,
+            position_ids=kwargs.get("position_ids"),
+            prompt_length=call.prompt_length,
+        )
+
+    def _open_cache(
+        self, module: nn.Module, kwargs: dict, cache_key: str, index: QueryIndex | None, stacked: bool
+    ) -> tuple[Cache | None, bool]:
+        """The pass's two-view KV cache (a new one where the backbone would make one), put in ``kwargs``; and
+        whether both views run stacked (a cache decides that once, at prefill)."""
+        cache = kwargs.get(cache_key)
         if cache is None:
             use_cache = kwargs.get("use_cache")
             if use_cache is None:
@@ -248,47 +289,49 @@ class DualPass:
             cache = as_imsm_cache(cache, stacked=stacked)
             stacked = cache.imsm_stacked
             kwargs[cache_key] = cache
+        return cache, stacked
 
-        step = BackbonePass(index=index, cache=cache)
-        if stacked:
-            # Both views in ONE pass: rows [frozen; adapted], the LoRA update zeroed on the frozen rows (see
-            # _zero_frozen_rows). Only without autograd (generation / evaluation).
-            if cache is not None:
-                cache.imsm_half_rows = batch_size
-            for key in _BATCHED_KWARGS:
-                value = kwargs.get(key)
-                if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
-                    kwargs[key] = torch.cat([value, value])
-            step.stacked_rows = batch_size
-            step.stacked_tokens = batch_size * seq_len
-            call.passes.append(step)
-            return args, kwargs
+    def _stack_views(self, step: BackbonePass, kwargs: dict, batch_size: int, seq_len: int) -> None:
+        """Both views in ONE pass: rows ``[frozen; adapted]``, the LoRA update zeroed on the frozen rows (see
+        :func:`_zero_frozen_rows`). Only without autograd (generation / evaluation)."""
+        if step.cache is not None:
+            step.cache.imsm_half_rows = batch_size
+        _map_batched(kwargs, batch_size, lambda value: torch.cat([value, value]))
+        step.stacked_rows = batch_size
+        step.stacked_tokens = batch_size * seq_len
 
-        if call.adapted_without_grad:
+    def _anchor_step(
+        self, module: nn.Module, anchor: AnchorPass, step: BackbonePass, kwargs: dict, cache_key: str, shape: tuple
+    ) -> None:
+        """The anchor pass: take the given frozen states (and run a shared prefix once), or, where they do not fit
+        this pass (``shape``: its ``(batch, seq)``), run the frozen view."""
+        if anchor.adapted_without_grad:
             step.grad_enabled = torch.is_grad_enabled()
             torch.set_grad_enabled(False)  # restored by the post-hook (and by the caller's grad context on errors)
-        given, call.given_h_frozen = call.given_h_frozen, None
-        if given is not None and cache is None and given.shape[:2] == (batch_size, seq_len):
-            step.h_frozen = given  # the caller already ran the frozen view on these exact inputs (anchor term)
-            if self._can_share_prefix(module, kwargs, call.shared_prefix, seq_len):
-                step.prefix_hidden = self._run_shared_prefix(module, kwargs, call.shared_prefix)
+        given, anchor.h_frozen = anchor.h_frozen, None
+        if given is not None and step.cache is None and given.shape[:2] == shape:
+            step.h_frozen = given  # the caller already ran the frozen view on these exact inputs
+            if self._can_share_prefix(module, kwargs, anchor.shared_prefix, shape[1]):
+                step.prefix_hidden = self._run_shared_prefix(module, kwargs, anchor.shared_prefix)
         else:
-            frozen_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS}
-            if cache is not None:
-                frozen_kwargs[cache_key] = cache.imsm_frozen
-            with torch.no_grad(), frozen_view():
-                out = module(**frozen_kwargs)
-            step.h_frozen = last_hidden_state(out)
-        call.passes.append(step)
-        return args, kwargs
+            self._run_frozen_view(module, step, kwargs, cache_key)
+
+    def _run_frozen_view(self, module: nn.Module, step: BackbonePass, kwargs: dict, cache_key: str) -> None:
+        """The frozen view's backbone pass (no autograd, its own KV cache); the adapted view runs next, as usual."""
+        frozen_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS}
+        if step.cache is not None:
+            frozen_kwargs[cache_key] = step.cache.imsm_frozen
+        with torch.no_grad(), frozen_view():
+            out = module(**frozen_kwargs)
+        step.h_frozen = last_hidden_state(out)
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         call = _CALL.get()
         if call is None or not self.enabled:
             return None
         if _FROZEN_VIEW.get():
-            if call.capture_frozen is not None and not call.passes:
-                call.capture_frozen.append(last_hidden_state(output))
+            if call.frozen_capture is not None and not call.passes:
+                call.frozen_capture.append(last_hidden_state(output))
             return None
         if not call.passes:
             return None
@@ -328,13 +371,13 @@ class DualPass:
                 mask = None
             call.on_gate(g.detach(), mask, call)
         mixed = IMSMGate.interweave(h_frozen, h_adapted, g)
-        if call.frozen_rows_first:
+        if call.anchor is not None:
             mixed = torch.cat([h_frozen.to(mixed.dtype), mixed])
         return replace_last_hidden_state(output, mixed)
 
     # ------------------------------------------------------------------------------------------------ shared prefix
     def _can_share_prefix(self, module: nn.Module, kwargs: dict, prefix: int, seq_len: int) -> bool:
-        """Whether the adapted view can run ``prefix`` tokens once for all rows (see ``CallContext.shared_prefix``).
+        """Whether the adapted view can run ``prefix`` tokens once for all rows (see ``AnchorPass.shared_prefix``).
 
         Not under gradient checkpointing (recomputing a pass that fills a KV cache would fill it twice), and only
         for plain inputs: ``input_ids``, a 2-D attention mask, no explicit positions.
@@ -358,9 +401,7 @@ class DualPass:
         ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         rows = ids.shape[0]
         cache = DynamicCache(config=module.config)
-        prefix_kwargs = {
-            k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS and k not in _BATCHED_KWARGS
-        }  # fmt: skip
+        prefix_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS and k not in _BATCHED_KWARGS}
         prefix_kwargs.update(input_ids=ids[:1, :prefix], use_cache=True)
         prefix_kwargs[self._cache_name] = cache
         if mask is not None:
@@ -418,14 +459,22 @@ def installed_dual_pass(model: nn.Module) -> DualPass | None:
     return None
 
 
+def _map_batched(kwargs: dict, batch_size: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Apply ``fn`` (in place in ``kwargs``) to each backbone input with ``batch_size`` rows (``_BATCHED_KWARGS``)."""
+    for key in _BATCHED_KWARGS:
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
+            kwargs[key] = fn(value)
+
+
 def _zero_frozen_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     """Forward hook on each ``lora_A``: while both views run stacked, zero the frozen rows' LoRA activations.
 
     LoRA adds ``lora_B(lora_A(x)) * scaling`` to the base layer's output; with ``lora_A``'s output zeroed on the
-    frozen rows (and no LoRA bias, see :func:`supports_stacked_views`) that update is exactly 0 there, so those rows
-    get the base layer's output bit for bit while the adapted rows get plain LoRA. peft's own mixed-adapter batches
-    (``adapter_names=``) give the same result but index the batch with Python lists in every layer, which slows each
-    decode step (``benchmarks/generation_speed.py`` measures it).
+    frozen rows (and no LoRA bias, see :func:`~peft_imsm.backbone.supports_stacked_views`) that update is exactly 0
+    there, so those rows get the base layer's output bit for bit while the adapted rows get plain LoRA. peft's own
+    mixed-adapter batches (``adapter_names=``) give the same result but index the batch with Python lists in every
+    layer, which slows each decode step (``benchmarks/generation_speed.py`` measures it).
 
     The frozen rows are the first half of dim 0, also for layers that see the batch flattened to
     ``[batch * seq, ...]`` (e.g. OPT's MLP). Zeroed in place: stacking only runs without autograd.
@@ -444,79 +493,6 @@ def _zero_frozen_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> N
             "experts?). Set `model.base_model.stacked_views = False` to run the two views as separate passes."
         )
     output[: rows // 2].zero_()
-
-
-def supports_stacked_views(adapter_tuner: nn.Module, model: nn.Module) -> bool:
-    """Whether both views can share one doubled batch (see :func:`_zero_frozen_rows`).
-
-    Plain LoRA only: every adapter layer a LoRA layer whose update is ``lora_B(lora_A(x)) * scaling`` (no DoRA or
-    other variant, no LoRA bias, no embedding or parameter LoRA), and no modules_to_save / trainable-token wrappers.
-    Not for LoRA on mixture-of-experts experts: an expert sees the tokens routed to it, not the batch's rows.
-    """
-    if type(adapter_tuner) is not LoraModel:
-        return False
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer) and "expert" in name.lower() and "shared_expert" not in name.lower():
-            return False
-        if isinstance(module, AuxiliaryTrainingWrapper):
-            return False
-        if isinstance(module, BaseTunerLayer):
-            if not isinstance(module, LoraLayer) or isinstance(module, ParamWrapper) or not module.lora_A:
-                return False
-            if module.lora_embedding_A or any(module.use_dora.values()) or module.lora_variant:
-                return False
-            if any(module.lora_bias.values()):
-                return False
-    return True
-
-
-def find_backbone(model: nn.Module) -> nn.Module:
-    """The module whose output feeds the output head (e.g. ``LlamaModel`` of ``LlamaForCausalLM``)."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    if get_out is None or get_out() is None:
-        raise ValueError(
-            f"IMSM needs a causal LM with an output head (lm_head), but {type(model).__name__} has no output "
-            "embeddings. Load the model with AutoModelForCausalLM (not AutoModel)."
-        )
-    # transformers' own lookup of the decoder stack (e.g. OPTForCausalLM calls `model.decoder`, not `model`).
-    get_decoder = getattr(model, "get_decoder", None)
-    try:
-        backbone = get_decoder() if get_decoder is not None else None
-    except (AttributeError, ValueError):
-        backbone = None
-    if backbone is None:
-        backbone = getattr(model, "base_model", None)
-    if backbone is None or backbone is model:
-        raise ValueError(
-            f"IMSM could not find the backbone of {type(model).__name__} (the module before the output head, named "
-            "by the model's `base_model_prefix`). Only transformers causal LMs are supported."
-        )
-    return backbone
-
-
-def _bound_parameter_names(module: nn.Module) -> list[str]:
-    params = inspect.signature(module.forward).parameters
-    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-
-def _cache_parameter_name(module: nn.Module) -> str | None:
-    """The name of the backbone's KV-cache argument (``cache`` in transformers 5, ``past_key_values`` before)."""
-    params = inspect.signature(module.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-
-def last_hidden_state(output: Any) -> torch.Tensor:
-    """The ``[batch, seq, d]`` final hidden states of a backbone's output (tuple or ``ModelOutput``)."""
-    if isinstance(output, tuple):
-        return output[0]
-    return output.last_hidden_state
-
-
-def replace_last_hidden_state(output: Any, hidden: torch.Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (hidden, *output[1:])
-    output.last_hidden_state = hidden
-    return output
 
 
 def _expand_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from .backbone import model_device
 from .model import find_imsm_tuner
-from .padding import left_pad
+from .padding import left_pad, pad_token_id
 
 
 @dataclass
@@ -147,8 +148,8 @@ def gate_map(
         raise ValueError("Pass either completions or max_new_tokens to gate_map(), not both.")
     if completions is not None and len(completions) != len(prompts):
         raise ValueError(f"{len(completions)} completions for {len(prompts)} prompts; give one completion per prompt.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = _device(model)
+    pad_id = pad_token_id(tokenizer)
+    device = model_device(model)
     rows: list[tuple[list[int], int]] = []
     for i, prompt in enumerate(prompts):
         ids = tokenizer(prompt)["input_ids"]
@@ -210,9 +211,3 @@ def _generate(model, rows, max_new_tokens, batch_size, pad_id, eos_id, device) -
     finally:
         model.train(was_training)
     return out_rows
-
-
-def _device(model: Any) -> torch.device:
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    return weight.device if weight is not None else next(model.parameters()).device

@@ -3,7 +3,12 @@
 With the adapter frozen (:func:`peft_imsm.retrofit`), neither view changes while the gate trains, so both views'
 final hidden states on the training and anchor examples are computed once (one inference pass over them) and the
 gate is trained on those states alone: each step costs the gate and the output head on a batch of stored token
-states, not a pass through the model.
+states, not a pass through the model. The head is the model's own, logit post-processing included, for any
+architecture: :func:`_model_logits` runs the causal LM's forward with its backbone swapped for the stored states.
+
+Parts: :func:`train_gate` (checks, anchors, the stored pass, gate training); :func:`_precompute_target` /
+:func:`_precompute_anchors` (the one inference pass, :func:`_capture_views` reading both views at the gate);
+:func:`_optimise_gate` (the gate's AdamW steps on :class:`_Tokens`); :class:`GateTrainingLog` (what it did, timings).
 
 Training data: a (small) sample of the adapter's own task, plus anchors (the IMSM config's ``anchor`` section; self
 anchors by default). Without target data nothing pulls the gate towards the adapter: the anchors alone teach it to
@@ -23,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from .anchors import anchor_kl
+from .backbone import model_device
 from .gate import IMSMGate
 from .model import IMSMModel, find_imsm_tuner, prepare_anchors, set_anchor_data
-from .padding import left_pad
+from .padding import left_pad, pad_token_id
 from .query import build_query_index, query_summary
 
 
@@ -142,8 +149,9 @@ def train_gate(
             "Pass a few hundred examples of the task the adapter was trained on."
         )
     config = tuner.anchor_config
-    weight = anchor_weight if anchor_weight is not None else (config.weight if config is not None else 0.0)
-    if config is None or weight == 0:
+    if anchor_weight is None:
+        anchor_weight = config.weight if config is not None else 0.0
+    if config is None or anchor_weight == 0:
         warnings.warn(
             "train_gate() without anchors (IMSMConfig.anchor is None or its weight is 0): the gate learns from target "
             "data only, where the adapted view is always the better one, so it will lean on the adapter everywhere "
@@ -152,11 +160,11 @@ def train_gate(
         )
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     try:
         t0 = time.perf_counter()
         anchor_ids = anchor_mask = None
-        if config is not None and weight > 0:
+        if config is not None and anchor_weight > 0:
             if config.source == "data" and anchor_texts is not None:
                 set_anchor_data(model, list(anchor_texts), tokenizer)
             prepare_anchors(model)
@@ -164,7 +172,7 @@ def train_gate(
             anchor_ids, anchor_mask = anchors.input_ids, anchors.attention_mask
         seconds_anchors = time.perf_counter() - t0
         t0 = time.perf_counter()
-        target = _precompute_target(model, tuner, examples, forward_batch_size, device, _pad_id(tokenizer))
+        target = _precompute_target(model, tuner, examples, forward_batch_size, device, pad_token_id(tokenizer))
         anchor = None
         if anchor_ids is not None:
             anchor = _precompute_anchors(model, tuner, anchor_ids, anchor_mask, forward_batch_size, max_cached_logits)
@@ -182,7 +190,10 @@ def train_gate(
             seconds_train=0.0,
             seconds_total=0.0,
         )
-        _optimise_gate(model, gate, target, anchor, weight, steps, lr, batch_tokens, anchor_batch_tokens, seed, log)
+        _optimise_gate(
+            model, gate, target, anchor, log, anchor_weight=anchor_weight, steps=steps, lr=lr,
+            batch_tokens=batch_tokens, anchor_batch_tokens=anchor_batch_tokens or batch_tokens, seed=seed,
+        )  # fmt: skip
         _sync(device)
         log.seconds_train = time.perf_counter() - t0
         gate.eval()
@@ -195,22 +206,9 @@ def train_gate(
     return log
 
 
-def _device(model: nn.Module) -> torch.device:
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    return weight.device if weight is not None else next(model.parameters()).device
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    if tokenizer is None:
-        return 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad or 0)
 
 
 def _encode_target(data: Iterable[Any], tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -252,11 +250,8 @@ def _encode_target(data: Iterable[Any], tokenizer: Any, max_length: int) -> list
 
 
 @torch.no_grad()
-def _capture_views(
-    model: PeftModel, tuner: IMSMModel, **inputs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both views' final hidden states ``[batch, seq, d]`` as the gate receives them in one IMSM forward, and the
-    model's logits at the last position ``[batch, 1, vocab]``."""
+def _capture_views(model: PeftModel, tuner: IMSMModel, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both views' final hidden states ``[batch, seq, d]`` as the gate receives them in one IMSM forward."""
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -266,93 +261,127 @@ def _capture_views(
 
     handle = tuner.gate.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        out = model(**inputs, use_cache=False, logits_to_keep=1)
+        model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"Expected one IMSM gate call per forward, saw {len(captured)}.")
-    return captured[0][0], captured[0][1], out.logits
+    return captured[0]
+
+
+@dataclass
+class _BackboneOutput(BaseModelOutputWithPastAndCrossAttentions):
+    """A backbone output that holds the final hidden states only; every other field a causal LM's forward reads
+    from it (attentions, cache, router logits of a mixture of experts, ...) is None."""
+
+    def __getattr__(self, name: str) -> None:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return None
+
+
+class _StoredStates(nn.Module):
+    """Stands in for a causal LM's backbone: its output is the given final hidden states, whatever the inputs."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.calls = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> _BackboneOutput:
+        self.calls += 1
+        return _BackboneOutput(last_hidden_state=self.hidden)
+
+
+def _backbone_slot(hf_model: nn.Module) -> tuple[nn.Module, str]:
+    """``(parent, attribute name)`` of the backbone whose output the causal LM's forward hands to its head: the
+    module transformers' ``get_decoder()`` names (else ``base_model``), as IMSM's dual pass hooks it."""
+    get_decoder = getattr(hf_model, "get_decoder", None)
+    try:
+        backbone = get_decoder() if get_decoder is not None else None
+    except (AttributeError, ValueError):
+        backbone = None
+    backbone = backbone if backbone is not None else getattr(hf_model, "base_model", None)
+    for parent in hf_model.modules():
+        for name, child in parent.named_children():
+            if child is backbone:
+                return parent, name
+    raise ValueError(
+        f"train_gate(): found no backbone module in {type(hf_model).__name__} (transformers' get_decoder() and "
+        "base_model name none of its submodules), so its output head cannot be run on stored states. Train the gate "
+        "with the Trainer instead: Trainer(model=retrofitted_model, ...)."
+    )
 
 
 def _model_logits(model: PeftModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The causal LM's output head on final hidden states, with its logit post-processing.
+    """``[..., vocab]`` logits of the causal LM's own head on final hidden states ``[..., d]``.
 
-    Written out here because transformers has no head-only entry point (each ``*ForCausalLM.forward`` applies these
-    steps after its backbone) and the fast gate training works on stored token states, not on sequences.
-    :func:`_check_head` compares the result with the model's own forward on the first batch and refuses a model
-    whose head does something else."""
+    Why this way: transformers has no head-only entry point; each ``*ForCausalLM.forward`` runs its backbone and
+    then its head and logit post-processing (Gemma's final softcapping, Cohere's logit scale, Granite's logits
+    scaling, ...). So the model's own forward runs here with its backbone swapped, for this call only, for a stub
+    that returns ``hidden`` as the backbone's output: whatever the architecture does after its backbone is what
+    gives the logits, with autograd through it (the gate's loss). Not thread-safe (the swap is on the model), like
+    every training step on one model.
+    """
     hf_model = model.get_base_model()
-    logits = hf_model.get_output_embeddings()(hidden)
-    scale = getattr(hf_model, "logit_scale", None)  # Cohere
-    if isinstance(scale, (int, float)):
-        logits = logits * scale
-    text_config = hf_model.config.get_text_config()
-    scaling = getattr(text_config, "logits_scaling", None)  # Granite
-    if scaling:
-        logits = logits / scaling
-    cap = getattr(text_config, "final_logit_softcapping", None)  # Gemma 2/3
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def _check_head(model: PeftModel, tuner: IMSMModel, h_frozen, h_adapted, mask, logits) -> None:
-    """The stored states must give back the model's own last-position logits (catches unknown head processing)."""
-    index = build_query_index(h_frozen.shape[0], h_frozen.shape[1], h_frozen.device, attention_mask=mask)
-    qb, qt = query_summary(h_frozen, index), query_summary(h_adapted, index)
-    hb, ht = h_frozen[:, -1], h_adapted[:, -1]
-    mixed = IMSMGate.interweave(hb, ht, tuner.gate(hb, ht, qb, qt))
-    mine = _model_logits(model, mixed).float()
-    theirs = logits[:, -1].float()
-    tol = 1e-4 if mixed.dtype == torch.float32 else 3e-2
-    if not torch.allclose(mine, theirs, rtol=tol, atol=tol * max(1.0, float(theirs.abs().max()))):
+    parent, name = _backbone_slot(hf_model)
+    backbone = getattr(parent, name)
+    states = hidden.reshape(1, -1, hidden.shape[-1])
+    stub = _StoredStates(states)
+    setattr(parent, name, stub)
+    try:
+        logits = hf_model(inputs_embeds=states, use_cache=False).logits
+    finally:
+        setattr(parent, name, backbone)
+    if stub.calls != 1 or logits.shape[:2] != states.shape[:2]:
         raise RuntimeError(
-            f"train_gate(): the output head of {type(model.get_base_model()).__name__} post-processes its logits in a "
-            f"way the fast path does not reproduce (max difference {float((mine - theirs).abs().max()):.3g}). Train "
-            "the gate with the Trainer instead (Trainer(model=retrofitted_model, ...)), and please report the model."
+            f"train_gate(): the forward of {type(hf_model).__name__} did not run its head once on the output of "
+            f"`{name}` (its backbone, called {stub.calls} times; logits {tuple(logits.shape)} for "
+            f"{tuple(states.shape)} states), so the fast path cannot reproduce its logits. Train the gate with the "
+            "Trainer instead (Trainer(model=retrofitted_model, ...)), and please report the model."
         )
+    return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
 
 def _precompute_target(model, tuner, examples, batch_size, device, pad_id) -> _Tokens:
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("hb", "ht", "seq", "qb", "qt", "y")}
+    """The stored states of the target examples: the tokens whose next token is supervised, and their labels."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("h_frozen", "h_adapted", "seq", "q_frozen", "q_adapted")}
+    parts["labels"] = []
     offset = 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         ids, mask = left_pad([e[0] for e in chunk], pad_id, device)
         labels, _ = left_pad([e[1] for e in chunk], -100, device)
-        h_frozen, h_adapted, logits = _capture_views(model, tuner, input_ids=ids, attention_mask=mask)
-        if i == 0:
-            _check_head(model, tuner, h_frozen, h_adapted, mask, logits)
+        h_frozen, h_adapted = _capture_views(model, tuner, input_ids=ids, attention_mask=mask)
         index = build_query_index(ids.shape[0], ids.shape[1], device, attention_mask=mask, labels=labels)
-        parts["qb"].append(query_summary(h_frozen, index))
-        parts["qt"].append(query_summary(h_adapted, index))
+        parts["q_frozen"].append(query_summary(h_frozen, index))
+        parts["q_adapted"].append(query_summary(h_adapted, index))
         # position t predicts token t + 1: keep the positions whose next token is supervised
         nxt = labels[:, 1:]
         rows, cols = (nxt != -100).nonzero(as_tuple=True)
-        parts["hb"].append(h_frozen[rows, cols])
-        parts["ht"].append(h_adapted[rows, cols])
+        parts["h_frozen"].append(h_frozen[rows, cols])
+        parts["h_adapted"].append(h_adapted[rows, cols])
         parts["seq"].append(rows + offset)
-        parts["y"].append(nxt[rows, cols])
+        parts["labels"].append(nxt[rows, cols])
         offset += ids.shape[0]
-    cat = {k: torch.cat(v) for k, v in parts.items()}
-    return _Tokens(cat["hb"], cat["ht"], cat["seq"], cat["qb"], cat["qt"], labels=cat["y"])
+    return _Tokens(**{k: torch.cat(v) for k, v in parts.items()})
 
 
 def _precompute_anchors(model, tuner, ids, mask, batch_size, max_cached_logits) -> _Tokens:
-    device = _device(model)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("hb", "ht", "seq", "qb", "qt")}
+    """The stored states of the anchors (every real token), and the frozen view's distribution when it fits."""
+    device = model_device(model)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("h_frozen", "h_adapted", "seq", "q_frozen", "q_adapted")}
     for i in range(0, ids.shape[0], batch_size):
         chunk_ids, chunk_mask = ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device)
-        h_frozen, h_adapted, _ = _capture_views(model, tuner, input_ids=chunk_ids, attention_mask=chunk_mask)
+        h_frozen, h_adapted = _capture_views(model, tuner, input_ids=chunk_ids, attention_mask=chunk_mask)
         index = build_query_index(chunk_ids.shape[0], chunk_ids.shape[1], device, attention_mask=chunk_mask)
-        parts["qb"].append(query_summary(h_frozen, index))
-        parts["qt"].append(query_summary(h_adapted, index))
+        parts["q_frozen"].append(query_summary(h_frozen, index))
+        parts["q_adapted"].append(query_summary(h_adapted, index))
         rows, cols = chunk_mask.bool().nonzero(as_tuple=True)
-        parts["hb"].append(h_frozen[rows, cols])
-        parts["ht"].append(h_adapted[rows, cols])
+        parts["h_frozen"].append(h_frozen[rows, cols])
+        parts["h_adapted"].append(h_adapted[rows, cols])
         parts["seq"].append(rows + i)
-    cat = {k: torch.cat(v) for k, v in parts.items()}
-    tokens = _Tokens(cat["hb"], cat["ht"], cat["seq"], cat["qb"], cat["qt"])
+    tokens = _Tokens(**{k: torch.cat(v) for k, v in parts.items()})
     vocab = model.get_output_embeddings().weight.shape[0]
     if len(tokens) * vocab <= max_cached_logits:
         tokens.frozen_logp = _frozen_logp(model, tokens.h_frozen)
@@ -367,13 +396,29 @@ def _frozen_logp(model: PeftModel, h_frozen: torch.Tensor) -> torch.Tensor:
 
 
 def _gate_on(gate: IMSMGate, tokens: _Tokens, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hb, ht = tokens.h_frozen[idx], tokens.h_adapted[idx]
+    """The gate at tokens ``idx`` and the interwoven states it gives (``[len(idx), d]`` each)."""
+    h_frozen, h_adapted = tokens.h_frozen[idx], tokens.h_adapted[idx]
     seq = tokens.seq[idx]
-    g = gate(hb, ht, tokens.q_frozen[seq], tokens.q_adapted[seq])
-    return g, IMSMGate.interweave(hb, ht, g)
+    g = gate(h_frozen, h_adapted, tokens.q_frozen[seq], tokens.q_adapted[seq])
+    return g, IMSMGate.interweave(h_frozen, h_adapted, g)
 
 
-def _optimise_gate(model, gate, target, anchor, weight, steps, lr, batch_tokens, anchor_batch_tokens, seed, log):
+def _optimise_gate(
+    model: PeftModel,
+    gate: IMSMGate,
+    target: _Tokens,
+    anchor: _Tokens | None,
+    log: GateTrainingLog,
+    *,
+    anchor_weight: float,
+    steps: int,
+    lr: float,
+    batch_tokens: int,
+    anchor_batch_tokens: int,
+    seed: int,
+) -> None:
+    """``steps`` AdamW steps on the gate alone (warmup, cosine decay): CE on ``batch_tokens`` random target tokens
+    plus ``anchor_weight`` x the anchor KL on ``anchor_batch_tokens`` random anchor tokens; losses go to ``log``."""
     params = [p for p in gate.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -385,7 +430,6 @@ def _optimise_gate(model, gate, target, anchor, weight, steps, lr, batch_tokens,
     )
     device = target.h_frozen.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    anchor_batch_tokens = anchor_batch_tokens or batch_tokens
     gate.train()
     for _ in range(steps):
         idx = torch.randint(len(target), (min(batch_tokens, len(target)),), generator=gen).to(device)
@@ -403,7 +447,7 @@ def _optimise_gate(model, gate, target, anchor, weight, steps, lr, batch_tokens,
             )
             ones = torch.ones(a_idx.shape[0], device=device)
             kl = anchor_kl(frozen, _model_logits(model, a_mixed), ones)
-            loss = loss + weight * kl
+            loss = loss + anchor_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

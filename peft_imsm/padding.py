@@ -1,8 +1,14 @@
-"""Left padding of token-id rows into batch tensors: the layout IMSM's query rule and ``generate()`` expect."""
+"""Batches for a model: left padding of token-id rows, the pad id a tokenizer pads with, the device inputs go to.
+
+A leaf module (torch only), so every part of the library and the benchmark builds its batches the same way:
+:func:`left_pad` (the layout IMSM's query rule and ``generate()`` expect), :func:`pad_token_id` (the tokenizer's pad
+token, else its eos token, else 0) and :func:`model_device` (where the output head, and so the logits, live).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -20,3 +26,14 @@ def left_pad(
             ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its eos token (decoder-only models often have no pad
+    token), else 0; also 0 without a tokenizer. Padded positions are masked out, so any id works there."""
+    if tokenizer is None:
+        return 0
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    return int(pad or 0)

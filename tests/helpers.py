@@ -126,7 +126,7 @@ def quantizable_config(arch: str = "llama", **overrides) -> transformers.Pretrai
 
 
 def char_llama_config(tokenizer, hidden_size: int = 48) -> transformers.LlamaConfig:
-    """A tiny Llama over the benchmark's character tokenizer (``peft_imsm.bench.skills.build_tokenizer()``)."""
+    """A tiny Llama over the benchmark's character tokenizer (``imsm_bench.skills.build_tokenizer()``)."""
     return transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -64,7 +64,7 @@ def test_self_anchor_sampling_is_deterministic_and_leaves_the_global_rng_alone()
     for m in (a, b, c):
         prepare_anchors(m)
     assert torch.equal(torch.rand(3), expected_next)
-    anchors = [m.base_model._anchors.input_ids for m in (a, b, c)]
+    anchors = [m.base_model.anchor_set().input_ids for m in (a, b, c)]
     assert anchors[0].shape == (8, 7) and (anchors[0][:, 0] == 1).all()  # BOS + 6 sampled tokens
     assert torch.equal(anchors[0], anchors[1]) and not torch.equal(anchors[0], anchors[2])
 
@@ -81,7 +81,7 @@ def test_anchor_term_is_added_and_vanishes_when_the_gate_is_one():
     model.peft_config["default"].anchor = anchor
     torch.testing.assert_close(task_only.loss.detach(), reference + stats["anchor_kl"], rtol=1e-5, atol=1e-6)
     model.base_model.gate.forced_value = 1.0
-    term = model.base_model._anchor_term(labels, None, task_only.loss)
+    term = model.base_model.anchor_term.term(labels, None, task_only.loss)
     assert float(term) == 0.0
 
 
@@ -90,7 +90,7 @@ def test_anchor_gradients_reach_the_adapter_only_with_train_adapter(train_adapte
     assert AnchorConfig().train_adapter is True  # the default: gate+adapter
     model = anchored(train_adapter=train_adapter)
     ids, mask, labels = labelled_batch()
-    term = model.base_model._anchor_term(labels, None, torch.tensor(0.0))
+    term = model.base_model.anchor_term.term(labels, None, torch.tensor(0.0))
     term.backward()
     for name, param in model.named_parameters():
         if "imsm_gate" in name:
@@ -110,8 +110,8 @@ def test_every_k_runs_the_anchor_term_on_every_kth_forward_weighted_k_times():
     losses, draws = [], []
     for _ in range(5):
         losses.append(every3(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.detach())
-        draws.append(every3.base_model.anchor_draws)
-    assert draws == [1, 1, 1, 2, 2] and every3.base_model.training_forwards == 5
+        draws.append(every3.base_model.anchor_term.draws)
+    assert draws == [1, 1, 1, 2, 2] and every3.base_model.anchor_term.forwards == 5
     task = plain(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.detach()
     for i in (1, 2, 4):
         torch.testing.assert_close(losses[i], task, rtol=1e-6, atol=1e-7)
@@ -119,7 +119,7 @@ def test_every_k_runs_the_anchor_term_on_every_kth_forward_weighted_k_times():
         expected = weight3(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.detach()
         torch.testing.assert_close(losses[i], expected, rtol=1e-5, atol=1e-6)
         assert losses[i] > task + 1e-4
-    assert weight3.base_model.anchor_draws == 2
+    assert weight3.base_model.anchor_term.draws == 2
     with pytest.raises(ValueError, match="every must be an integer >= 1"):
         AnchorConfig(every=0)
 
@@ -129,9 +129,9 @@ def test_gradient_accumulation_weights_the_term_by_token_share():
     ids, mask, labels = labelled_batch()
     n = int((labels[:, 1:] != -100).sum())
     torch.manual_seed(0)
-    full = model.base_model._anchor_term(labels, None, torch.tensor(0.0))
-    model.base_model.anchor_draws -= 1  # replay the same anchor batch
-    half = model.base_model._anchor_term(labels, torch.tensor(2 * n), torch.tensor(0.0))
+    full = model.base_model.anchor_term.term(labels, None, torch.tensor(0.0))
+    model.base_model.anchor_term.draws -= 1  # replay the same anchor batch
+    half = model.base_model.anchor_term.term(labels, torch.tensor(2 * n), torch.tensor(0.0))
     torch.testing.assert_close(half, full / 2, rtol=1e-4, atol=1e-7)
 
 
@@ -139,7 +139,7 @@ def test_data_anchors_and_trainer_logging(tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from peft_imsm.bench.skills import build_tokenizer
+    from imsm_bench.skills import build_tokenizer
 
     tok = build_tokenizer()
     model = anchored(source="data")
@@ -199,7 +199,7 @@ def test_each_process_rank_samples_its_own_anchors(monkeypatch):
     prepare_anchors(rank0)
     monkeypatch.setattr(anchors, "process_rank", lambda: 1)
     prepare_anchors(rank1)
-    assert not torch.equal(rank0.base_model._anchors.input_ids, rank1.base_model._anchors.input_ids)
+    assert not torch.equal(rank0.base_model.anchor_set().input_ids, rank1.base_model.anchor_set().input_ids)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -262,12 +262,12 @@ def test_resuming_an_anchored_trainer_run_from_a_checkpoint_is_exact(tmp_path, e
     whole = anchored(num_samples=6, batch_size=4, every=every)
     _trainer(whole, tmp_path / "whole", steps=6, save_steps=3).train()
     draws = 12 // every  # 6 steps x 2 accumulated micro-batches, anchored on every `every`-th
-    assert whole.base_model.anchor_draws == draws and whole.base_model.training_forwards == 12
+    assert whole.base_model.anchor_term.draws == draws and whole.base_model.anchor_term.forwards == 12
     resumed = anchored(num_samples=6, batch_size=4, every=every)
     _trainer(resumed, tmp_path / "whole", steps=6, save_steps=3).train(
         resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3")
     )
-    assert resumed.base_model.anchor_draws == draws and resumed.base_model.training_forwards == 12
+    assert resumed.base_model.anchor_term.draws == draws and resumed.base_model.anchor_term.forwards == 12
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
         if a.requires_grad:
             assert torch.equal(a, b), name
@@ -294,7 +294,7 @@ def test_trainer_logs_the_mean_gate_on_supervised_tokens_and_on_anchors(tmp_path
 
 
 def test_a_bare_string_is_not_anchor_data():
-    from peft_imsm.bench.skills import build_tokenizer
+    from imsm_bench.skills import build_tokenizer
 
     model = anchored(source="data")
     with pytest.raises(TypeError, match="single string.*one anchor per character"):
@@ -302,7 +302,7 @@ def test_a_bare_string_is_not_anchor_data():
 
 
 def test_anchors_longer_than_a_learned_position_limit_are_refused_naming_the_setting():
-    from peft_imsm.bench.skills import build_tokenizer
+    from imsm_bench.skills import build_tokenizer
 
     model = anchored(arch="gpt2", sample_length=200)  # tiny GPT-2: 128 positions
     with pytest.raises(ValueError, match=r"at most 128 positions.*sample_length \(now 200\)"):
@@ -323,13 +323,13 @@ def test_anchor_term_equals_its_definition(arch, train_adapter):
     model.eval()
     prepare_anchors(model)
     expected = plain_anchor_term(model, model.base_model.anchor_set().rows(0, 4), 0.7)
-    got = model.base_model._anchor_term(None, None, torch.tensor(0.0))
+    got = model.base_model.anchor_term.term(None, None, torch.tensor(0.0))
     assert_same_term_and_gradients(model, got, expected, train_adapter)
 
 
 def test_chat_start_tokens_needs_a_chat_template():
+    from imsm_bench.skills import build_tokenizer
     from peft_imsm.anchors import chat_start_tokens
-    from peft_imsm.bench.skills import build_tokenizer
 
     tokenizer = build_tokenizer()
     with pytest.raises(ValueError, match="no chat template.*start_tokens unset"):
@@ -353,13 +353,13 @@ def test_a_shared_anchor_prefix_runs_once_and_changes_nothing(arch, train_adapte
     anchors = tuner.anchor_set()
     assert anchors.shared_prefix == len(start) and anchors.prefix_worth_sharing(4) == len(start)
     expected = plain_anchor_term(model, anchors.rows(0, 4), 0.7)
-    tuner._frozen_anchor_hidden(anchors)
+    tuner.anchor_term.frozen_states()
     seen = []
     hook = tuner.dual_pass.backbone.register_forward_pre_hook(
         lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True
     )
     try:
-        got = tuner._anchor_term(None, None, torch.tensor(0.0))
+        got = tuner.anchor_term.term(None, None, torch.tensor(0.0))
     finally:
         hook.remove()
     assert seen == [(1, 8), (4, 4)]  # (after IMSM's pre-hook) the prefix once, then the rest of every row
@@ -385,14 +385,14 @@ def test_no_prefix_sharing_for_bos_anchors_padded_data_anchors_or_gradient_check
         lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True
     )
     try:
-        model.base_model._anchor_term(None, None, torch.tensor(0.0)).backward()
+        model.base_model.anchor_term.term(None, None, torch.tensor(0.0)).backward()
     finally:
         hook.remove()
     assert seen[-1] == (4, 12)  # one pass over the whole rows: a cache cannot be refilled by checkpointing
 
 
 def test_from_tokenizer_starts_self_anchors_from_the_user_turn_or_bos():
-    from peft_imsm.bench.skills import build_tokenizer
+    from imsm_bench.skills import build_tokenizer
 
     tokenizer = build_tokenizer()
     plain = AnchorConfig.from_tokenizer(tokenizer)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from peft_imsm.bench.cli import main, prepare_out_dir
-from peft_imsm.bench.skills import build_tokenizer
+from imsm_bench.cli import main, prepare_out_dir
+from imsm_bench.skills import build_tokenizer
 
 REDUCED = [
     "--pretrain-steps", "20", "--steps", "3", "--eval-examples", "4", "--train-examples", "32", "--no-progress",
@@ -128,7 +128,7 @@ def test_anchor_weight_rule_on_known_figures():
 
 
 def test_validation_sets_never_meet_the_test_sets_or_the_training_examples():
-    from peft_imsm.bench.skills import EVAL_TASKS, TARGET_TASK, make_examples, validation_sets
+    from imsm_bench.skills import EVAL_TASKS, TARGET_TASK, make_examples, validation_sets
 
     train = make_examples(TARGET_TASK, 500, seed=0, split="train")
     sets = validation_sets(50, train)
@@ -182,7 +182,7 @@ def test_custom_run_on_the_papers_sets(tmp_path, benchmarks_dir, capsys):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "peft_imsm.bench", *args], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "imsm_bench", *args], capture_output=True, text=True, timeout=120,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
 
@@ -223,7 +223,7 @@ def write_rows(path, n: int) -> str:
 
 @pytest.mark.parametrize("size", [None, 0, 3, 10, 50])
 def test_sample_rows_is_a_seeded_shuffled_sample(size):
-    from peft_imsm.bench.data import sample_rows
+    from imsm_bench.data import sample_rows
 
     rows = [{"input": str(i), "output": "x"} for i in range(10)]
     picked = sample_rows(rows, size, seed=0)
@@ -248,7 +248,7 @@ def test_sample_rows_is_a_seeded_shuffled_sample(size):
     ],
 )  # fmt: skip
 def test_finetuning_options_reach_the_settings(argv, expected):
-    from peft_imsm.bench.cli import parse_args, settings_from
+    from imsm_bench.options import parse_args, settings_from
 
     settings = settings_from(parse_args(argv), r=16, lora_alpha=16, lora_dropout=0.1, lr=3e-4, batch_size=8)
     for name, value in expected.items():
@@ -256,7 +256,7 @@ def test_finetuning_options_reach_the_settings(argv, expected):
 
 
 def test_bad_finetuning_option_is_refused():
-    from peft_imsm.bench.cli import parse_args, settings_from
+    from imsm_bench.options import parse_args, settings_from
 
     with pytest.raises(SystemExit, match="r must be >= 1"):
         settings_from(parse_args(["--rank", "0"]))
@@ -269,7 +269,7 @@ def test_bad_jobs_is_refused(tmp_path):
 
 
 def test_default_jobs_is_one_per_core_on_the_cpu(monkeypatch):
-    from peft_imsm.bench import parallel
+    from imsm_bench import parallel
 
     monkeypatch.setattr(parallel.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(3)), raising=False)
@@ -280,7 +280,7 @@ def test_default_jobs_is_one_per_core_on_the_cpu(monkeypatch):
 
 
 def test_limit_is_an_eval_only_alias(capsys):
-    from peft_imsm.bench.cli import parse_args
+    from imsm_bench.options import parse_args
 
     args = parse_args(["--limit", "5"])
     assert args.eval_size == 5 and args.train_size is None
@@ -290,7 +290,7 @@ def test_limit_is_an_eval_only_alias(capsys):
 
 @pytest.mark.parametrize("chat", [True, False])
 def test_chat_template_prompts_for_training(chat):
-    from peft_imsm.bench.batching import encode_examples, prompt_ids
+    from imsm_bench.batching import encode_examples, prompt_ids
 
     tok = build_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
@@ -321,7 +321,7 @@ def tiny_imsm(seed: int = 0):
 
 @pytest.mark.parametrize("stacked", [True, False])
 def test_gates_read_during_generation_equal_a_separate_forward(stacked):
-    from peft_imsm.bench.pretrain import generate_answers
+    from imsm_bench.pretrain import generate_answers
 
     model, tok = tiny_imsm()
     model.base_model.stacked_views = stacked
@@ -346,15 +346,15 @@ def test_custom_run_keeps_every_metric_and_uses_the_chat_template(tmp_path, monk
     train = write_rows(tmp_path / "train.jsonl", 40)
     test = write_rows(tmp_path / "test.jsonl", 30)
     seen: list[list[str]] = []
-    from peft_imsm.bench import pretrain
+    from imsm_bench import custom
 
-    real_generate = pretrain.generate_answers
+    real_generate = custom.generate_answers
 
     def spy(model, tokenizer, prompts, *args, **kwargs):
         seen.append(list(prompts))
         return real_generate(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(pretrain, "generate_answers", spy)
+    monkeypatch.setattr(custom, "generate_answers", spy)
     common = ["--model", model_dir, "--train", train, "--eval", f"mrpc={test}", "--steps", "1", "--seeds", "1",
               "--max-new-tokens", "2", "--no-progress", "--methods", "LoRA,IMSM", "--eval-size", "6",
               "--train-size", "12"]  # fmt: skip
@@ -377,7 +377,7 @@ def test_custom_run_keeps_every_metric_and_uses_the_chat_template(tmp_path, monk
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_real_protocol_target_task_splits(seed):
-    from peft_imsm.bench.real import TAG_CATEGORIES, TAG_PROMPT, tag_examples
+    from imsm_bench.real import TAG_CATEGORIES, TAG_PROMPT, tag_examples
 
     train = tag_examples(500, "train", seed)
     test = tag_examples(32, "test", seed)
@@ -396,7 +396,7 @@ def test_real_protocol_target_task_splits(seed):
 
 def test_teacher_forced_scores_are_exact_on_a_tiny_model():
     """Exact match by teacher forcing == greedy generation returning the answer; padding changes nothing."""
-    from peft_imsm.bench.real import exact_match_rate, greedy_answers, likelihood_kept, teacher_forced, token_agreement
+    from imsm_bench.real import exact_match_rate, greedy_answers, likelihood_kept, teacher_forced, token_agreement
 
     model, tok = tiny_imsm()
     prompts = [tok(p)["input_ids"] for p in ("add 1+2=", "reverse abcdef=", "x", "is 10>3?")]
@@ -412,3 +412,56 @@ def test_teacher_forced_scores_are_exact_on_a_tiny_model():
     shifted = [(p, [(a[0] + 1) % len(tok)] + a[1:]) for p, a in pairs]
     worse = teacher_forced(model, shifted, tok.pad_token_id)
     assert exact_match_rate(worse) == 0.0 and likelihood_kept(worse, scored) < 100.0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The benchmark is a separate package: the library never imports it, and its own imports have no cycle
+# ------------------------------------------------------------------------------------------------------------------
+def test_the_library_imports_neither_the_benchmark_nor_matplotlib():
+    code = "import peft_imsm, sys; print(sorted(m for m in sys.modules if m.startswith(('imsm_bench','matplotlib'))))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _package_imports(package: str) -> dict[str, set[str]]:
+    """``{module: modules of the package it imports}`` from the source (ast), refusing imports inside functions."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    modules = {f"{package}.{path.stem}" for path in (root / package).glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in sorted((root / package).glob("*.py")):
+        module = f"{package}.{path.stem}" if path.stem != "__init__" else package
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        graph[module] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                names = [f"{package}.{node.module}"] if node.module else [f"{package}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package):
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith(package)]
+            else:
+                continue
+            assert not names or id(node) in top, f"{module}, line {node.lineno}: import inside a function"
+            graph[module].update(n for n in names if n in modules)
+    return graph
+
+
+def test_the_benchmark_imports_go_one_way():
+    graph = _package_imports("imsm_bench")
+    assert {"imsm_bench.options", "imsm_bench.engine", "imsm_bench.default", "imsm_bench.custom"} <= set(graph)
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module not in done:
+            for imported in graph.get(module, ()):
+                visit(imported, (*path, module))
+            done.add(module)
+
+    for module in graph:
+        visit(module, ())

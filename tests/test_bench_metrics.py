@@ -1,4 +1,4 @@
-"""Tests of peft_imsm.bench.metrics and peft_imsm.bench.data against hand-computed values."""
+"""Tests of imsm_bench.metrics and imsm_bench.data against hand-computed values."""
 
 import json
 import math
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from peft_imsm.bench.data import load_jsonl, parse_eval_arg
-from peft_imsm.bench.metrics import (
+from imsm_bench.data import load_jsonl, parse_eval_arg
+from imsm_bench.metrics import (
     METRICS,
     METRICS_BY_SET,
     accuracy,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig
 
-from peft_imsm.bench import pretrain
-from peft_imsm.bench.pretrain import (
+from imsm_bench import pretrain
+from imsm_bench.pretrain import (
     SKILLS_MODEL_CONFIG,
     TrainRecipe,
     encode_batch,
@@ -16,7 +16,7 @@ from peft_imsm.bench.pretrain import (
     load_or_build_skills_model,
     skills_model_dir,
 )
-from peft_imsm.bench.skills import (
+from imsm_bench.skills import (
     ALL_TASKS,
     CHARS,
     FACT_BASE,

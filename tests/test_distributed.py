@@ -159,7 +159,7 @@ def test_fsdp2_training_equals_single_process_training(tmp_path, anchors):
             loss = 0.0
             for anchor_set, dump in zip(sets, dumps):
                 model.base_model.set_anchors(anchor_set)
-                model.base_model.anchor_draws = step
+                model.base_model.anchor_term.draws = step
                 ids = dump["batches"][step]
                 loss = loss + model(input_ids=ids, labels=ids).loss / 2
             loss.backward()

@@ -8,8 +8,8 @@ from helpers import char_llama_config
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
+from imsm_bench.skills import build_tokenizer
 from peft_imsm import IMSMConfig
-from peft_imsm.bench.skills import build_tokenizer
 from peft_imsm.gate_maps import GateMap, gate_map
 from peft_imsm.model import find_imsm_tuner
 
@@ -108,3 +108,16 @@ def test_bad_input():
         gate_map(model, tok, PROMPTS, completions=["a", "b", "c"], max_new_tokens=2)
     with pytest.raises(TypeError, match="Expected an IMSM peft model"):
         gate_map(model.get_base_model(), tok, PROMPTS)
+
+
+def test_the_pad_id_and_device_helpers():
+    from types import SimpleNamespace
+
+    from peft_imsm.backbone import model_device
+    from peft_imsm.padding import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=5, eos_token_id=2)) == 5
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0 and pad_token_id(None) == 0
+    model, _ = imsm_model()
+    assert model_device(model) == torch.device("cpu") == model_device(torch.nn.Linear(2, 2))

@@ -157,7 +157,7 @@ def test_assisted_decoding_crops_both_caches(stacked):
 def test_eos_stop_strings_and_streamer():
     from transformers import TextStreamer
 
-    from peft_imsm.bench.skills import build_tokenizer
+    from imsm_bench.skills import build_tokenizer
 
     tok = build_tokenizer()
     model = imsm("llama")

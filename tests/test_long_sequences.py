@@ -302,7 +302,7 @@ def test_sft_trainer_packing_with_imsm(tmp_path, mode, monkeypatch):
     from transformers import LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from peft_imsm.bench.skills import build_tokenizer
+    from imsm_bench.skills import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)

@@ -207,7 +207,7 @@ def test_trl_qlora_gate_dtype(tmp_path):
     """
     from trl import SFTConfig, SFTTrainer
 
-    from peft_imsm.bench.skills import build_tokenizer
+    from imsm_bench.skills import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)

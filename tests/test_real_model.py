@@ -18,9 +18,8 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 import peft_imsm
-from peft_imsm.anchors import chat_start_tokens
-from peft_imsm.bench import gguf as bench_gguf
-from peft_imsm.bench.real import (
+from imsm_bench import gguf as bench_gguf
+from imsm_bench.real import (
     exact_match_rate,
     greedy_answers,
     likelihood_kept,
@@ -28,7 +27,8 @@ from peft_imsm.bench.real import (
     teacher_forced,
     token_agreement,
 )
-from peft_imsm.bench.runner import RETROFIT_METHOD
+from imsm_bench.runner import RETROFIT_METHOD
+from peft_imsm.anchors import chat_start_tokens
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -172,7 +172,7 @@ def test_teacher_forced_scoring_agrees_with_greedy_generation(real):
 
 
 def test_real_protocol_end_to_end_at_tiny_size(real, tmp_path):
-    from peft_imsm.bench.cli import main
+    from imsm_bench.cli import main
 
     _, tokenizer, converted, _, _ = real
     out = tmp_path / "out"

@@ -33,7 +33,7 @@ def _means(results: dict) -> dict[str, tuple[float, float]]:
 def test_imsm_bench_reproduces_the_published_table(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "peft_imsm.bench", "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "imsm_bench", "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=1800, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -27,9 +27,9 @@ from peft import (
 from peft.utils import get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
 
+from imsm_bench.skills import TARGET_TASK, build_tokenizer, make_examples
 from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, retrofit, train_gate
 from peft_imsm.anchors import anchor_kl
-from peft_imsm.bench.skills import TARGET_TASK, build_tokenizer, make_examples
 from peft_imsm.gate_training import _gate_on, _model_logits, _precompute_anchors, _precompute_target
 from peft_imsm.model import find_imsm_tuner
 

@@ -48,7 +48,7 @@ LORA_FLAGS = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropou
 # Run inside the subprocesses: train with peft_imsm.sft.run and save what the test compares.
 DRIVER = textwrap.dedent(
     """
-    import sys, torch
+    import sys, torch, trl
     from transformers import TrainerCallback
     from peft_imsm.sft import parse_args, run
 
@@ -63,6 +63,7 @@ DRIVER = textwrap.dedent(
     snapshot = SnapshotTrainable()
     parsed = parse_args(argv)
     trainer = run(parsed.trl_args, parsed.imsm_args, callbacks=[snapshot])
+    assert type(trainer) is trl.SFTTrainer, type(trainer)  # TRL's own trainer class, not a subclass
     probe = torch.load(probe_file)
     # Accelerate wrapped the forward in bf16 autocast for training (SFTConfig's bf16 default, also on CPU): compare
     # the trained weights' float32 function, as a reload computes it.
@@ -339,6 +340,33 @@ def test_qlora_run_reloads_4bit(workdir, qlora_run, reloaded):
     assert all(0 < log["gate_mean"] < 1 for log in steps)
 
 
+def test_imsm_sft_leaves_the_trl_namespace_alone(workdir, monkeypatch, capsys):
+    """`peft_imsm.sft.main` passes IMSM to TRL's public API: no attribute of the `trl` module is replaced, neither
+    while the trainer is built and trains (seen from a callback) nor after (a 1-step run in this process)."""
+    import trl
+
+    from peft_imsm import sft
+
+    names = ("SFTTrainer", "get_peft_config", "get_dataset", "get_quantization_config")
+    before = {name: getattr(trl, name) for name in names}
+    during = []
+
+    class SeeTrl(sft.IMSMLogCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            during.append({name: getattr(trl, name) for name in names})
+
+    monkeypatch.setattr(sft, "IMSMLogCallback", SeeTrl)
+    sft.main([*_common(workdir, "out_trl_untouched"), "--dataset_name", str(workdir / "data"), *LORA_FLAGS,
+              "--max_steps", "1", "--imsm_gate_rank", "2"])  # fmt: skip
+    assert len(during) == 1, "the run did not train"
+    for seen in (during[0], {name: getattr(trl, name) for name in names}):
+        assert all(seen[name] is before[name] for name in names), {
+            n: seen[n] for n in names if seen[n] is not before[n]
+        }
+    config = json.loads((workdir / "out_trl_untouched" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IMSM" and config["gate_rank"] == 2
+
+
 # --------------------------------------------------------------------------------------------- arguments and errors
 
 
@@ -372,7 +400,7 @@ BASE_ARGV = [
         (["--imsm_gate_dropout", "1.5"], "--imsm_gate_dropout must be in [0, 1)"),
         (["--imsm_anchor_weight", "2"], "the anchor term is off. Add --imsm_anchor"),
         (["--imsm_anchor", "--imsm_anchor_source", "data"], "needs anchor texts: set --imsm_anchor_dataset"),
-        (["--imsm_anchor", "--imsm_anchor_temperature", "0"], "anchor temperature must be > 0"),
+        (["--imsm_anchor", "--imsm_anchor_temperature", "0"], "--imsm_anchor_temperature must be > 0"),
         (["--imsm_anchor", "--imsm_anchor_num_samples", "0"], "--imsm_anchor_num_samples must be an integer >= 1"),
     ],
 )
@@ -489,7 +517,7 @@ def test_two_processes_through_accelerate_launch(workdir):
         "--multi_gpu", "--num_processes", "2", "--num_cpu_threads_per_process", "1",
         *_common(workdir, "out_ddp"), "--per_device_train_batch_size", "4", "--dataset_name", str(workdir / "data"),
         *LORA_FLAGS, "--imsm_gate_rank", "4", "--imsm_anchor", "--imsm_anchor_num_samples", "8",
-        "--imsm_anchor_sample_length", "6", "--imsm_anchor_batch_size", "2",
+        "--imsm_anchor_sample_length", "6", "--imsm_anchor_batch_size", "2", "--imsm_anchor_every", "1",
     ]  # fmt: skip
     proc = _check(_run([exe, *argv]))
     logs = [eval(line) for line in proc.stdout.splitlines() if line.startswith("{'loss'")]

@@ -9,8 +9,8 @@ from helpers import char_llama_config, tiny_model
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
+from imsm_bench.skills import TARGET_TASK, build_tokenizer, make_examples
 from peft_imsm import AdaLoraBudgetCallback, IMSMConfig
-from peft_imsm.bench.skills import TARGET_TASK, build_tokenizer, make_examples
 
 
 def char_llama():

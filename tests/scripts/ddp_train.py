@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import peft_imsm
-from peft_imsm.bench.skills import build_tokenizer
+from imsm_bench.skills import build_tokenizer
 
 PROBE_PROMPTS = ["<abc> in caps:", "<hello> in caps:"]
 

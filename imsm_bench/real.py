@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import random
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +36,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..anchors import chat_start_tokens
-from .batching import format_prompt, has_chat_template, prompt_ids  # noqa: F401 (re-exported)
+from peft_imsm.anchors import chat_start_tokens
+from peft_imsm.backbone import model_device
+from peft_imsm.padding import left_pad
+
+from .batching import encode_examples, prompt_ids
+from .data import load_jsonl
+from .engine import Evaluation, run
+from .loading import load_model, use_chat_template
+from .options import anchor_weights, select, settings_from
+from .runner import Method, anchored_methods, retrofit_methods
 
 # ------------------------------------------------------------------------------------------------------------------
 # The target task: nonce category labels
@@ -156,10 +167,6 @@ of ~300-700 tokens; they are left out)."""
 def general_prompts(data_dir: str | None, per_set: int, seed: int, tokenizer: Any, max_tokens: int) -> list[str]:
     """Up to ``per_set`` seeded-random inputs of each of :data:`GENERAL_SETS` from ``data_dir`` (the paper's sets in
     ``{"input", "output"}`` JSONL, ``<set>/test.jsonl``), keeping inputs of at most ``max_tokens`` tokens."""
-    import os
-
-    from .data import load_jsonl
-
     prompts: list[str] = []
     if not data_dir:
         return prompts
@@ -204,7 +211,7 @@ def teacher_forced(
     output head (``logits_to_keep`` where the model supports it). ``gates``: extended with the mean gate value of
     every sequence (IMSM models only; the gate over the prompt and answer tokens).
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     tuner = getattr(model, "base_model", None)
     record = gates is not None and hasattr(tuner, "record_gate")
     keep = _supports_logits_to_keep(model)
@@ -216,17 +223,11 @@ def teacher_forced(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            seqs = [pairs[i][0] + pairs[i][1] for i in idx]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, s in enumerate(seqs):
-                ids[row, width - len(s) :] = torch.tensor(s)
-                mask[row, width - len(s) :] = 1
+            ids, mask = left_pad([pairs[i][0] + pairs[i][1] for i in idx], pad_id, device)
             n_ans = max(len(pairs[i][1]) for i in idx)
             kwargs: dict[str, Any] = {
-                "input_ids": ids.to(device),
-                "attention_mask": mask.to(device),
+                "input_ids": ids,
+                "attention_mask": mask,
                 "use_cache": False,
             }
             if keep:
@@ -285,11 +286,17 @@ class RealProtocol:
     eval_batch_size: int = 16
 
 
-def real_methods(chat_prefix: list[int] | None, weights: Sequence[float] = (1.0,)) -> list[Any]:
+REAL_SETTINGS: dict[str, Any] = dict(
+    steps=50, batch_size=8, lr=1e-3, r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+    max_length=128, anchor_samples=32, anchor_length=16, anchor_batch_size=4, retrofit_examples=128,
+    retrofit_anchor_samples=64,
+)  # fmt: skip
+"""The protocol's fine-tuning defaults (each can be overridden from the command line)."""
+
+
+def real_methods(chat_prefix: list[int] | None, weights: Sequence[float] = (1.0,)) -> list[Method]:
     """The protocol's methods: base, LoRA, IMSM, and per anchor weight LoRA + anchor KL and the two self-anchored
     IMSM variants. ``chat_prefix``: the chat template's user-turn prefix, where self anchors start (else BOS)."""
-    from .runner import Method, anchored_methods, retrofit_methods
-
     methods = [
         Method("base model", "base", group="reference"),
         Method("LoRA", "lora", group="paper"),
@@ -315,9 +322,8 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
     answers: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        ids, mask = left_pad([prompts[i] for i in idx], pad, model_device(model))
+        width = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         for i, row in zip(idx, out[:, width:].tolist(), strict=True):
@@ -329,12 +335,6 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
 
 def run_real(args: Any) -> dict[str, Any]:
     """``imsm-bench --model M --protocol real``: see the module docstring and ``docs/real-model-protocol.md``."""
-    import os
-    import sys
-    import time
-
-    from .cli import Evaluation, anchor_weights, load_model, run, select, settings_from, use_chat_template
-
     protocol = RealProtocol()
     if args.eval_size is not None:  # caps every set: target prompts, chat prompts, inputs per general set
         protocol.target_eval = protocol.general_per_set = args.eval_size
@@ -345,8 +345,6 @@ def run_real(args: Any) -> dict[str, Any]:
     progress = not args.no_progress
     settings = settings_from(args, **REAL_SETTINGS)
     train_rows = tag_examples(args.train_size or settings.steps * settings.batch_size, "train", args.data_seed)
-    from .batching import encode_examples
-
     train = encode_examples(tokenizer, train_rows, settings.max_length, chat=chat)
     t0 = time.perf_counter()
     target_pairs = [
@@ -410,11 +408,3 @@ def run_real(args: Any) -> dict[str, Any]:
                            "finetune": vars(settings), "anchor_start_tokens": start_tokens,
                            "general_prompts": len(general)}  # fmt: skip
     return results
-
-
-REAL_SETTINGS: dict[str, Any] = dict(
-    steps=50, batch_size=8, lr=1e-3, r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-    max_length=128, anchor_samples=32, anchor_length=16, anchor_batch_size=4, retrofit_examples=128,
-    retrofit_anchor_samples=64,
-)  # fmt: skip
-"""The protocol's fine-tuning defaults (each can be overridden from the command line)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..padding import left_pad
+from peft_imsm.padding import left_pad
 
 
 def encode_examples(

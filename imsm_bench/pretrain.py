@@ -1,11 +1,11 @@
 """The skills LM of the default benchmark: a small Llama pretrained from scratch on the MIXTURE tasks; shipped, or built.
 
-The benchmark runs on a FIXED pretrained model that ships with the package (``peft_imsm/bench/skills_lm/``, 4 MB of
+The benchmark runs on a FIXED pretrained model that ships with the package (``imsm_bench/skills_lm/``, 4 MB of
 safetensors plus its tokenizer and ``build_info.json``), so every machine fine-tunes the same weights:
 :func:`load_or_build_skills_model` returns that copy for the default settings. Pretraining on the user's machine
 (``imsm-bench --rebuild``, other ``--pretrain-steps``, tests with tiny configs) is a plain torch loop on CPU from a
 fixed seed: AdamW with warmup + cosine decay, batches of fresh ``train``-split examples drawn from the mixture
-(``peft_imsm.bench.skills``), cross-entropy on the ANSWER tokens only (the answer characters and the final eos; the
+(:mod:`imsm_bench.skills`), cross-entropy on the ANSWER tokens only (the answer characters and the final eos; the
 bos and prompt characters are masked with -100). A build is saved with ``save_pretrained`` (model and tokenizer) into
 a cache folder keyed by a hash of the config, the training recipe, the seed and ``CODE_VERSION``.
 
@@ -31,8 +31,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from peft_imsm.bench.batching import collate, encode_examples
-from peft_imsm.bench.skills import MIXTURE_TASKS, VOCAB_SIZE, build_tokenizer, make_examples, sample_example
+from peft_imsm.backbone import model_device
+
+from .batching import collate, encode_examples
+from .skills import MIXTURE_TASKS, VOCAB_SIZE, build_tokenizer, make_examples, sample_example
 
 CODE_VERSION: str = "1"  # bump when the world (skills.py) or the training loop changes in a way the hash can't see
 CACHE_ENV_VAR: str = "PEFT_IMSM_CACHE"
@@ -305,7 +307,7 @@ def generate_answers(
     Uses only the generic ``model.generate(input_ids=(B, T), attention_mask=(B, T), max_new_tokens, do_sample=False,
     eos_token_id, pad_token_id)`` API on left-padded prompts, so a peft-wrapped model works too.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     tuner = getattr(model, "base_model", None)

@@ -1,15 +1,17 @@
-"""The forgetting benchmark: fine-tune with LoRA, IMSM and baselines on the same data, score target and retention.
+"""The methods of ``imsm-bench`` and how each is fine-tuned: every method gets the same data, settings and seeds.
 
-Default run (offline, deterministic): the project's own skills LM (``pretrain.py``) is fine-tuned on a target task
-outside its skills mixture; every method gets the same data, hyper-parameters and seeds. Custom run: any causal LM
-and the user's JSONL sets in the paper's ``{"input", "output"}`` format, scored with the paper's metrics.
+* :class:`FinetuneSettings` (one run's hyper-parameters) and :class:`Method` (one row of the table);
+* the rows: :func:`default_methods` (paper methods, ablations, post-hoc LoRA baselines), :func:`anchored_methods`
+  and :func:`retrofit_methods` (one of each per anchor weight);
+* building and training one method: :func:`build_model` (peft or IMSM config), :func:`finetune` (the training loop),
+  :class:`SelfDistillation` (the LoRA + anchor KL baseline's term), :func:`retrofit_lora` (a trained LoRA given a
+  gate with ``peft_imsm.retrofit`` + ``peft_imsm.train_gate``).
 """
 
 from __future__ import annotations
 
 import math
 import random
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,8 +21,10 @@ import torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
-from ..anchors import AnchorConfig, anchor_kl, sample_self_anchors
-from ..config import IMSMConfig
+from peft_imsm import IMSMConfig, retrofit, train_gate
+from peft_imsm.anchors import AnchorConfig, anchor_kl, sample_self_anchors
+from peft_imsm.backbone import model_device
+
 from .batching import collate
 
 ADAPTERS = ("lora", "dora", "ia3", "adalora")
@@ -159,8 +163,6 @@ def retrofit_lora(
     ``settings.retrofit_anchor_samples`` self anchors.
     Returns the model and the :class:`~peft_imsm.GateTrainingLog` (its ``seconds_total`` counts everything
     from the trained LoRA to the retrofitted model: building, anchor sampling, the stored pass, gate training)."""
-    from .. import retrofit, train_gate
-
     start = time.perf_counter()
     anchor = AnchorConfig(weight=method.anchor_weight, num_samples=settings.retrofit_anchor_samples,
                           sample_length=settings.anchor_length, seed=seed,
@@ -218,7 +220,7 @@ def finetune(
     progress: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     """Train one method on ``train`` (same batches for every method of a seed). Returns the model and its log."""
-    device = next(base.parameters()).device
+    device = model_device(base)
     model = build_model(base, method, settings, seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -269,12 +271,12 @@ class SelfDistillation:
     """The LoRA + anchor KL baseline's term: ``KL(p_frozen || p_model)`` on self anchors sampled from the base model
     (``settings.anchor_*``, ``seed``, ``method.extra["start_tokens"]``), whose frozen logits are computed once. As
     ``AnchorConfig.every`` does for IMSM, the term is due on every ``settings.anchor_every``-th step only, and
-    :attr:`weight` (``method.anchor_weight * anchor_every``) is the factor it takes in the loss there."""
+    :attr:`scale` (``method.anchor_weight * anchor_every``) is the factor it takes in the loss there."""
 
     def __init__(self, model: Any, method: Method, settings: FinetuneSettings, seed: int, device: Any) -> None:
         self.model, self.batch_size, self.device = model, settings.anchor_batch_size, device
         self.every = settings.anchor_every
-        self.weight = method.anchor_weight * settings.anchor_every
+        self.scale = method.anchor_weight * settings.anchor_every
         config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=seed,
                               start_tokens=method.extra.get("start_tokens"))  # fmt: skip
         with model.disable_adapter():
@@ -298,12 +300,12 @@ def training_loss(
     model: Any, batch: dict[str, torch.Tensor], distill: SelfDistillation | None, step: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The loss of training step ``step`` (0-based): the model's own (an anchored IMSM's includes its anchor term),
-    plus, for LoRA + anchor KL, ``distill.weight * KL`` on the steps where it is due. Returns the loss and that KL
+    plus, for LoRA + anchor KL, ``distill.scale * KL`` on the steps where it is due. Returns the loss and that KL
     (None when not due or without ``distill``)."""
     loss = model(**batch, use_cache=False).loss
     kl = distill.kl_at(step) if distill is not None else None
     if kl is not None:
-        loss = loss + distill.weight * kl
+        loss = loss + distill.scale * kl
     return loss, kl
 
 
@@ -329,38 +331,3 @@ def frozen_anchor_logits_of(model: Any, anchors: Any, batch_size: int, device: A
 def _adalora_tuner(model: Any) -> Any:
     tuner = model.base_model
     return tuner.__dict__.get("adapter_tuner", tuner)
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    mean = statistics.fmean(values)
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": spread, "n": len(values)}
-
-
-def load_causal_lm(name_or_path: str, device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
-    """Load a user's model and tokenizer, with an actionable error when the hub is unreachable."""
-    import os
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    local = os.path.isdir(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
-    except OSError as exc:
-        where = "local folder" if local else "hub id"
-        raise SystemExit(
-            f"error: could not load the model {name_or_path!r} ({where}): {exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
-            "If this machine cannot reach the Hugging Face hub, download the model elsewhere (e.g. "
-            "`huggingface-cli download ORG/NAME --local-dir ./NAME`), copy the folder here and pass "
-            "`--model ./NAME`."
-        ) from None
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    model.eval()
-    return model, tokenizer

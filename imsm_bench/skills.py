@@ -1,6 +1,6 @@
 """A small synthetic world for the offline forgetting benchmark: a character tokenizer and generated tasks.
 
-The MIXTURE tasks are what the small "pretrained" skills LM (``peft_imsm.bench.pretrain``) learns from scratch; the
+The MIXTURE tasks are what the small "pretrained" skills LM (:mod:`imsm_bench.pretrain`) learns from scratch; the
 TARGET task is absent from that mixture and is what the benchmark later fine-tunes on with LoRA / IMSM.
 
 Every task is a generator of ``(prompt, answer)`` pairs. Prompts are short, single-line and name their task; the

@@ -1,7 +1,0 @@
-"""``python -m peft_imsm.bench``: same as the ``imsm-bench`` console script."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main())
