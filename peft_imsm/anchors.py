@@ -192,13 +192,6 @@ class AnchorSet:
             picked.append(int(self._permutation(epoch)[offset]))
         return picked
 
-    def batch(self, draw: int, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The anchors of draw number ``draw`` (``[batch_size, length]`` ids and mask), all-padding columns dropped."""
-        picked = self.rows(draw, batch_size)
-        ids, mask = self.input_ids[picked], self.attention_mask[picked]
-        keep = mask.any(dim=0)
-        return ids[:, keep].to(device), mask[:, keep].to(device)
-
 
 def check_anchor_length(length: int, limit: int | None, config: AnchorConfig) -> None:
     """Refuse anchors longer than the model's position limit (learned positions would fail with an IndexError)."""

@@ -156,8 +156,10 @@ def _localise(command: str, model: Path, data: Path, work: Path) -> list[str]:
     extra = list(_SHORT_RUN)
     if out[0] == "trl":
         extra = extra[: extra.index("--imsm_anchor_num_samples")]
-    if out[0] == "accelerate":
-        out[1:1] = ["--cpu"]
+    if not torch.cuda.is_available():  # (the README's commands are a GPU user's; here they train on the CPU)
+        extra.append("--use_cpu")
+        if out[:2] == ["accelerate", "launch"]:
+            out[2:2] = ["--cpu"]
     return out + extra
 
 
