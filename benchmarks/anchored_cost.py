@@ -59,6 +59,7 @@ METHODS = [
     Method("IMSM", "imsm"),
     _ANCHORED["IMSM + self anchors [gate] (w=1)"],
     _ANCHORED["IMSM + self anchors [gate+adapter] (w=1)"],
+    _ANCHORED["IMSM w/o gate + self anchors [adapter] (w=1)"],
     _ANCHORED["LoRA + anchor KL (w=1)"],
 ]
 
