@@ -19,7 +19,7 @@ from .batching import encode_examples
 from .engine import Evaluation, run
 from .options import anchor_weights, select, settings_from
 from .pretrain import DEFAULT_RECIPE, evaluate_tasks, float_kernels, load_or_build_skills_model
-from .runner import default_methods
+from .runner import default_methods, routed_methods
 from .skills import EVAL_TASKS, TARGET_TASK, make_examples, validation_sets
 
 
@@ -38,7 +38,8 @@ def run_default(args: argparse.Namespace) -> dict[str, Any]:
         eval_sets = {task: make_examples(task, args.eval_examples, seed=1, split="test") for task in EVAL_TASKS}
     else:
         eval_sets = validation_sets(args.eval_examples, train_rows)
-    methods = select(default_methods(anchor_weights(args, "1")), args.methods)
+    weights = anchor_weights(args, "1")
+    methods = select(default_methods(weights), args.methods, optional=routed_methods(weights))
     # LoRA r=8 on the attention's q/v projections: plain LoRA learns the target and forgets part of the skills
     # mixture, the regime where the methods differ (docs/benchmarks.md).
     settings = settings_from(args, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3, steps=200)

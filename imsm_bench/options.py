@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from .runner import ADAPTERS, FinetuneSettings, Method
@@ -148,11 +149,13 @@ def settings_from(args: argparse.Namespace, **defaults: Any) -> FinetuneSettings
     return settings
 
 
-def select(methods: list[Method], names: str | None) -> list[Method]:
+def select(methods: list[Method], names: str | None, optional: Sequence[Method] = ()) -> list[Method]:
+    """The rows named in ``--methods`` (``names``; all of ``methods`` without it), among ``methods`` and the
+    ``optional`` rows, which run only when named."""
     if not names:
         return methods
     wanted = [n.strip() for n in names.split(",") if n.strip()]
-    known = {m.name: m for m in methods}
+    known = {m.name: m for m in [*methods, *optional]}
     unknown = [n for n in wanted if n not in known]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; known: {list(known)}")

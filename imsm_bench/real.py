@@ -45,7 +45,7 @@ from .data import load_jsonl
 from .engine import Evaluation, run
 from .loading import load_model, use_chat_template
 from .options import anchor_weights, select, settings_from
-from .runner import Method, anchored_methods, retrofit_methods
+from .runner import Method, anchored_methods, retrofit_methods, routed_methods
 
 # ------------------------------------------------------------------------------------------------------------------
 # The target task: nonce category labels
@@ -397,7 +397,11 @@ def run_real(args: Any) -> dict[str, Any]:
         return out
 
     start_tokens = chat_start_tokens(tokenizer) if chat and args.anchor_start == "chat" else None
-    methods = select(real_methods(start_tokens, anchor_weights(args, "1")), args.methods)
+    weights = anchor_weights(args, "1")
+    methods = select(real_methods(start_tokens, weights), args.methods, optional=routed_methods(weights))
+    for m in methods:
+        if m.anchor_weight is not None and start_tokens:
+            m.extra.setdefault("start_tokens", list(start_tokens))
     sets = dict.fromkeys(set_names)
     results = run(base, tokenizer, methods, train, sets, score, "tag", settings, args.seeds, progress,
                   retention_tasks=set_names[1:], first_seed=args.first_seed, jobs=args.jobs)  # fmt: skip

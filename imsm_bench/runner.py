@@ -143,6 +143,20 @@ def anchored_methods(weights: tuple[float, ...]) -> list[Method]:
     return methods
 
 
+def routed_methods(weights: tuple[float, ...]) -> list[Method]:
+    """Per anchor weight, the anchored query gate with the routing term (``AnchorConfig(route_weight=1)``: the gate
+    trained towards the frozen view on the anchors and towards the adapter on the target), with the anchor term
+    training the gate only and gate+adapter. Run only when named in ``--methods``."""
+    methods = []
+    for w in weights:
+        for label, train_adapter in (("gate", False), ("gate+adapter", True)):
+            methods.append(
+                Method(f"IMSM + self anchors + routing [{label}] (w={w:g})", "imsm", anchor_weight=w,
+                       anchor_train_adapter=train_adapter, group="anchor", extra={"route_weight": 1.0})
+            )  # fmt: skip
+    return methods
+
+
 def retrofit_methods(weights: tuple[float, ...]) -> list[Method]:
     """Per anchor weight: the trained LoRA retrofitted with a gate (:func:`retrofit_lora`), rows derived from "LoRA"
     (each retrofit's gate is initialised from its seed alone, so its figures do not depend on the other rows)."""
@@ -202,7 +216,7 @@ def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int
             weight=method.anchor_weight, num_samples=settings.anchor_samples, sample_length=settings.anchor_length,
             batch_size=settings.anchor_batch_size, every=settings.anchor_every, seed=seed,
             train_adapter=method.anchor_train_adapter,
-            start_tokens=method.extra.get("start_tokens"),
+            start_tokens=method.extra.get("start_tokens"), route_weight=method.extra.get("route_weight", 0.0),
         )  # fmt: skip
     imsm = IMSMConfig(adapter_config=config, gate_rank=settings.gate_rank, gate_mode=method.gate_mode,
                       gate_dropout=settings.gate_dropout, gate_scalar=method.extra.get("gate_scalar", False),

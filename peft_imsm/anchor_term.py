@@ -25,7 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .anchors import AnchorConfig, AnchorSet, anchor_kl, check_anchor_length, sample_self_anchors
+from .anchors import (
+    AnchorConfig,
+    AnchorSet,
+    anchor_kl,
+    anchor_kl_packed,
+    check_anchor_length,
+    gate_route_loss,
+    sample_self_anchors,
+)
 from .backbone import model_device, position_limit
 from .config import IMSMConfig
 from .dual_pass import AnchorPass, DualPass, frozen_view
@@ -71,21 +79,35 @@ class AnchorRegularizer:
         """The active adapter's anchor section (None: no anchor term)."""
         return self._get_config().anchor
 
-    def add_to_loss(self, loss: torch.Tensor, labels: torch.Tensor | None, num_items_in_batch: Any) -> torch.Tensor:
-        """``loss`` of a training forward, plus the term when it is due (every ``every``-th such forward).
+    def add_to_loss(
+        self, loss: torch.Tensor, labels: torch.Tensor | None, num_items_in_batch: Any, gates: list | None = None
+    ) -> torch.Tensor:
+        """``loss`` of a training forward, plus the term when it is due (every ``every``-th such forward), plus the
+        routing term's training-batch part when ``gates`` are given.
 
         Args:
             loss: the forward's (scalar) task loss.
             labels: ``[batch, seq]`` the forward's labels (``-100`` where unsupervised), or None.
             num_items_in_batch: the Trainer's supervised-token count across accumulated micro-batches, or None.
+            gates: the forward's gates, collected with :func:`collecting` (when :attr:`routes`), or None.
         """
         config = self.config
         if config is None:
             return loss
+        if gates:
+            route = gate_route_loss(_supervised(gates, labels), to_frozen=False)
+            loss = loss + config.route_weight * route * _share(labels, num_items_in_batch, route.device)
         forward_number, self.forwards = self.forwards, self.forwards + 1
         if forward_number % config.every != 0:
             return loss
         return loss + self.term(labels, num_items_in_batch, loss)
+
+    @property
+    def routes(self) -> bool:
+        """Whether the routing term is on (``AnchorConfig.route_weight > 0``): training forwards then collect their
+        gates (:func:`collecting`) for :meth:`add_to_loss`."""
+        config = self.config
+        return config is not None and config.route_weight > 0
 
     # ------------------------------------------------------------------------------------------------ anchors
     def set_anchors(self, anchors: AnchorSet) -> None:
@@ -148,7 +170,8 @@ class AnchorRegularizer:
         accumulated total carries it once. The frozen view's states of the anchors are computed once
         (:meth:`frozen_states`); per term only the adapted view runs, without autograd in gate-only mode
         (``train_adapter=False``, or a frozen adapter, ``freeze_adapter=True``: only the gate and the frozen head are
-        differentiated). ``task_loss`` is only logged.
+        differentiated). ``task_loss`` is only logged. With ``route_weight > 0`` the term also has the routing term's
+        anchor part (the gate towards the frozen view on the anchors).
         """
         config = self.config
         anchors = self.anchor_set()
@@ -166,18 +189,22 @@ class AnchorRegularizer:
             shared_prefix=anchors.prefix_worth_sharing(len(rows)),
         )
         on_gate = functools.partial(self._stats.observe_gate, stat="anchor_gate")
+        gates = [] if config.route_weight > 0 else None
+        if gates is not None:
+            on_gate = collecting(on_gate, gates)
         with self._dual_pass.call(anchor=anchor, on_gate=on_gate), torch.enable_grad():
             both = self._model(
                 input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask]), use_cache=False
             )
-        frozen_logits, logits = both.logits[: len(rows)].detach(), both.logits[len(rows) :]
-        kl = anchor_kl(frozen_logits, logits, mask)
-        share = 1.0
-        if num_items_in_batch is not None and labels is not None:
-            supervised = (labels[..., 1:] != -100).sum()
-            share = supervised.to(kl.device).float() / torch.as_tensor(num_items_in_batch, device=kl.device).float()
+        if anchor.packed_imsm is not None:  # the shared prefix ran once, through the head too: one packed row
+            kl = anchor_kl_packed(both.logits[0], mask, anchor.shared_prefix, anchor.packed_imsm)
+        else:
+            kl = anchor_kl(both.logits[: len(rows)].detach(), both.logits[len(rows) :], mask)
         self._stats.add_anchored_forward(kl, task_loss)
-        return config.weight * config.every * kl * share
+        term = config.weight * kl
+        if gates is not None:
+            term = term + config.route_weight * gate_route_loss(gates, to_frozen=True)
+        return config.every * term * _share(labels, num_items_in_batch, kl.device)
 
     # ------------------------------------------------------------------------------------------------ save / load
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -201,3 +228,36 @@ class AnchorRegularizer:
         self.draws = int(draws)
         every = self.config.every if self.config is not None else 1
         self.forwards = int(forwards) if forwards is not None else int(draws) * every
+
+
+def collecting(on_gate: Callable, into: list) -> Callable:
+    """An ``on_gate`` callback (see ``CallContext.on_gate``) that calls ``on_gate`` and also keeps each pass's
+    ``(gate, attention_mask)``, with autograd, in ``into`` (the routing term's input)."""
+
+    def on_gate_and_keep(gate: torch.Tensor, attention_mask: torch.Tensor | None, call: Any) -> None:
+        on_gate(gate, attention_mask, call)
+        into.append((gate, attention_mask))
+
+    return on_gate_and_keep
+
+
+def _supervised(gates: list, labels: torch.Tensor | None) -> list:
+    """The training batch's gates weighted by the positions that predict a supervised token (``labels[t + 1] !=
+    -100``; the attention mask where labels do not fit)."""
+    weighted = []
+    for gate, mask in gates:
+        weights = mask
+        if labels is not None and labels.shape == gate.shape[:2]:
+            weights = torch.zeros_like(labels, dtype=torch.bool)
+            weights[:, :-1] = labels[:, 1:] != -100
+        weighted.append((gate, weights))
+    return weighted
+
+
+def _share(labels: torch.Tensor | None, num_items_in_batch: Any, device: torch.device) -> Any:
+    """This micro-batch's share of the supervised tokens of the Trainer's accumulated batch (1 without
+    ``num_items_in_batch``), so that a per-micro-batch term is carried once by the accumulated total."""
+    if num_items_in_batch is None or labels is None:
+        return 1.0
+    supervised = (labels[..., 1:] != -100).sum()
+    return supervised.to(device).float() / torch.as_tensor(num_items_in_batch, device=device).float()

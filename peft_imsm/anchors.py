@@ -69,6 +69,10 @@ class AnchorConfig:
         seed: sampling and batching seed (the process rank is added in multi-process training).
         train_adapter: let the wrapped adapter learn from the anchor term too (default); False: only the gate does.
         max_length: truncation length of ``"data"`` anchors.
+        route_weight: weight of the routing term (0, the default: off). It trains the gate towards the frozen view
+            (gate 1) on the anchors and towards the adapted view (gate 0) on the supervised tokens of the training
+            batch, so that the gate learns to send general prompts to the frozen model and the target task to the
+            adapter. Needs a learned gate (``gate_mode`` ``"query"`` or ``"token"``). See ``docs/anchors.md``.
     """
 
     source: str = "self"
@@ -84,6 +88,7 @@ class AnchorConfig:
     seed: int = 0
     train_adapter: bool = True
     max_length: int = 64
+    route_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.source not in ANCHOR_SOURCES:
@@ -116,6 +121,8 @@ class AnchorConfig:
                 )
         if not is_finite_number(self.temperature) or self.temperature <= 0:
             raise ValueError(f"anchor temperature must be > 0 and finite (e.g. 1.0), got {self.temperature!r}.")
+        if not is_finite_number(self.route_weight) or self.route_weight < 0:
+            raise ValueError(f"anchor route_weight must be a finite number >= 0 (0: off), got {self.route_weight!r}.")
         if not isinstance(self.train_adapter, bool):
             raise ValueError(f"anchor train_adapter must be True or False, got {self.train_adapter!r}.")
 
@@ -339,3 +346,64 @@ def anchor_kl(frozen_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Ten
     per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
     weights = mask.to(per_token.dtype)
     return (per_token * weights).sum() / weights.sum().clamp(min=1)
+
+
+def pack_rows(h_frozen: torch.Tensor, mixed: torch.Tensor, prefix: int, imsm_rows_alike: bool) -> torch.Tensor:
+    """The anchor pass's output when its rows share their first ``prefix`` tokens: ``[1, F + M, d]``, the frozen
+    half (``h_frozen``, ``[rows, seq, d]``) packed as ``[prefix of row 0, rest of row 0, rest of row 1, ...]``
+    (``F = prefix + rows * (seq - prefix)`` tokens), then IMSM's half (``mixed``), packed the same way when
+    ``imsm_rows_alike`` (``M = F``), else every row in full (``M = rows * seq``). The head is position-wise, so its
+    logits keep this layout, which :func:`anchor_kl_packed` reads."""
+
+    def packed(h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h[0, :prefix], h[:, prefix:].reshape(-1, h.shape[-1])])
+
+    imsm = packed(mixed) if imsm_rows_alike else mixed.reshape(-1, mixed.shape[-1])
+    return torch.cat([packed(h_frozen).to(mixed.dtype), imsm]).unsqueeze(0)
+
+
+def anchor_kl_packed(logits: torch.Tensor, mask: torch.Tensor, prefix: int, imsm_packed: bool) -> torch.Tensor:
+    """:func:`anchor_kl` of an anchor pass whose rows share their first ``prefix`` tokens, from the head's logits of
+    the packed row (:func:`pack_rows`): the frozen half ``[prefix, rest of each row]``
+    (``F = prefix + rows * (seq - prefix)`` tokens), then IMSM's half, packed the same way (``imsm_packed``) or every
+    row in full. Equal to :func:`anchor_kl` of the unpacked rows up to float rounding: a packed prefix token counts
+    once per row.
+
+    Args:
+        logits: ``[F + M, vocab]`` (the frozen half is detached here).
+        mask: ``[rows, seq]``, the anchors' attention mask (all ones over the prefix).
+        prefix: the shared prefix's length.
+        imsm_packed: whether IMSM's half is packed (``M = F``) or full (``M = rows * seq``).
+    """
+    rows, seq = mask.shape
+    packed = prefix + rows * (seq - prefix)
+    log_q = F.log_softmax(logits[:packed].detach().float(), dim=-1)
+    log_p = F.log_softmax(logits[packed:].float(), dim=-1)
+    weights = mask.to(log_q.dtype)
+    if imsm_packed:
+        weights = torch.cat([weights[:, :prefix].sum(dim=0), weights[:, prefix:].reshape(-1)])
+    else:
+        vocab = log_q.shape[-1]
+        log_q = torch.cat([log_q[:prefix].expand(rows, prefix, vocab), log_q[prefix:].view(rows, -1, vocab)], dim=1)
+        log_p = log_p.view(rows, seq, vocab)
+    per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1)
+
+
+def gate_route_loss(gates: list[tuple[torch.Tensor, torch.Tensor | None]], to_frozen: bool) -> torch.Tensor:
+    """The routing term's part of one call: ``-log g`` (``to_frozen``: towards the frozen view) or ``-log(1 - g)``
+    (towards the adapted view) of each token's mean gate, averaged over the weighted tokens.
+
+    Args:
+        gates: per interwoven pass, ``(gate, weights)``: the gate ``[batch, seq, d]`` (or ``[batch, seq, 1]``) with
+            autograd, and ``[batch, seq]`` token weights (None: every token counts).
+        to_frozen: the direction (True on anchors, False on the training batch).
+    """
+    total = count = 0.0
+    for gate, weights in gates:
+        per_token = gate.float().mean(dim=-1).clamp(1e-6, 1 - 1e-6)
+        nll = -(per_token.log() if to_frozen else (1 - per_token).log())
+        weights = torch.ones_like(nll) if weights is None else weights.to(nll.dtype)
+        total = total + (nll * weights).sum()
+        count = count + weights.sum()
+    return total / torch.as_tensor(count).clamp(min=1)

@@ -107,6 +107,11 @@ class IMSMConfig(PeftConfig):
             self.anchor = AnchorConfig(**anchor)
         if self.anchor is not None and not isinstance(self.anchor, AnchorConfig):
             raise TypeError(f"anchor must be an AnchorConfig, a dict or None, got {type(self.anchor).__name__}.")
+        if self.anchor is not None and self.anchor.route_weight > 0 and self.gate_mode == "fixed":
+            raise ValueError(
+                f"anchor route_weight={self.anchor.route_weight!r} trains the gate to route, but gate_mode='fixed' "
+                "has no gate to train. Use gate_mode='query' (or 'token') with routing, or route_weight=0."
+            )
 
     @staticmethod
     def _build_adapter_config(adapter_config: PeftConfig | dict | None) -> PeftConfig:

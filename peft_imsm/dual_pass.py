@@ -43,6 +43,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
+from .anchors import pack_rows
 from .backbone import (
     bound_parameter_names,
     cache_parameter_name,
@@ -53,7 +54,7 @@ from .backbone import (
 )
 from .cache import as_imsm_cache, is_imsm_cache
 from .gate import IMSMGate
-from .query import QueryIndex, build_query_index, check_attention_mask, per_token, query_summary
+from .query import QueryIndex, build_query_index, check_attention_mask, per_token_queries
 
 # Backbone inputs with a batch dimension, doubled when both views run as one batch.
 _BATCHED_KWARGS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
@@ -108,12 +109,16 @@ class AnchorPass:
         shared_prefix: every row's first ``shared_prefix`` tokens are the same and unpadded (self anchors that start
             from a chat template's user turn). The adapted view runs them once, on one row, and the other rows
             continue from that row's KV cache; the post-hook puts the prefix's states back in front of every row, so
-            what follows is unchanged (up to float rounding) at a fraction of the cost.
+            what follows is unchanged (up to float rounding) at a fraction of the cost. The head then runs on the
+            prefix once too: the backbone's output becomes ONE packed row (:func:`~peft_imsm.anchors.pack_rows`).
+        packed_imsm: set by the post-hook when it packed the output: whether IMSM's half is packed like the frozen
+            half (its prefix states are the same in every row: fixed gate, or a gate without dropout or query).
     """
 
     h_frozen: torch.Tensor | None
     adapted_without_grad: bool = False
     shared_prefix: int = 0
+    packed_imsm: bool | None = None
 
 
 @dataclass
@@ -127,7 +132,8 @@ class CallContext:
         frozen_capture: when a list, the final hidden states of every backbone pass run in the frozen view within
             this call are appended to it (see :meth:`DualPass.frozen_states`).
         stacking: whether this call may run both views as one doubled batch.
-        on_gate: called with ``(gate, attention_mask, call)`` after every interwoven pass (logging, recording).
+        on_gate: called with ``(gate, attention_mask, call)`` after every interwoven pass (logging, recording, the
+            routing term); ``gate`` still has autograd.
         passes: backbone passes in flight (pre-hook pushes, post-hook pops).
         interwoven: number of interwoven backbone passes so far (a guard that the hooks ran).
     """
@@ -348,19 +354,8 @@ class DualPass:
             h_frozen, h_adapted = step.h_frozen, hidden
         gate = self._get_gate()
         q_frozen = q_adapted = None
-        cache = step.cache
         if gate.mode == "query":
-            if step.index is None:
-                q_frozen = _expand_rows(cache.imsm_query_frozen, h_adapted)
-                q_adapted = _expand_rows(cache.imsm_query_adapted, h_adapted)
-            else:
-                summary_frozen = query_summary(h_frozen, step.index)
-                summary_adapted = query_summary(h_adapted, step.index)
-                q_frozen = per_token(summary_frozen, step.index)
-                q_adapted = per_token(summary_adapted, step.index)
-                if cache is not None:
-                    cache.imsm_query_frozen = summary_frozen.detach()
-                    cache.imsm_query_adapted = summary_adapted.detach()
+            q_frozen, q_adapted = per_token_queries(h_frozen, h_adapted, step.index, step.cache)
         g = gate(h_frozen, h_adapted, q_frozen, q_adapted)
         call.interwoven += 1
         if call.on_gate is not None:
@@ -369,9 +364,14 @@ class DualPass:
                 mask = mask[: h_adapted.shape[0], -h_adapted.shape[1] :]  # (stacked views: both halves equal)
             else:
                 mask = None
-            call.on_gate(g.detach(), mask, call)
+            call.on_gate(g, mask, call)
         mixed = IMSMGate.interweave(h_frozen, h_adapted, g)
-        if call.anchor is not None:
+        if call.anchor is not None and step.prefix_hidden is not None:
+            # The prefix's logits are the same in every row: the head runs on it once (a packed row).
+            alike = gate.mode == "fixed" or (gate.mode == "token" and not (gate.training and gate.dropout.p > 0))
+            call.anchor.packed_imsm = alike
+            mixed = pack_rows(h_frozen, mixed, step.prefix_hidden.shape[1], imsm_rows_alike=alike)
+        elif call.anchor is not None:
             mixed = torch.cat([h_frozen.to(mixed.dtype), mixed])
         return replace_last_hidden_state(output, mixed)
 
@@ -493,8 +493,3 @@ def _zero_frozen_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> N
             "experts?). Set `model.base_model.stacked_views = False` to run the two views as separate passes."
         )
     output[: rows // 2].zero_()
-
-
-def _expand_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[batch, d]`` -> ``[batch, seq, d]`` shaped like ``like``."""
-    return rows[:, None, :].expand(like.shape[0], like.shape[1], rows.shape[-1])

@@ -58,7 +58,7 @@ class TrainingStats:
         """After each interwoven pass: feed :func:`record_gate` and, in training, the logged mean gate.
 
         Args:
-            gate: ``[batch, seq, d]`` (or ``[batch, seq, 1]``) the gate of the pass (detached).
+            gate: ``[batch, seq, d]`` (or ``[batch, seq, 1]``) the gate of the pass.
             attention_mask: ``[batch, seq]`` of the pass, or None.
             call: the pass's ``CallContext`` (unused: the signature of ``CallContext.on_gate``).
             labels: ``[batch, seq]`` (training forwards only) select the supervised tokens: the gate at position
@@ -66,6 +66,7 @@ class TrainingStats:
                 ``labels[t + 1] != -100``.
             stat: ``"gate"`` (training forwards) or ``"anchor_gate"`` (the anchor term: every non-padding position).
         """
+        gate = gate.detach()
         recorders = _GATE_RECORDERS.get()
         if not recorders and labels is None and stat != "anchor_gate":
             return  # (generation and evaluation outside record_gate: nothing to compute at this decode step)

@@ -37,7 +37,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, Tra
 from torch import nn
 
 from . import gate_stats, save_load
-from .anchor_term import AnchorRegularizer
+from .anchor_term import AnchorRegularizer, collecting
 from .anchors import AnchorConfig, AnchorSet, tokenize_anchor_data
 from .backbone import hidden_size, model_device
 from .config import IMSMConfig
@@ -163,13 +163,17 @@ class IMSMModel(IMSMTunerInterface):
             self._keep_gate_float32()
         training = self.training and torch.is_grad_enabled()
         on_gate = functools.partial(self._stats.observe_gate, labels=labels if training else None)
+        gates = [] if training and self.anchor_term.routes else None  # (the routing term's input)
+        if gates is not None:
+            on_gate = collecting(on_gate, gates)
         with self.dual_pass.call(labels=labels, stacking=STACKING_ALLOWED.get(), on_gate=on_gate) as call:
             if labels is not None:
                 kwargs["labels"] = labels
             output = self.adapter_tuner(*args, **kwargs)
         self._check_hooks_ran(call, "forward")
         if training and self.dual_pass.enabled and getattr(output, "loss", None) is not None:
-            output.loss = self.anchor_term.add_to_loss(output.loss, labels, kwargs.get("num_items_in_batch"))
+            num_items = kwargs.get("num_items_in_batch")
+            output.loss = self.anchor_term.add_to_loss(output.loss, labels, num_items, gates)
         return output
 
     def generate(self, *args: Any, **kwargs: Any):

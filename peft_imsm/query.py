@@ -15,6 +15,7 @@ Rule (the same in training and in generation, so that both give the same logits)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -155,3 +156,26 @@ def per_token(summary: torch.Tensor, index: QueryIndex) -> torch.Tensor:
     if index.one_per_row:
         return summary[:, None, :].expand(index.segment.shape[0], index.segment.shape[1], summary.shape[-1])
     return summary[index.segment]
+
+
+def per_token_queries(
+    h_frozen: torch.Tensor, h_adapted: torch.Tensor, index: QueryIndex | None, cache: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each view's query summary at every token (``[batch, seq, d]`` each), the query gate's inputs.
+
+    Args:
+        h_frozen, h_adapted: ``[batch, seq, d]`` the two views' final hidden states of a backbone pass.
+        index: the pass's query tokens; None at a decode step, whose summaries the KV cache keeps.
+        cache: the pass's two-view KV cache (see :mod:`peft_imsm.cache`) or None. With ``index``, the new
+            summaries are kept on it (computed once, at prefill); without, they are read from it.
+    """
+    if index is None:
+        rows, seq = h_adapted.shape[:2]
+        return tuple(
+            summary[:, None, :].expand(rows, seq, summary.shape[-1])
+            for summary in (cache.imsm_query_frozen, cache.imsm_query_adapted)
+        )
+    summary_frozen, summary_adapted = query_summary(h_frozen, index), query_summary(h_adapted, index)
+    if cache is not None:
+        cache.imsm_query_frozen, cache.imsm_query_adapted = summary_frozen.detach(), summary_adapted.detach()
+    return per_token(summary_frozen, index), per_token(summary_adapted, index)

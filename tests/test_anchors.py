@@ -11,14 +11,14 @@ import peft_imsm
 from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, prepare_anchors, set_anchor_data
 
 
-def anchored(seed: int = 0, arch: str = "llama", **anchor_kwargs):
+def anchored(seed: int = 0, arch: str = "llama", gate_mode: str = "query", **anchor_kwargs):
     anchor = AnchorConfig(
         **{"num_samples": 8, "sample_length": 6, "batch_size": 4, "every": 1, "seed": seed, **anchor_kwargs}
     )
-    model = get_peft_model(
-        tiny_model(arch),
-        IMSMConfig(adapter_config=adapter_config("lora", identity=False), anchor=anchor, gate_dropout=0.0),
+    config = IMSMConfig(
+        adapter_config=adapter_config("lora", identity=False), anchor=anchor, gate_dropout=0.0, gate_mode=gate_mode
     )
+    model = get_peft_model(tiny_model(arch), config)
     perturb_adapter(model)
     model.train()
     return model
@@ -339,14 +339,22 @@ def test_chat_start_tokens_needs_a_chat_template():
     assert tokenizer.decode(prefix) == tokenizer.decode(tokenizer("<user>", add_special_tokens=False)["input_ids"])
 
 
-@pytest.mark.parametrize("train_adapter", [False, True], ids=["gate", "gate+adapter"])
+@pytest.mark.parametrize(
+    "gate_mode, train_adapter",
+    [("query", False), ("query", True), ("token", True), ("fixed", True)],
+    ids=["gate", "gate+adapter", "token gate+adapter", "fixed+adapter"],
+)
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "cohere", "gpt2", "gpt_neox", "opt"])
-def test_a_shared_anchor_prefix_runs_once_and_changes_nothing(arch, train_adapter):
+def test_a_shared_anchor_prefix_runs_once_and_changes_nothing(arch, gate_mode, train_adapter):
     """Self anchors from ``start_tokens`` (a chat template's user turn) share their first tokens: the adapted view runs
-    them once per anchor batch and the other rows continue from its KV cache. The anchor term is still
-    ``weight * KL(p_frozen || p_imsm)`` by plain calls, in value and gradients, and the backbone saw fewer tokens."""
+    them once per anchor batch and the other rows continue from its KV cache, and the head runs on the prefix once
+    (all of it with the fixed gate and a token gate without dropout; the frozen half with the query gate). The anchor
+    term is still ``weight * KL(p_frozen || p_imsm)`` by plain calls, in value and gradients, and the backbone saw
+    fewer tokens."""
     start = [5, 9, 13, 2, 7, 11, 3, 8]
-    model = anchored(arch=arch, train_adapter=train_adapter, weight=0.7, start_tokens=start, sample_length=4)
+    model = anchored(
+        arch=arch, gate_mode=gate_mode, train_adapter=train_adapter, weight=0.7, start_tokens=start, sample_length=4
+    )
     model.eval()
     tuner = model.base_model
     prepare_anchors(model)
@@ -354,15 +362,22 @@ def test_a_shared_anchor_prefix_runs_once_and_changes_nothing(arch, train_adapte
     assert anchors.shared_prefix == len(start) and anchors.prefix_worth_sharing(4) == len(start)
     expected = plain_anchor_term(model, anchors.rows(0, 4), 0.7)
     tuner.anchor_term.frozen_states()
-    seen = []
-    hook = tuner.dual_pass.backbone.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True
-    )
+    seen, seen_head = [], []
+    hooks = [
+        tuner.dual_pass.backbone.register_forward_pre_hook(
+            lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True
+        ),
+        model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen_head.append(a[0].shape[:-1])),
+    ]
     try:
         got = tuner.anchor_term.term(None, None, torch.tensor(0.0))
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert seen == [(1, 8), (4, 4)]  # (after IMSM's pre-hook) the prefix once, then the rest of every row
+    frozen_tokens = 8 + 4 * 4  # the prefix once, then the rest of every row
+    imsm_tokens = frozen_tokens if gate_mode != "query" else 4 * 12  # the query gate mixes each row's prefix apart
+    assert seen_head == [(1, frozen_tokens + imsm_tokens)]  # one packed row through the head
     assert_same_term_and_gradients(model, got, expected, train_adapter)
 
 
@@ -408,3 +423,64 @@ def test_from_tokenizer_starts_self_anchors_from_the_user_turn_or_bos():
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # nothing before the message
     assert AnchorConfig.from_tokenizer(tokenizer).start_tokens is None
     assert AnchorConfig.from_tokenizer(tokenizer, source="data").start_tokens is None
+
+
+# ---------------------------------------------------------------------------------------------------- routing term
+@pytest.mark.parametrize("gate_mode", ["query", "token"])
+def test_the_routing_term_is_the_gates_log_loss_on_both_sides(gate_mode):
+    """``route_weight * mean(-log(1 - g))`` over the positions that predict a supervised token of the training batch,
+    and ``every * route_weight * mean(-log g)`` over the anchor tokens (with the anchor KL), from the gate the
+    forwards recorded."""
+    ids, mask, labels = labelled_batch()
+    kwargs = {"gate_mode": gate_mode, "weight": 0.0, "every": 2}
+    routed, plain = anchored(route_weight=0.5, **kwargs), anchored(**kwargs)
+    plain.load_state_dict(routed.state_dict())
+    for model in (routed, plain):  # (training mode; no dropout anywhere: both models make the same gate)
+        prepare_anchors(model)
+    with routed.base_model.record_gate(per_token=True) as gates:
+        loss = routed(input_ids=ids, attention_mask=mask, labels=labels).loss
+    task_loss = plain(input_ids=ids, attention_mask=mask, labels=labels).loss
+    supervised = torch.zeros_like(labels, dtype=torch.bool)
+    supervised[:, :-1] = labels[:, 1:] != -100
+    target_gate, anchor_gate = gates[0], gates[1]  # the training batch, then the anchor pass (rows of the anchors)
+    anchor_mask = routed.base_model.anchor_set().attention_mask[routed.base_model.anchor_set().rows(0, 4)]
+    to_adapted = -(1 - target_gate[supervised]).log().mean()
+    to_frozen = -(anchor_gate.log() * anchor_mask).sum() / anchor_mask.sum()
+    torch.testing.assert_close(loss, task_loss + 0.5 * to_adapted + 2 * 0.5 * to_frozen, atol=1e-5, rtol=1e-5)
+    with routed.base_model.record_gate(per_token=True) as gates:  # the next forward: no anchor term (every 2)
+        loss = routed(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert len(gates) == 1
+    torch.testing.assert_close(loss, task_loss + 0.5 * to_adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_the_routing_term_teaches_the_gate_to_route():
+    """A few steps of the routing term: the gate goes towards the frozen view on the anchors and towards the adapter
+    on the training batch (the paper's gate stays near 0.5 in as many steps)."""
+    ids, mask, labels = labelled_batch()
+    readings = {}
+    for route_weight in (0.0, 1.0):
+        model = anchored(route_weight=route_weight, every=1, weight=1.0)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(30):
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+        tuner = model.base_model
+        anchors = tuner.anchor_set()
+        with torch.no_grad(), tuner.record_gate() as on_target:
+            model(input_ids=ids, attention_mask=mask)
+        with torch.no_grad(), tuner.record_gate() as on_anchors:
+            model(input_ids=anchors.input_ids, attention_mask=anchors.attention_mask)
+        readings[route_weight] = (on_target[0].mean().item(), on_anchors[0].mean().item())
+    assert readings[1.0][0] < 0.3 < 0.8 < readings[1.0][1], readings
+    assert abs(readings[0.0][0] - readings[0.0][1]) < abs(readings[1.0][0] - readings[1.0][1]), readings
+
+
+def test_routing_needs_a_learned_gate():
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="gate_mode='fixed' has no gate to train"):
+        IMSMConfig(adapter_config=LoraConfig(), gate_mode="fixed", anchor=AnchorConfig(route_weight=1.0))
+    with pytest.raises(ValueError, match="route_weight must be a finite number >= 0"):
+        AnchorConfig(route_weight=-1.0)
