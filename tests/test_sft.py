@@ -62,7 +62,7 @@ DRIVER = textwrap.dedent(
     out_file, probe_file, *argv = sys.argv[1:]
     snapshot = SnapshotTrainable()
     parsed = parse_args(argv)
-    trainer = run(parsed.trl_args, parsed.imsm_args, callbacks=[snapshot])
+    trainer = run(parsed.trl_args, parsed.imsm_args, parsed.peft_config, callbacks=[snapshot])
     assert type(trainer) is trl.SFTTrainer, type(trainer)  # TRL's own trainer class, not a subclass
     probe = torch.load(probe_file)
     # Accelerate wrapped the forward in bf16 autocast for training (SFTConfig's bf16 default, also on CPU): compare
@@ -451,7 +451,7 @@ def test_anchor_start_without_a_chat_template(workdir, start):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peft_imsm.sft import IMSMArgumentError, IMSMArguments, _start_anchors_from_chat, wrap_peft_config
+    from peft_imsm.sft_arguments import IMSMArgumentError, IMSMArguments, start_anchors_from_chat, wrap_peft_config
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     tokenizer.chat_template = None
@@ -461,9 +461,9 @@ def test_anchor_start_without_a_chat_template(workdir, start):
     )
     if start == "chat":
         with pytest.raises(IMSMArgumentError, match="--imsm_anchor_start chat needs a tokenizer with a chat template"):
-            _start_anchors_from_chat(model, tokenizer, args)
+            start_anchors_from_chat(model, tokenizer, args)
     else:
-        _start_anchors_from_chat(model, tokenizer, args)
+        start_anchors_from_chat(model, tokenizer, args)
         assert model.peft_config["default"].anchor.start_tokens is None
 
 
