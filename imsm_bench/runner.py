@@ -150,10 +150,13 @@ def routed_methods(weights: tuple[float, ...]) -> list[Method]:
     methods = []
     for w in weights:
         for label, train_adapter in (("gate", False), ("gate+adapter", True)):
-            methods.append(
-                Method(f"IMSM + self anchors + routing [{label}] (w={w:g})", "imsm", anchor_weight=w,
-                       anchor_train_adapter=train_adapter, group="anchor", extra={"route_weight": 1.0})
-            )  # fmt: skip
+            for scale in (1, 10, 30):
+                suffix = f", gate lr x{scale}" if scale != 1 else ""
+                methods.append(
+                    Method(f"IMSM + self anchors + routing{suffix} [{label}] (w={w:g})", "imsm", anchor_weight=w,
+                           anchor_train_adapter=train_adapter, group="anchor",
+                           extra={"route_weight": 1.0, "gate_lr_scale": float(scale)})
+                )  # fmt: skip
     return methods
 
 
@@ -220,6 +223,7 @@ def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int
         )  # fmt: skip
     imsm = IMSMConfig(adapter_config=config, gate_rank=settings.gate_rank, gate_mode=method.gate_mode,
                       gate_dropout=settings.gate_dropout, gate_scalar=method.extra.get("gate_scalar", False),
+                      gate_lr_scale=method.extra.get("gate_lr_scale", 1.0),
                       anchor=anchor)  # fmt: skip
     return get_peft_model(base, imsm)
 

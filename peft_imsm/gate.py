@@ -34,13 +34,23 @@ class IMSMGate(nn.Module):
         dropout: dropout probability applied after each projection, as in the authors' code.
         scalar: one gate value per token (``W_B: r x 1``, broadcast over the ``d`` dimensions), so ``h`` is a convex
             mix of the two views' states, instead of the paper's one value per dimension (``W_B: r x d``).
+        lr_scale: ``k``: ``W_B`` is stored divided by ``k`` and its output multiplied by ``k``. The gate is the same
+            function at initialisation, and an Adam-type optimizer moves it ``k`` times faster (as a ``k`` times
+            larger learning rate for ``W_B`` would). 1 (the default) is the paper's gate. :meth:`projections` gives
+            the effective weights.
 
     The gate always computes in float32 (its weights are kept in float32 and autocast is disabled inside), whatever
     the dtype of the model it is attached to.
     """
 
     def __init__(
-        self, hidden_size: int, rank: int = 8, mode: GateMode = "query", dropout: float = 0.1, scalar: bool = False
+        self,
+        hidden_size: int,
+        rank: int = 8,
+        mode: GateMode = "query",
+        dropout: float = 0.1,
+        scalar: bool = False,
+        lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if mode not in GATE_MODES:
@@ -51,6 +61,7 @@ class IMSMGate(nn.Module):
         self.rank = rank
         self.mode = mode
         self.scalar = scalar
+        self.lr_scale = float(lr_scale)
         #: When set to a float in [0, 1], the gate returns this constant instead of its learned value (for analysis
         #: and tests: 1.0 gives the frozen view, 0.0 the adapted view).
         self.forced_value: float | None = None
@@ -61,6 +72,9 @@ class IMSMGate(nn.Module):
             in_features = (4 if mode == "query" else 2) * hidden_size
             self.W_A = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
             self.W_B = nn.Linear(rank, 1 if scalar else hidden_size, bias=False, dtype=torch.float32)
+            if self.lr_scale != 1.0:
+                with torch.no_grad():
+                    self.W_B.weight.div_(self.lr_scale)
         self.dropout = nn.Dropout(dropout)
 
     def forward(
@@ -94,8 +108,15 @@ class IMSMGate(nn.Module):
         with torch.autocast(device_type=h_adapted.device.type, enabled=False):
             x = torch.cat([p.float() for p in parts], dim=-1)
             x = self.dropout(F.linear(x, self.W_A.weight.float()))
-            x = self.dropout(F.linear(x, self.W_B.weight.float()))
+            x = self.dropout(F.linear(x, self.W_B.weight.float()) * self.lr_scale)
             return torch.sigmoid(x).expand(*h_adapted.shape[:-1], self.hidden_size)
+
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The effective ``(W_A, W_B)`` weights (``[r, in]``, ``[d or 1, r]``, float32, detached; ``W_B`` times
+        ``lr_scale``): ``g = sigmoid(x @ W_A.T @ W_B.T)`` without dropout. None for the fixed gate."""
+        if self.W_A is None:
+            return None
+        return self.W_A.weight.detach().float(), self.W_B.weight.detach().float() * self.lr_scale
 
     @staticmethod
     def interweave(h_frozen: torch.Tensor, h_adapted: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -107,4 +128,5 @@ class IMSMGate(nn.Module):
         return torch.lerp(h_adapted.float(), h_frozen.float(), gate).to(h_adapted.dtype)
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, rank={self.rank}, mode={self.mode!r}, scalar={self.scalar}"
+        scale = f", lr_scale={self.lr_scale:g}" if self.lr_scale != 1.0 else ""
+        return f"hidden_size={self.hidden_size}, rank={self.rank}, mode={self.mode!r}, scalar={self.scalar}{scale}"

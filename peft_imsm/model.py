@@ -106,7 +106,7 @@ class IMSMModel(IMSMTunerInterface):
         # The wrapped adapter's own parameters (trainable right after injection), frozen with freeze_adapter.
         self._adapter_param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         gate = IMSMGate(hidden_size(model), imsm_config.gate_rank, imsm_config.gate_mode, imsm_config.gate_dropout,
-                        scalar=imsm_config.gate_scalar)  # fmt: skip
+                        scalar=imsm_config.gate_scalar, lr_scale=imsm_config.gate_lr_scale)  # fmt: skip
         gate.to(model_device(model))
         gate.requires_grad_(not imsm_config.inference_mode)
         self.imsm_gate = nn.ModuleDict({adapter_name: gate})
