@@ -484,3 +484,41 @@ def test_routing_needs_a_learned_gate():
         IMSMConfig(adapter_config=LoraConfig(), gate_mode="fixed", anchor=AnchorConfig(route_weight=1.0))
     with pytest.raises(ValueError, match="route_weight must be a finite number >= 0"):
         AnchorConfig(route_weight=-1.0)
+
+
+def test_gate_lr_scale_is_the_same_gate_whose_adam_steps_are_k_times_larger(tmp_path):
+    """``gate_lr_scale=k``: the same gate function at initialisation; one AdamW step moves its effective ``W_B`` k
+    times as far as the paper's gate (same gradients' signs); saved and reloaded, the same gate again."""
+    from peft_imsm.gate import IMSMGate
+
+    gates = {}
+    for k in (1.0, 10.0):
+        torch.manual_seed(0)
+        gates[k] = IMSMGate(16, rank=4, mode="token", dropout=0.0, lr_scale=k)
+    h_frozen, h_adapted = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    torch.testing.assert_close(gates[10.0](h_frozen, h_adapted), gates[1.0](h_frozen, h_adapted))
+    moved = {}
+    for k, gate in gates.items():
+        before = gate.projections()[1].clone()
+        optimizer = torch.optim.AdamW(gate.parameters(), lr=1e-3, weight_decay=0.0)
+        gate(h_frozen, h_adapted).mean().backward()
+        optimizer.step()
+        moved[k] = gate.projections()[1] - before
+    torch.testing.assert_close(moved[10.0], 10 * moved[1.0], atol=1e-6, rtol=1e-3)
+
+    from peft import LoraConfig
+
+    config = IMSMConfig(adapter_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), gate_lr_scale=10.0)
+    model = get_peft_model(tiny_model("llama"), config)
+    assert model.base_model.gate.lr_scale == 10.0
+    ids, mask = batch()
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    assert loaded.base_model.gate.lr_scale == 10.0
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+    with pytest.raises(ValueError, match="gate_lr_scale must be a finite number > 0"):
+        IMSMConfig(adapter_config=LoraConfig(), gate_lr_scale=0.0)
