@@ -43,10 +43,10 @@ class IMSMConfig(PeftConfig):
         gate_dropout: dropout after each gate projection (0.1 in the authors' settings).
         gate_scalar: one gate value per token (``W_B: r x 1``): the mix is a convex combination of the two views'
             states. Default False: the paper's gate, one value per hidden dimension (``W_B: r x d``).
-        gate_lr_scale: the gate learns this many times faster than the rest of the model under Adam-type
+        gate_lr_scale: the gate's output projection ``W_B`` moves this many times as far per step under Adam-type
             optimizers (a reparametrisation, see :class:`~peft_imsm.gate.IMSMGate`; the same gate at
-            initialisation). 1 (default) is the paper's gate; use more with the routing term
-            (``AnchorConfig.route_weight``), which needs the gate to move far in few steps.
+            initialisation). 1 (default) is the paper's gate. Meant for the routing term
+            (``AnchorConfig.route_weight``), which needs the gate to move far in few steps (``docs/anchors.md``).
         anchor: an :class:`~peft_imsm.anchors.AnchorConfig` (or its dict) to add the anchor KL term that teaches the
             gate what general, non-target inputs look like; None (default) is the paper's method.
         freeze_adapter: keep the wrapped adapter's weights frozen (never trainable, also when loaded with
@@ -75,7 +75,7 @@ class IMSMConfig(PeftConfig):
         default=False, metadata={"help": "One gate value per token instead of one per hidden dimension."}
     )
     gate_lr_scale: float = field(
-        default=1.0, metadata={"help": "The gate learns this many times faster (Adam-type optimizers)."}
+        default=1.0, metadata={"help": "The gate's W_B moves this many times as far per step (Adam-type optimizers)."}
     )
     anchor: AnchorConfig | dict | None = field(
         default=None, metadata={"help": "Self-anchored gate (off by default); see peft_imsm.anchors.AnchorConfig."}

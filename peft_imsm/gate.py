@@ -34,10 +34,10 @@ class IMSMGate(nn.Module):
         dropout: dropout probability applied after each projection, as in the authors' code.
         scalar: one gate value per token (``W_B: r x 1``, broadcast over the ``d`` dimensions), so ``h`` is a convex
             mix of the two views' states, instead of the paper's one value per dimension (``W_B: r x d``).
-        lr_scale: ``k``: ``W_A`` and ``W_B`` are stored divided by ``k`` and their outputs multiplied by ``k``. The
-            gate is the same function at initialisation, and an Adam-type optimizer moves both projections ``k``
-            times as far per step (as a ``k`` times larger learning rate for the gate would). 1 (the default) is the
-            paper's gate. :meth:`projections` gives the effective weights.
+        lr_scale: ``k``: ``W_B`` is stored divided by ``k`` and its output multiplied by ``k``. The gate is the same
+            function at initialisation, and an Adam-type optimizer moves it ``k`` times faster (as a ``k`` times
+            larger learning rate for ``W_B`` would). 1 (the default) is the paper's gate. :meth:`projections` gives
+            the effective weights.
 
     The gate always computes in float32 (its weights are kept in float32 and autocast is disabled inside), whatever
     the dtype of the model it is attached to.
@@ -74,7 +74,6 @@ class IMSMGate(nn.Module):
             self.W_B = nn.Linear(rank, 1 if scalar else hidden_size, bias=False, dtype=torch.float32)
             if self.lr_scale != 1.0:
                 with torch.no_grad():
-                    self.W_A.weight.div_(self.lr_scale)
                     self.W_B.weight.div_(self.lr_scale)
         self.dropout = nn.Dropout(dropout)
 
@@ -108,16 +107,16 @@ class IMSMGate(nn.Module):
             parts = (h_frozen, h_adapted)
         with torch.autocast(device_type=h_adapted.device.type, enabled=False):
             x = torch.cat([p.float() for p in parts], dim=-1)
-            x = self.dropout(F.linear(x, self.W_A.weight.float()) * self.lr_scale)
+            x = self.dropout(F.linear(x, self.W_A.weight.float()))
             x = self.dropout(F.linear(x, self.W_B.weight.float()) * self.lr_scale)
             return torch.sigmoid(x).expand(*h_adapted.shape[:-1], self.hidden_size)
 
     def projections(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The effective ``(W_A, W_B)`` weights (``[r, in]``, ``[d or 1, r]``, float32, detached; the stored ones
-        times ``lr_scale``): ``g = sigmoid(x @ W_A.T @ W_B.T)`` without dropout. None for the fixed gate."""
+        """The effective ``(W_A, W_B)`` weights (``[r, in]``, ``[d or 1, r]``, float32, detached; ``W_B`` times
+        ``lr_scale``): ``g = sigmoid(x @ W_A.T @ W_B.T)`` without dropout. None for the fixed gate."""
         if self.W_A is None:
             return None
-        return self.W_A.weight.detach().float() * self.lr_scale, self.W_B.weight.detach().float() * self.lr_scale
+        return self.W_A.weight.detach().float(), self.W_B.weight.detach().float() * self.lr_scale
 
     @staticmethod
     def interweave(h_frozen: torch.Tensor, h_adapted: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

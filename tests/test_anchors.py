@@ -499,13 +499,12 @@ def test_gate_lr_scale_is_the_same_gate_whose_adam_steps_are_k_times_larger(tmp_
     torch.testing.assert_close(gates[10.0](h_frozen, h_adapted), gates[1.0](h_frozen, h_adapted))
     moved = {}
     for k, gate in gates.items():
-        before = [w.clone() for w in gate.projections()]
+        before = gate.projections()[1].clone()
         optimizer = torch.optim.AdamW(gate.parameters(), lr=1e-3, weight_decay=0.0)
         gate(h_frozen, h_adapted).mean().backward()
         optimizer.step()
-        moved[k] = [after - w for after, w in zip(gate.projections(), before)]
-    for fast, slow in zip(moved[10.0], moved[1.0]):  # W_A, W_B
-        torch.testing.assert_close(fast, 10 * slow, atol=1e-6, rtol=1e-3)
+        moved[k] = gate.projections()[1] - before
+    torch.testing.assert_close(moved[10.0], 10 * moved[1.0], atol=1e-6, rtol=1e-3)
 
     from peft import LoraConfig
 
