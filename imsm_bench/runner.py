@@ -151,7 +151,7 @@ def routed_methods(weights: tuple[float, ...]) -> list[Method]:
     for w in weights:
         for label, train_adapter in (("gate", False), ("gate+adapter", True)):
             for scale in (1, 10, 30):
-                suffix = f", gate lr x{scale}" if scale != 1 else ""
+                suffix = f" (gate lr x{scale})" if scale != 1 else ""
                 methods.append(
                     Method(f"IMSM + self anchors + routing{suffix} [{label}] (w={w:g})", "imsm", anchor_weight=w,
                            anchor_train_adapter=train_adapter, group="anchor",

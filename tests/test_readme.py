@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_DATASET = "trl-lib/Capybara"
+# The README's serving commands are those of tests/test_vllm_serving.py (imsm-export, then vLLM's OpenAI server in
+# the vLLM environment, as imsm_vllm.client.vllm_command starts it).
+SERVE_COMMAND = "python -m vllm.entrypoints.openai.api_server --model"
 CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
@@ -268,9 +271,12 @@ def test_the_shell_blocks_only_hold_commands_this_file_runs():
         for command in shell_commands(block):
             for part in command.split("&&"):
                 word = part.split()[0]
-                assert word in ("pip", "python", "imsm-bench", "trl", "imsm-sft", "accelerate", "imsm-eval"), command
-                if word == "python":
-                    assert part.strip().startswith("python -m pytest"), command
+                allowed = ("pip", "python", "imsm-bench", "trl", "imsm-sft", "accelerate", "imsm-eval", "imsm-export")
+                assert word in allowed, command
+                if word == "python":  # the tests, or vLLM's server (the form tests/test_vllm_serving.py runs)
+                    assert part.strip().startswith(("python -m pytest", SERVE_COMMAND)), command
+                if word in ("imsm-export", "python") and not part.strip().startswith("python -m pytest"):
+                    assert "--dtype float32" in part or word == "imsm-export", command
 
 
 if __name__ == "__main__":

