@@ -9,7 +9,7 @@ answer has the same length) and reports requests/s and generated tokens/s over t
 request first). Both servers run at once and the bursts alternate between them, ``--repeats`` times (the fastest
 burst is reported, every burst is in the JSON), so that other work on a shared machine slows both alike.
 
-    IMSM_VLLM_PYTHON=/tmp/vllm-env/bin/python python benchmarks/vllm_throughput.py [--max-tokens 64] [--waves 2]
+    IMSM_VLLM_PYTHON=/opt/vllm-env/bin/python python benchmarks/vllm_throughput.py [--max-tokens 64] [--waves 2]
         [--concurrency 1,4,16] [--gate-mode fixed] [--json results.json] [--work DIR]
 
 Runs in the training environment (it builds the adapter with peft_imsm); the servers run in ``IMSM_VLLM_PYTHON``'s
