@@ -303,6 +303,11 @@ def real_methods(chat_prefix: list[int] | None, weights: Sequence[float] = (1.0,
         Method("IMSM", "imsm", "query", group="paper"),
     ]
     methods += anchored_methods(tuple(weights)) + retrofit_methods(tuple(weights))
+    return start_anchors_at(methods, chat_prefix)
+
+
+def start_anchors_at(methods: list[Method], chat_prefix: list[int] | None) -> list[Method]:
+    """``methods``, with the self anchors of the anchored ones starting from ``chat_prefix`` (None: from BOS)."""
     if chat_prefix:
         for m in methods:
             if m.anchor_weight is not None:
@@ -398,10 +403,8 @@ def run_real(args: Any) -> dict[str, Any]:
 
     start_tokens = chat_start_tokens(tokenizer) if chat and args.anchor_start == "chat" else None
     weights = anchor_weights(args, "1")
-    methods = select(real_methods(start_tokens, weights), args.methods, optional=routed_methods(weights))
-    for m in methods:
-        if m.anchor_weight is not None and start_tokens:
-            m.extra.setdefault("start_tokens", list(start_tokens))
+    routed = start_anchors_at(routed_methods(weights), start_tokens)
+    methods = select(real_methods(start_tokens, weights), args.methods, optional=routed)
     sets = dict.fromkeys(set_names)
     results = run(base, tokenizer, methods, train, sets, score, "tag", settings, args.seeds, progress,
                   retention_tasks=set_names[1:], first_seed=args.first_seed, jobs=args.jobs)  # fmt: skip

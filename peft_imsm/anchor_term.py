@@ -37,7 +37,7 @@ from .anchors import (
 from .backbone import model_device, position_limit
 from .config import IMSMConfig
 from .dual_pass import AnchorPass, DualPass, frozen_view
-from .gate_stats import TrainingStats
+from .gate_stats import TrainingStats, predicts_supervised
 
 # Key under which the number of anchor batches drawn so far is saved with the adapter (exact resumes).
 DRAWS_KEY = "base_model.imsm_anchor_draws"
@@ -248,8 +248,7 @@ def _supervised(gates: list, labels: torch.Tensor | None) -> list:
     for gate, mask in gates:
         weights = mask
         if labels is not None and labels.shape == gate.shape[:2]:
-            weights = torch.zeros_like(labels, dtype=torch.bool)
-            weights[:, :-1] = labels[:, 1:] != -100
+            weights = predicts_supervised(labels)
         weighted.append((gate, weights))
     return weighted
 

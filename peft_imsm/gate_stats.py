@@ -75,8 +75,7 @@ class TrainingStats:
             log.append(per_position.float().cpu() if per_token else _row_means(per_position, attention_mask))
         weights = None
         if labels is not None and labels.shape == per_position.shape:
-            weights = torch.zeros_like(per_position)
-            weights[:, :-1] = (labels[:, 1:] != -100).to(per_position.dtype)
+            weights = predicts_supervised(labels).to(per_position.dtype)
         elif stat == "anchor_gate" and attention_mask is not None:
             weights = attention_mask.to(per_position.dtype)
         if weights is not None:
@@ -116,3 +115,11 @@ def _row_means(per_position: torch.Tensor, attention_mask: torch.Tensor | None) 
         return per_position.float().mean(dim=1).cpu()
     mask = attention_mask.to(per_position.dtype)
     return ((per_position * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).float().cpu()
+
+
+def predicts_supervised(labels: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq]`` bool: the positions whose logits predict a supervised token (``labels[t + 1] != -100``), the
+    tokens the loss is made of."""
+    weights = torch.zeros_like(labels, dtype=torch.bool)
+    weights[:, :-1] = labels[:, 1:] != -100
+    return weights
