@@ -183,12 +183,35 @@ def _load(folder: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
+def _cpu_identity() -> tuple[str | None, str | None]:
+    """The CPU's vendor and model name as ``/proc/cpuinfo`` gives them (None, None where it cannot be read)."""
+    vendor = model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and vendor is None:
+                    vendor = value.strip()
+                elif key == "model name" and model is None:
+                    model = value.strip()
+                if vendor is not None and model is not None:
+                    break
+    except OSError:
+        pass
+    return vendor, model
+
+
 def float_kernels() -> dict[str, str | None]:
-    """What decides the float results of this machine's CPU kernels: torch's build and vector ISA, and the
-    MKL / oneDNN instruction-set caps (``MKL_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``) if set."""
+    """What decides the float results of this machine's CPU kernels: torch's build and vector ISA, the CPU's vendor
+    and model (MKL takes other code paths on other vendors' CPUs at the same ISA), and the MKL / oneDNN
+    instruction-set caps (``MKL_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``) if set."""
+    vendor, model = _cpu_identity()
     return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_vendor": vendor,
+        "cpu_model": model,
         "MKL_ENABLE_INSTRUCTIONS": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
         "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
