@@ -113,8 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "retention prompts (default $IMSM_BENCHMARKS_DIR; without: the built-in chat prompts only)",
     )  # fmt: skip
     c.add_argument(
-        "--anchor-start", choices=["chat", "bos"], default="chat",
-        help="--protocol real: self anchors start from the chat template's user-turn prefix (chat) or the BOS token",
+        "--anchor-start", choices=["prompt", "chat", "bos"], default="prompt",
+        help="--protocol real: self anchors are whole chat prompts (prompt: the chat template's user-turn start, "
+        "sampled text, the end of the turn and the generation prompt, as AnchorConfig.from_tokenizer gives), "
+        "continue the user-turn start only (chat), or start from the BOS token (bos)",
     )  # fmt: skip
     c.add_argument(
         "--max-new-tokens", type=int, default=None,

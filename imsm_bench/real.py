@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from peft_imsm.anchors import chat_start_tokens
+from peft_imsm.anchors import chat_end_tokens, chat_start_tokens
 from peft_imsm.backbone import model_device
 from peft_imsm.padding import left_pad
 
@@ -294,24 +294,32 @@ REAL_SETTINGS: dict[str, Any] = dict(
 """The protocol's fine-tuning defaults (each can be overridden from the command line)."""
 
 
-def real_methods(chat_prefix: list[int] | None, weights: Sequence[float] = (1.0,)) -> list[Method]:
-    """The protocol's methods: base, LoRA, IMSM, and per anchor weight LoRA + anchor KL and the two self-anchored
-    IMSM variants. ``chat_prefix``: the chat template's user-turn prefix, where self anchors start (else BOS)."""
+def real_methods(
+    chat_prefix: list[int] | None, weights: Sequence[float] = (1.0,), chat_suffix: list[int] | None = None
+) -> list[Method]:
+    """The protocol's methods: base, LoRA, IMSM, and per anchor weight the anchored methods and the retrofit.
+    ``chat_prefix``: the chat template's user-turn prefix, where self anchors start (else BOS); ``chat_suffix``:
+    the end of the turn and generation prompt appended to them (None: nothing)."""
     methods = [
         Method("base model", "base", group="reference"),
         Method("LoRA", "lora", group="paper"),
         Method("IMSM", "imsm", "query", group="paper"),
     ]
     methods += anchored_methods(tuple(weights)) + retrofit_methods(tuple(weights))
-    return start_anchors_at(methods, chat_prefix)
+    return start_anchors_at(methods, chat_prefix, chat_suffix)
 
 
-def start_anchors_at(methods: list[Method], chat_prefix: list[int] | None) -> list[Method]:
-    """``methods``, with the self anchors of the anchored ones starting from ``chat_prefix`` (None: from BOS)."""
-    if chat_prefix:
-        for m in methods:
-            if m.anchor_weight is not None:
+def start_anchors_at(
+    methods: list[Method], chat_prefix: list[int] | None, chat_suffix: list[int] | None = None
+) -> list[Method]:
+    """``methods``, with the self anchors of the anchored ones starting from ``chat_prefix`` (None: from BOS) and
+    ending with ``chat_suffix`` (None: nothing appended)."""
+    for m in methods:
+        if m.anchor_weight is not None:
+            if chat_prefix:
                 m.extra["start_tokens"] = list(chat_prefix)
+            if chat_suffix:
+                m.extra["end_tokens"] = list(chat_suffix)
     return methods
 
 
@@ -401,10 +409,11 @@ def run_real(args: Any) -> dict[str, Any]:
             out["gates"][f"agree {name}"] = gates
         return out
 
-    start_tokens = chat_start_tokens(tokenizer) if chat and args.anchor_start == "chat" else None
+    start_tokens = chat_start_tokens(tokenizer) if chat and args.anchor_start in ("prompt", "chat") else None
+    end_tokens = chat_end_tokens(tokenizer) if chat and args.anchor_start == "prompt" else None
     weights = anchor_weights(args, "1")
-    routed = start_anchors_at(routed_methods(weights), start_tokens)
-    methods = select(real_methods(start_tokens, weights), args.methods, optional=routed)
+    routed = start_anchors_at(routed_methods(weights), start_tokens, end_tokens)
+    methods = select(real_methods(start_tokens, weights, end_tokens), args.methods, optional=routed)
     sets = dict.fromkeys(set_names)
     results = run(base, tokenizer, methods, train, sets, score, "tag", settings, args.seeds, progress,
                   retention_tasks=set_names[1:], first_seed=args.first_seed, jobs=args.jobs)  # fmt: skip
@@ -413,5 +422,6 @@ def run_real(args: Any) -> dict[str, Any]:
                          "lik": "likelihood of the base answers kept"}  # fmt: skip
     results["settings"] = {**vars(args), "chat_template": chat, "protocol": vars(protocol),
                            "finetune": vars(settings), "anchor_start_tokens": start_tokens,
+                           "anchor_end_tokens": end_tokens,
                            "general_prompts": len(general)}  # fmt: skip
     return results

@@ -116,9 +116,11 @@ def default_methods(anchor_weights: tuple[float, ...] = (1.0,)) -> list[Method]:
 
 
 def anchored_methods(weights: tuple[float, ...]) -> list[Method]:
-    """Per anchor weight: LoRA + anchor KL (self-distillation), IMSM + self anchors [gate] and [gate+adapter], and
-    the fixed-gate ablation of the last (``IMSM w/o gate + self anchors [adapter]``: the gate held at 0.5, so the
-    anchor term trains the adapter through a constant 50/50 mix; what the learned gate adds is the difference)."""
+    """Per anchor weight: LoRA + anchor KL (self-distillation), IMSM + self anchors [gate] and [gate+adapter], the
+    fixed-gate ablation of the last (``IMSM w/o gate + self anchors [adapter]``: the gate held at 0.5, so the
+    anchor term trains the adapter through a constant 50/50 mix; what the learned gate adds is the difference), and
+    the route gate (``gate_mode="route"``: a per-query router over the frozen view's query summary, trained by the
+    routing term) with gate+adapter anchoring."""
     methods = []
     for w in weights:
         methods += [
@@ -135,6 +137,14 @@ def anchored_methods(weights: tuple[float, ...]) -> list[Method]:
                 f"IMSM w/o gate + self anchors [adapter] (w={w:g})",
                 "imsm",
                 "fixed",
+                anchor_weight=w,
+                anchor_train_adapter=True,
+                group="anchor",
+            ),  # fmt: skip
+            Method(
+                f"IMSM route gate + self anchors [gate+adapter] (w={w:g})",
+                "imsm",
+                "route",
                 anchor_weight=w,
                 anchor_train_adapter=True,
                 group="anchor",
@@ -183,7 +193,8 @@ def retrofit_lora(
     start = time.perf_counter()
     anchor = AnchorConfig(weight=method.anchor_weight, num_samples=settings.retrofit_anchor_samples,
                           sample_length=settings.anchor_length, seed=seed,
-                          start_tokens=method.extra.get("start_tokens"))  # fmt: skip
+                          start_tokens=method.extra.get("start_tokens"),
+                          end_tokens=method.extra.get("end_tokens"))  # fmt: skip
     torch.manual_seed(seed)  # the gate's initialisation: the same whichever rows were derived before this one
     model = retrofit(model, gate_rank=settings.gate_rank, gate_dropout=0.0, anchor=anchor)
     log = train_gate(model, train[: settings.retrofit_examples], tokenizer, steps=settings.steps, lr=5e-3, seed=seed)
@@ -219,11 +230,12 @@ def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int
             weight=method.anchor_weight, num_samples=settings.anchor_samples, sample_length=settings.anchor_length,
             batch_size=settings.anchor_batch_size, every=settings.anchor_every, seed=seed,
             train_adapter=method.anchor_train_adapter,
-            start_tokens=method.extra.get("start_tokens"), route_weight=method.extra.get("route_weight", 0.0),
+            start_tokens=method.extra.get("start_tokens"), end_tokens=method.extra.get("end_tokens"),
+            route_weight=method.extra.get("route_weight"),
         )  # fmt: skip
     imsm = IMSMConfig(adapter_config=config, gate_rank=settings.gate_rank, gate_mode=method.gate_mode,
                       gate_dropout=settings.gate_dropout, gate_scalar=method.extra.get("gate_scalar", False),
-                      gate_lr_scale=method.extra.get("gate_lr_scale", 1.0),
+                      gate_lr_scale=method.extra.get("gate_lr_scale"),
                       anchor=anchor)  # fmt: skip
     return get_peft_model(base, imsm)
 
@@ -287,7 +299,7 @@ def finetune(
 
 class SelfDistillation:
     """The LoRA + anchor KL baseline's term: ``KL(p_frozen || p_model)`` on self anchors sampled from the base model
-    (``settings.anchor_*``, ``seed``, ``method.extra["start_tokens"]``), whose frozen logits are computed once. As
+    (``settings.anchor_*``, ``seed``, ``method.extra["start_tokens"]`` / ``["end_tokens"]``), whose frozen logits are computed once. As
     ``AnchorConfig.every`` does for IMSM, the term is due on every ``settings.anchor_every``-th step only, and
     :attr:`scale` (``method.anchor_weight * anchor_every``) is the factor it takes in the loss there."""
 
@@ -296,7 +308,8 @@ class SelfDistillation:
         self.every = settings.anchor_every
         self.scale = method.anchor_weight * settings.anchor_every
         config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=seed,
-                              start_tokens=method.extra.get("start_tokens"))  # fmt: skip
+                              start_tokens=method.extra.get("start_tokens"),
+                              end_tokens=method.extra.get("end_tokens"))  # fmt: skip
         with model.disable_adapter():
             self.anchors = sample_self_anchors(model.get_base_model(), config, device)
         self.frozen_logits = frozen_anchor_logits_of(model, self.anchors, self.batch_size, device)

@@ -2,7 +2,8 @@
 
 :class:`Gate` is ``peft_imsm.gate.IMSMGate`` at inference (no dropout), computed in float32:
 ``g = sigmoid(concat(...) @ W_A^T @ W_B^T)`` with ``concat(q_frozen, h_frozen, h_adapted, q_adapted)`` (``query``)
-or ``concat(h_frozen, h_adapted)`` (``token``), ``g = 0.5`` (``fixed``); the mix is
+or ``concat(h_frozen, h_adapted)`` (``token``), ``g = sigmoid(q_frozen @ W_R^T + b_R)`` (``route``), ``g = 0.5``
+(``fixed``); the mix is
 ``lerp(h_adapted, h_frozen, g) = g * h_frozen + (1 - g) * h_adapted``, as in ``IMSMGate.interweave``.
 
 :class:`QuerySummary` gives every token its request's query summary (mean final hidden state of one view over the
@@ -26,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GATE_MODES = ("fixed", "token", "query")
+GATE_MODES = ("fixed", "token", "query", "route")
+QUERY_VIEWS = {"query": ("frozen", "adapted"), "route": ("frozen",)}
+"""The views whose query summary each gate mode reads."""
 _GENERATED_KEY = -1.0e4  # the score of a generated token: exp(-1e4) is exactly 0 in float32 and bfloat16
 
 
@@ -40,10 +43,14 @@ class Gate(nn.Module):
         self.mode, self.hidden_size, self.rank, self.scalar = mode, hidden_size, rank, scalar
         self.register_buffer("W_A", None, persistent=False)
         self.register_buffer("W_B", None, persistent=False)
+        self.register_buffer("W_R", None, persistent=False)
+        self.register_buffer("b_R", None, persistent=False)
 
-    def expected_shapes(self) -> dict[str, tuple[int, int]]:
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         if self.mode == "fixed":
             return {}
+        if self.mode == "route":
+            return {"imsm.gate.W_R": (1, self.hidden_size), "imsm.gate.b_R": (1,)}
         width = (4 if self.mode == "query" else 2) * self.hidden_size
         return {
             "imsm.gate.W_A": (self.rank, width),
@@ -69,6 +76,8 @@ class Gate(nn.Module):
         """The interwoven state ``[n, d]`` (dtype of ``h_adapted``) from the two views' ``[n, d]`` states."""
         if self.mode == "fixed":
             g = torch.full(h_adapted.shape, 0.5, dtype=torch.float32, device=h_adapted.device)
+        elif self.mode == "route":
+            g = torch.sigmoid(F.linear(q_frozen.float(), self.W_R, self.b_R)).expand(*h_adapted.shape[:-1], -1)
         else:
             parts = (q_frozen, h_frozen, h_adapted, q_adapted) if self.mode == "query" else (h_frozen, h_adapted)
             x = torch.cat([p.float() for p in parts], dim=-1)
@@ -81,7 +90,7 @@ class QuerySummary(nn.Module):
     """Per view, the attention layers that average its final hidden states over each request's prompt tokens."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, cache_config,
-                 prefix: str) -> None:  # fmt: skip
+                 prefix: str, views: tuple[str, ...] = ("frozen", "adapted")) -> None:  # fmt: skip
         super().__init__()
         from vllm.model_executor.layers.attention import Attention
 
@@ -95,7 +104,7 @@ class QuerySummary(nn.Module):
         self.num_chunks = math.ceil(hidden_size / self.chunk)
         self.group = num_heads // num_kv_heads
         self.views = nn.ModuleDict()
-        for view in ("frozen", "adapted"):
+        for view in views:
             self.views[view] = nn.ModuleList(
                 Attention(num_heads, head_dim, 1.0, num_kv_heads=num_kv_heads, cache_config=cache_config,
                           prefix=f"{prefix}.{view}.{i}")

@@ -11,7 +11,8 @@ One engine step runs both views of every scheduled token together:
   and ``self_attn.attn_frozen``, so vLLM allocates a paged KV cache for each view in every layer; both use the same
   attention metadata (block tables, slot mappings), so the views stay aligned token by token.
 * After the final norm the rows split into ``h_frozen`` / ``h_adapted``; in ``query`` mode
-  :class:`~imsm_vllm.gate.QuerySummary` reads each request's prompt summary of each view from the paged cache; the
+  :class:`~imsm_vllm.gate.QuerySummary` reads each request's prompt summary of each view from the paged cache (in
+  ``route`` mode that of the frozen view only); the
   gate (:class:`~imsm_vllm.gate.Gate`) interweaves them, and ``forward`` returns that ``[n, d]`` state. vLLM's own
   logits processor and samplers (greedy, sampling, penalties, logprobs) then work on it unchanged.
 
@@ -38,7 +39,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from . import prompt_lengths
-from .gate import Gate, QuerySummary
+from .gate import QUERY_VIEWS, Gate, QuerySummary
 from .lora import LayerLoRA, attach_lora
 
 FORMAT_VERSION = 1
@@ -162,12 +163,12 @@ class IMSMLlamaForCausalLM(nn.Module):
         self.gate = Gate(self.imsm["gate_mode"], config.hidden_size, int(self.imsm["gate_rank"]),
                          bool(self.imsm.get("gate_scalar", False)))  # fmt: skip
         self.query_summary = None
-        if self.gate.mode == "query":
+        if self.gate.mode in QUERY_VIEWS:
             prompt_lengths.install()
             attn = self.model.layers[0].self_attn
             self.query_summary = QuerySummary(
                 config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, vllm_config.cache_config,
-                prefix=maybe_prefix(prefix, "query_summary.views"),
+                prefix=maybe_prefix(prefix, "query_summary.views"), views=QUERY_VIEWS[self.gate.mode],
             )  # fmt: skip
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -184,6 +185,8 @@ class IMSMLlamaForCausalLM(nn.Module):
             return self.gate(h_frozen, h_adapted)
         is_prompt = prompt_lengths.prompt_token_mask(self.query_summary.first_layer_name, positions)
         q_frozen = self.query_summary(h_frozen, "frozen", is_prompt)
+        if self.gate.mode == "route":
+            return self.gate(h_frozen, h_adapted, q_frozen)
         q_adapted = self.query_summary(h_adapted, "adapted", is_prompt)
         return self.gate(h_frozen, h_adapted, q_frozen, q_adapted)
 
@@ -236,9 +239,9 @@ def _refuse_unsupported(vllm_config: VllmConfig, imsm: dict) -> None:
             "--enable-lora: vLLM's multi-LoRA would wrap the layers IMSM applies its own LoRA to. Serve the exported "
             "IMSM folder without --enable-lora."
         )
-    if imsm.get("gate_mode") == "query" and vllm_config.cache_config.enable_prefix_caching:
+    if imsm.get("gate_mode") in QUERY_VIEWS and vllm_config.cache_config.enable_prefix_caching:
         raise ValueError(
-            "gate_mode='query' needs vLLM's prefix caching off: the query summary's cache marks each token as prompt "
+            f"gate_mode={imsm.get('gate_mode')!r} needs vLLM's prefix caching off: the query summary's cache marks each token as prompt "
             "or generated for ITS request, and a cached block reused by a later request (whose prompt holds tokens "
             "generated earlier, as in a multi-turn chat) would carry the wrong marks. Serve with "
             "--no-enable-prefix-caching (or export an adapter trained with gate_mode='fixed' or 'token')."

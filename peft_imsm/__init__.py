@@ -17,7 +17,7 @@ that gate trained on stored states), ``gate_maps`` (:func:`gate_map`: per-token 
 ``sft`` (``imsm-sft``). The benchmark, ``imsm_bench``, is a separate package that builds on these.
 """
 
-from .anchors import AnchorConfig, chat_start_tokens
+from .anchors import AnchorConfig, chat_end_tokens, chat_start_tokens
 from .callbacks import AdaLoraBudgetCallback, IMSMLogCallback
 from .config import IMSMConfig
 from .gate_maps import GateMap, gate_map
@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IMSMConfig",
     "AnchorConfig",
+    "chat_end_tokens",
     "chat_start_tokens",
     "set_anchor_data",
     "prepare_anchors",

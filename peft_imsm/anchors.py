@@ -65,14 +65,19 @@ class AnchorConfig:
         start_length: length of random starts.
         start_tokens: explicit start token ids, None or a non-empty list of ids below the vocabulary size (for
             models without a BOS token, or ``chat_start_tokens(tokenizer)`` for instruct models).
+        end_tokens: token ids appended to every self-sampled anchor, None (default: nothing) or a non-empty list.
+            ``chat_end_tokens(tokenizer)`` (the end of the user turn and the generation prompt) with
+            ``chat_start_tokens`` makes every anchor a whole chat prompt, shaped like the prompts the model answers,
+            which the route gate needs to tell general prompts from the target task.
         temperature: sampling temperature of self anchors (> 0).
         seed: sampling and batching seed (the process rank is added in multi-process training).
         train_adapter: let the wrapped adapter learn from the anchor term too (default); False: only the gate does.
         max_length: truncation length of ``"data"`` anchors.
-        route_weight: weight of the routing term (0, the default: off). It trains the gate towards the frozen view
-            (gate 1) on the anchors and towards the adapted view (gate 0) on the supervised tokens of the training
-            batch, so that the gate learns to send general prompts to the frozen model and the target task to the
-            adapter. Needs a learned gate (``gate_mode`` ``"query"`` or ``"token"``). See ``docs/anchors.md``.
+        route_weight: weight of the routing term. It trains the gate towards the frozen view (gate 1) on the
+            anchors and towards the adapted view (gate 0) on the supervised tokens of the training batch, so that the
+            gate learns to send general prompts to the frozen model and the target task to the adapter. None (the
+            default): 1 with ``IMSMConfig(gate_mode="route")``, 0 (off) with the other gate modes. Needs a learned
+            gate. See ``docs/anchors.md``.
     """
 
     source: str = "self"
@@ -84,11 +89,12 @@ class AnchorConfig:
     start: str = "bos"
     start_length: int = 2
     start_tokens: list[int] | None = None
+    end_tokens: list[int] | None = None
     temperature: float = 1.0
     seed: int = 0
     train_adapter: bool = True
     max_length: int = 64
-    route_weight: float = 0.0
+    route_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.source not in ANCHOR_SOURCES:
@@ -106,39 +112,53 @@ class AnchorConfig:
             raise ValueError(f"anchor seed must be an integer, got {self.seed!r}.")
         if self.start not in ("bos", "random"):
             raise ValueError(f"anchor start must be 'bos' or 'random', got {self.start!r}.")
-        if isinstance(self.start_tokens, tuple):
-            self.start_tokens = list(self.start_tokens)
-        if self.start_tokens is not None:
-            tokens = self.start_tokens
+        for name, default, helper in (
+            ("start_tokens", "start from the BOS token", "chat_start_tokens(tokenizer); otherwise e.g. "
+             "[tokenizer.bos_token_id]"),
+            ("end_tokens", "append nothing", "chat_end_tokens(tokenizer)"),
+        ):  # fmt: skip
+            tokens = getattr(self, name)
+            if isinstance(tokens, tuple):
+                tokens = list(tokens)
+                setattr(self, name, tokens)
+            if tokens is None:
+                continue
             valid_ids = isinstance(tokens, list) and all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
             )
             if not valid_ids or not tokens:
                 raise ValueError(
-                    f"anchor start_tokens must be None (start from the BOS token) or a non-empty list of token ids "
-                    f"(integers >= 0), got {tokens!r}. For an instruct model pass "
-                    "peft_imsm.chat_start_tokens(tokenizer); otherwise e.g. [tokenizer.bos_token_id]."
+                    f"anchor {name} must be None ({default}) or a non-empty list of token ids (integers >= 0), got "
+                    f"{tokens!r}. For an instruct model pass peft_imsm.{helper}."
                 )
         if not is_finite_number(self.temperature) or self.temperature <= 0:
             raise ValueError(f"anchor temperature must be > 0 and finite (e.g. 1.0), got {self.temperature!r}.")
-        if not is_finite_number(self.route_weight) or self.route_weight < 0:
-            raise ValueError(f"anchor route_weight must be a finite number >= 0 (0: off), got {self.route_weight!r}.")
+        if self.route_weight is not None and (not is_finite_number(self.route_weight) or self.route_weight < 0):
+            raise ValueError(
+                f"anchor route_weight must be None (1 for the route gate, else 0) or a finite number >= 0 (0: off), "
+                f"got {self.route_weight!r}."
+            )
         if not isinstance(self.train_adapter, bool):
             raise ValueError(f"anchor train_adapter must be True or False, got {self.train_adapter!r}.")
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, **overrides: Any) -> AnchorConfig:
-        """The recommended anchor section for a model with this tokenizer: self anchors that continue the chat
-        template's user turn (:func:`chat_start_tokens`), so that they look like the prompts an instruct model
-        answers; from the BOS token when the tokenizer has no chat template. Every other field keeps its default
-        (gate+adapter, weight 1, the term on every 4th training step) unless given in ``overrides``.
+        """The recommended anchor section for a model with this tokenizer: self anchors that are whole chat
+        prompts, a user turn sampled from the frozen model between the chat template's start of a user turn
+        (:func:`chat_start_tokens`) and its end with the generation prompt (:func:`chat_end_tokens`), so that they
+        look like the prompts an instruct model answers; from the BOS token, with nothing appended, when the
+        tokenizer has no chat template. Every other field keeps its default (gate+adapter, weight 1, the term on
+        every 4th training step) unless given in ``overrides``.
 
         Example::
 
             config = IMSMConfig(adapter_config=LoraConfig(...), anchor=AnchorConfig.from_tokenizer(tokenizer))
         """
-        if "start_tokens" not in overrides and overrides.get("source", "self") == "self":
-            overrides["start_tokens"] = user_turn_start(tokenizer)
+        if overrides.get("source", "self") == "self":
+            if "start_tokens" not in overrides:
+                overrides["start_tokens"] = user_turn_start(tokenizer)
+            if "end_tokens" not in overrides:
+                overrides["end_tokens"] = user_turn_end(tokenizer)
         return cls(**overrides)
 
     def to_dict(self) -> dict:
@@ -205,7 +225,7 @@ def check_anchor_length(length: int, limit: int | None, config: AnchorConfig) ->
     if limit is None or length <= limit:
         return
     if config.source == "self":
-        field_hint = f"AnchorConfig.sample_length (now {config.sample_length}) plus the start tokens"
+        field_hint = f"AnchorConfig.sample_length (now {config.sample_length}) plus the start and end tokens"
     else:
         field_hint = f"AnchorConfig.max_length (now {config.max_length})"
     raise ValueError(
@@ -238,6 +258,34 @@ def chat_start_tokens(tokenizer: Any) -> list[int]:
     return tokenizer(text.split(marker)[0], add_special_tokens=False)["input_ids"]
 
 
+def chat_end_tokens(tokenizer: Any) -> list[int]:
+    """The chat template's token ids after a user message's text: the end of the user turn and the generation
+    prompt (the start of the assistant's turn).
+
+    With :func:`chat_start_tokens`: ``AnchorConfig(start_tokens=chat_start_tokens(tok),
+    end_tokens=chat_end_tokens(tok))`` makes every self anchor a whole chat prompt, as the model gets it. Raises
+    ``ValueError`` for a tokenizer without a chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The tokenizer {type(tokenizer).__name__} has no chat template, so anchors cannot end a user turn: "
+            "leave AnchorConfig.end_tokens unset or set a chat template."
+        )
+    marker = "\x00MARK\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text.split(marker)[1], add_special_tokens=False)["input_ids"]
+
+
+def user_turn_end(tokenizer: Any) -> list[int] | None:
+    """:func:`chat_end_tokens` where the tokenizer has a chat template that puts tokens after a user message, else
+    None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return chat_end_tokens(tokenizer) or None
+
+
 def user_turn_start(tokenizer: Any) -> list[int] | None:
     """:func:`chat_start_tokens` where the tokenizer has a chat template that puts tokens before a user message,
     else None (self anchors then start from the BOS token)."""
@@ -255,14 +303,14 @@ def sample_self_anchors(hf_model: torch.nn.Module, config: AnchorConfig, device:
     vocab = hf_model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     n = config.num_samples
-    tokens = config.start_tokens or []
-    outside = [t for t in tokens if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-    if outside:
-        raise ValueError(
-            f"AnchorConfig.start_tokens holds token id(s) {outside} that are not in this model's vocabulary of "
-            f"{vocab} tokens (ids 0 to {vocab - 1}). Pass ids of this model's tokenizer, e.g. "
-            "peft_imsm.chat_start_tokens(tokenizer)."
-        )
+    for name, helper in (("start_tokens", "chat_start_tokens"), ("end_tokens", "chat_end_tokens")):
+        outside = [t for t in getattr(config, name) or [] if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(
+                f"AnchorConfig.{name} holds token id(s) {outside} that are not in this model's vocabulary of "
+                f"{vocab} tokens (ids 0 to {vocab - 1}). Pass ids of this model's tokenizer, e.g. "
+                f"peft_imsm.{helper}(tokenizer)."
+            )
     if config.start_tokens:
         starts = torch.tensor(config.start_tokens, dtype=torch.long)[None].expand(n, -1)
     elif config.start == "random":
@@ -297,6 +345,8 @@ def sample_self_anchors(hf_model: torch.nn.Module, config: AnchorConfig, device:
     finally:
         hf_model.train(was_training)
     ids = torch.cat(pieces)
+    if config.end_tokens:
+        ids = torch.cat([ids, torch.tensor(config.end_tokens, dtype=ids.dtype)[None].expand(ids.shape[0], -1)], 1)
     return AnchorSet(ids, torch.ones_like(ids), seed)
 
 

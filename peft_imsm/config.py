@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -12,6 +13,9 @@ from peft.utils.peft_types import TaskType
 from .anchors import AnchorConfig, is_finite_number
 from .gate import GATE_MODES
 from .peft_type import IMSM_PEFT_TYPE
+
+ROUTE_GATE_LR_SCALE = 100.0
+"""``gate_lr_scale`` of the route gate when none is given."""
 
 # Adapters that run a second model pass of their own or replace the forward; IMSM cannot wrap them.
 # AdaMSS reads peft's per-layer switch directly instead of through `disable_adapters`, so the frozen view (see
@@ -38,15 +42,20 @@ class IMSMConfig(PeftConfig):
             ``AdaLoraConfig``, ``LoHaConfig``, ``LoKrConfig``, ``VeraConfig``, ...). Any non-prompt-learning peft
             config. Saved inside ``adapter_config.json`` and restored as the same config class.
         gate_rank: ``r`` of the gate's low-rank projection (``W_A: 4d x r``, ``W_B: r x d``); the paper uses 8.
-        gate_mode: ``"query"`` (the paper's gate), ``"token"`` (the "w/o query" ablation) or ``"fixed"`` (the
-            "w/o gate" ablation: plain 0.5/0.5 average of the two memories).
+        gate_mode: ``"query"`` (the paper's gate), ``"token"`` (the "w/o query" ablation), ``"fixed"`` (the
+            "w/o gate" ablation: plain 0.5/0.5 average of the two memories) or ``"route"``: one gate value per
+            query from the frozen view's query summary (a logistic router, see :class:`~peft_imsm.gate.IMSMGate`),
+            trained by the anchors' routing term to send general prompts to the frozen view and the target task to
+            the adapter. ``"route"`` needs ``anchor`` (anchors are what it learns "general" from); use it with
+            ``AnchorConfig.from_tokenizer(tokenizer)`` on instruct models.
         gate_dropout: dropout after each gate projection (0.1 in the authors' settings).
         gate_scalar: one gate value per token (``W_B: r x 1``): the mix is a convex combination of the two views'
             states. Default False: the paper's gate, one value per hidden dimension (``W_B: r x d``).
-        gate_lr_scale: the gate's output projection ``W_B`` moves this many times as far per step under Adam-type
-            optimizers (a reparametrisation, see :class:`~peft_imsm.gate.IMSMGate`; the same gate at
-            initialisation). 1 (default) is the paper's gate. Meant for the routing term
-            (``AnchorConfig.route_weight``), which needs the gate to move far in few steps (``docs/anchors.md``).
+        gate_lr_scale: the gate's output projection ``W_B`` (the route gate's ``W_R``, ``b_R``) moves this many
+            times as far per step under Adam-type optimizers, as with a learning rate this many times the training
+            one (a reparametrisation, see :class:`~peft_imsm.gate.IMSMGate`; the same gate at initialisation).
+            None (default): 100 for ``gate_mode="route"`` (a logistic router learns at about 100x an adapter's
+            learning rate), 1 (the paper's gate) otherwise.
         anchor: an :class:`~peft_imsm.anchors.AnchorConfig` (or its dict) to add the anchor KL term that teaches the
             gate what general, non-target inputs look like; None (default) is the paper's method.
         freeze_adapter: keep the wrapped adapter's weights frozen (never trainable, also when loaded with
@@ -69,13 +78,14 @@ class IMSMConfig(PeftConfig):
         default=None, metadata={"help": "The peft config of the wrapped adapter (e.g. a LoraConfig)."}
     )
     gate_rank: int = field(default=8, metadata={"help": "Rank r of the gate projection."})
-    gate_mode: str = field(default="query", metadata={"help": "'query', 'token' or 'fixed'."})
+    gate_mode: str = field(default="query", metadata={"help": "'query', 'token', 'fixed' or 'route'."})
     gate_dropout: float = field(default=0.1, metadata={"help": "Dropout after each gate projection."})
     gate_scalar: bool = field(
         default=False, metadata={"help": "One gate value per token instead of one per hidden dimension."}
     )
-    gate_lr_scale: float = field(
-        default=1.0, metadata={"help": "The gate's W_B moves this many times as far per step (Adam-type optimizers)."}
+    gate_lr_scale: float | None = field(
+        default=None,
+        metadata={"help": "The gate learns this many times as fast (None: 100 for 'route', else 1)."},
     )
     anchor: AnchorConfig | dict | None = field(
         default=None, metadata={"help": "Self-anchored gate (off by default); see peft_imsm.anchors.AnchorConfig."}
@@ -104,9 +114,11 @@ class IMSMConfig(PeftConfig):
                 f"gate_dropout must be a number in [0, 1) (0.1 in the authors' settings, 0.0 for none), got "
                 f"{self.gate_dropout!r}."
             )
+        if self.gate_lr_scale is None:
+            self.gate_lr_scale = ROUTE_GATE_LR_SCALE if self.gate_mode == "route" else 1.0
         if not is_finite_number(self.gate_lr_scale) or self.gate_lr_scale <= 0:
             raise ValueError(
-                f"gate_lr_scale must be a finite number > 0 (1: the paper's gate), got {self.gate_lr_scale!r}."
+                f"gate_lr_scale must be None or a finite number > 0 (1: the paper's gate), got {self.gate_lr_scale!r}."
             )
         if not isinstance(self.gate_scalar, bool):
             raise ValueError(f"gate_scalar must be True or False, got {self.gate_scalar!r}.")
@@ -118,10 +130,24 @@ class IMSMConfig(PeftConfig):
             self.anchor = AnchorConfig(**anchor)
         if self.anchor is not None and not isinstance(self.anchor, AnchorConfig):
             raise TypeError(f"anchor must be an AnchorConfig, a dict or None, got {type(self.anchor).__name__}.")
+        if self.gate_mode == "route" and self.anchor is None:
+            raise ValueError(
+                "gate_mode='route' learns which prompts are general from the anchors, but anchor is None. Pass "
+                "anchor=AnchorConfig.from_tokenizer(tokenizer) (or another AnchorConfig), or use gate_mode='query'."
+            )
+        if self.anchor is not None and self.anchor.route_weight is None:
+            # A copy: the same AnchorConfig may serve configs of other gate modes.
+            route_weight = 1.0 if self.gate_mode == "route" else 0.0
+            self.anchor = dataclasses.replace(self.anchor, route_weight=route_weight)
         if self.anchor is not None and self.anchor.route_weight > 0 and self.gate_mode == "fixed":
             raise ValueError(
                 f"anchor route_weight={self.anchor.route_weight!r} trains the gate to route, but gate_mode='fixed' "
-                "has no gate to train. Use gate_mode='query' (or 'token') with routing, or route_weight=0."
+                "has no gate to train. Use gate_mode='route' (or 'query', 'token') with routing, or route_weight=0."
+            )
+        if self.gate_mode == "route" and self.anchor.route_weight == 0:
+            raise ValueError(
+                "gate_mode='route' learns from the routing term, but anchor route_weight=0 turns it off. Leave "
+                "route_weight unset (None: 1) or give a weight > 0."
             )
 
     @staticmethod

@@ -354,7 +354,7 @@ class DualPass:
             h_frozen, h_adapted = step.h_frozen, hidden
         gate = self._get_gate()
         q_frozen = q_adapted = None
-        if gate.mode == "query":
+        if gate.reads_query:
             q_frozen, q_adapted = per_token_queries(h_frozen, h_adapted, step.index, step.cache)
         g = gate(h_frozen, h_adapted, q_frozen, q_adapted)
         call.interwoven += 1

@@ -46,7 +46,7 @@ TESTED_LM_EVAL = "0.4.13"
 def uses_query(model: Any) -> bool:
     """Whether ``model`` is an IMSM model whose active gate reads the query summary (``gate_mode="query"``)."""
     tuner = find_imsm_tuner(model, required=False)
-    return tuner is not None and tuner.gate.mode == "query"
+    return tuner is not None and tuner.gate.reads_query
 
 
 def loglikelihood_tokens(

@@ -9,7 +9,8 @@ It runs in the training environment (it needs ``peft_imsm``); the folder it writ
   no safetensors files);
 * ``imsm_adapter.safetensors``: per LoRA-adapted linear layer ``imsm.lora.<module>.lora_A`` (``[r, in]``),
   ``.lora_B`` (``[out, r]``) and ``.scaling`` (``[1]``: peft's own scaling, rsLoRA and rank / alpha patterns
-  included), and the gate's ``imsm.gate.W_A`` / ``imsm.gate.W_B`` (learned gate modes only), all float32;
+  included), and the gate's ``imsm.gate.W_A`` / ``imsm.gate.W_B`` (``W_R`` / ``b_R`` for the route gate; none for the
+  fixed one), all float32;
 * the tokenizer with its chat template (from the adapter folder when it holds one, else from the base) and the base's
   ``generation_config.json``.
 
@@ -156,9 +157,14 @@ def lora_tensors(peft_model: Any) -> dict[str, torch.Tensor]:
 
 
 def gate_tensors(peft_model: Any) -> dict[str, torch.Tensor]:
-    """``imsm.gate.W_A`` / ``imsm.gate.W_B``, the active gate's effective weights (``IMSMGate.projections``: with
-    ``gate_lr_scale`` folded in); none for ``gate_mode="fixed"``."""
-    projections = peft_model.base_model.gate.projections()
+    """``imsm.gate.W_A`` / ``imsm.gate.W_B`` (``imsm.gate.W_R`` / ``imsm.gate.b_R`` for ``gate_mode="route"``), the
+    active gate's effective weights (``IMSMGate.projections`` / ``router``: with ``gate_lr_scale`` folded in); none
+    for ``gate_mode="fixed"``."""
+    gate = peft_model.base_model.gate
+    router = gate.router()
+    if router is not None:
+        return {"imsm.gate.W_R": router[0].contiguous(), "imsm.gate.b_R": router[1].contiguous()}
+    projections = gate.projections()
     if projections is None:
         return {}
     W_A, W_B = projections

@@ -1,8 +1,8 @@
 """The IMSM gate: a plain torch module that mixes two memories of every token.
 
 It knows nothing of peft or of generation: it takes the two views' final hidden states (and, in ``"query"`` mode,
-the two views' query summaries) and returns the per-token, per-dimension gate ``g`` with which the interwoven memory
-is ``h = g * h_frozen + (1 - g) * h_adapted``.
+the two views' query summaries; in ``"route"`` mode only the frozen view's query summary) and returns the per-token,
+per-dimension gate ``g`` with which the interwoven memory is ``h = g * h_frozen + (1 - g) * h_adapted``.
 
 The two views are named ``frozen`` (wrapped adapter off) and ``adapted`` (adapter on) throughout the package; the
 paper (and ``IMSM-METHOD.md``) writes them ``h_base`` and ``h_tuned``.
@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GateMode = Literal["query", "token", "fixed"]
-GATE_MODES: tuple[str, ...] = ("query", "token", "fixed")
+GateMode = Literal["query", "token", "fixed", "route"]
+GATE_MODES: tuple[str, ...] = ("query", "token", "fixed", "route")
+QUERY_MODES: tuple[str, ...] = ("query", "route")
+"""The gate modes that read the query summary (computed at prefill, kept on the KV cache for the decode steps)."""
 
 
 class IMSMGate(nn.Module):
@@ -29,15 +31,18 @@ class IMSMGate(nn.Module):
         hidden_size: ``d``, the size of the final hidden states.
         rank: ``r``, the inner size of the low-rank gate projection.
         mode: ``"query"`` (the paper's gate, input ``4d``), ``"token"`` (the paper's "w/o query" ablation, input
-            ``concat(h_frozen[t], h_adapted[t])`` of size ``2d``) or ``"fixed"`` (the "w/o gate" ablation: ``g = 0.5``,
-            no parameters).
+            ``concat(h_frozen[t], h_adapted[t])`` of size ``2d``), ``"fixed"`` (the "w/o gate" ablation: ``g = 0.5``,
+            no parameters) or ``"route"``: one value per query, ``g = sigmoid(q_frozen @ W_R + b_R)``, a logistic
+            router over the frozen view's query summary (which the adapter does not move), zero-initialised
+            (``g = 0.5``), without dropout; ``rank``, ``scalar`` and ``dropout`` do not apply. It is trained by the
+            routing term (``AnchorConfig.route_weight``) to send general queries to the frozen view.
         dropout: dropout probability applied after each projection, as in the authors' code.
         scalar: one gate value per token (``W_B: r x 1``, broadcast over the ``d`` dimensions), so ``h`` is a convex
             mix of the two views' states, instead of the paper's one value per dimension (``W_B: r x d``).
-        lr_scale: ``k``: ``W_B`` is stored divided by ``k`` and its output multiplied by ``k``. The gate is the same
-            function at initialisation, and an Adam-type optimizer moves it ``k`` times faster (as a ``k`` times
-            larger learning rate for ``W_B`` would). 1 (the default) is the paper's gate. :meth:`projections` gives
-            the effective weights.
+        lr_scale: ``k``: ``W_B`` (the router ``W_R``, ``b_R``) is stored divided by ``k`` and its output multiplied
+            by ``k``. The gate is the same function at initialisation, and an Adam-type optimizer moves it ``k`` times
+            faster (as a ``k`` times larger learning rate would). 1 (the default) is the paper's gate.
+            :meth:`projections` and :meth:`router` give the effective weights.
 
     The gate always computes in float32 (its weights are kept in float32 and autocast is disabled inside), whatever
     the dtype of the model it is attached to.
@@ -65,10 +70,13 @@ class IMSMGate(nn.Module):
         #: When set to a float in [0, 1], the gate returns this constant instead of its learned value (for analysis
         #: and tests: 1.0 gives the frozen view, 0.0 the adapted view).
         self.forced_value: float | None = None
-        if mode == "fixed":
-            self.W_A = None
-            self.W_B = None
-        else:
+        self.W_A = self.W_B = self.W_R = None
+        if mode == "route":
+            self.W_R = nn.Linear(hidden_size, 1, bias=True, dtype=torch.float32)
+            with torch.no_grad():
+                self.W_R.weight.zero_()
+                self.W_R.bias.zero_()
+        elif mode != "fixed":
             in_features = (4 if mode == "query" else 2) * hidden_size
             self.W_A = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
             self.W_B = nn.Linear(rank, 1 if scalar else hidden_size, bias=False, dtype=torch.float32)
@@ -89,7 +97,8 @@ class IMSMGate(nn.Module):
         Args:
             h_frozen: ``[batch, seq, d]`` final hidden states of the frozen view.
             h_adapted: ``[batch, seq, d]`` final hidden states of the adapted view.
-            q_frozen: ``[batch, seq, d]`` query summary of the frozen view for each position (needed in query mode).
+            q_frozen: ``[batch, seq, d]`` query summary of the frozen view for each position (needed in the query
+                and route modes).
             q_adapted: ``[batch, seq, d]`` query summary of the adapted view for each position (needed in query mode).
 
         Returns:
@@ -99,6 +108,12 @@ class IMSMGate(nn.Module):
             return torch.full(h_adapted.shape, float(self.forced_value), dtype=torch.float32, device=h_adapted.device)
         if self.mode == "fixed":
             return torch.full(h_adapted.shape, 0.5, dtype=torch.float32, device=h_adapted.device)
+        if self.mode == "route":
+            if q_frozen is None:
+                raise ValueError("The route-mode gate needs the frozen view's query summary q_frozen.")
+            with torch.autocast(device_type=h_adapted.device.type, enabled=False):
+                logit = F.linear(q_frozen.float(), self.W_R.weight.float(), self.W_R.bias.float()) * self.lr_scale
+                return torch.sigmoid(logit).expand(*h_adapted.shape[:-1], self.hidden_size)
         if self.mode == "query":
             if q_frozen is None or q_adapted is None:
                 raise ValueError("The query-mode gate needs the query summaries q_frozen and q_adapted.")
@@ -117,6 +132,18 @@ class IMSMGate(nn.Module):
         if self.W_A is None:
             return None
         return self.W_A.weight.detach().float(), self.W_B.weight.detach().float() * self.lr_scale
+
+    def router(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The route mode's effective ``(W_R, b_R)`` (``[1, d]``, ``[1]``, float32, detached; times ``lr_scale``):
+        ``g = sigmoid(q_frozen @ W_R.T + b_R)``. None for the other modes."""
+        if self.W_R is None:
+            return None
+        return self.W_R.weight.detach().float() * self.lr_scale, self.W_R.bias.detach().float() * self.lr_scale
+
+    @property
+    def reads_query(self) -> bool:
+        """Whether the gate reads the query summaries (the query and route modes)."""
+        return self.mode in QUERY_MODES
 
     @staticmethod
     def interweave(h_frozen: torch.Tensor, h_adapted: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

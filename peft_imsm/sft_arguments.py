@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
-from .anchors import user_turn_start
+from .anchors import user_turn_end, user_turn_start
 from .config import IMSMConfig
 from .model import find_imsm_tuner
 
@@ -31,8 +31,14 @@ class IMSMArguments:
     defaults), prefixed ``imsm_``. The wrapped adapter is TRL's own (``--use_peft --lora_r --use_dora ...``)."""
 
     imsm_gate_rank: int = _arg(8, "Rank r of IMSM's gate, an integer >= 1 (the paper's: 8).")
-    imsm_gate_mode: Literal["query", "token", "fixed"] = _arg("query", "The paper's gate (query) or an ablation.")
+    imsm_gate_mode: Literal["query", "token", "fixed", "route"] = _arg(
+        "query",
+        "The paper's gate (query), an ablation (token, fixed), or the route gate (route; needs --imsm_anchor).",
+    )
     imsm_gate_dropout: float = _arg(0.1, "Dropout after each gate projection, in [0, 1).")
+    imsm_gate_lr_scale: float | None = _arg(
+        None, "The gate learns this many times as fast (default: 100 for route, else 1)."
+    )
     imsm_anchor: bool = _arg(False, "Add the anchor KL term (beyond the paper); the other --imsm_anchor_* need it.")
     imsm_anchor_source: Literal["self", "data"] = _arg("self", "Anchors sampled from the frozen model, or data texts.")
     imsm_anchor_weight: float = _arg(1.0, "Factor of the anchor KL term in the loss, >= 0.")
@@ -41,11 +47,16 @@ class IMSMArguments:
     imsm_anchor_every: int = _arg(4, "Anchor term on every k-th training forward, weighted k x there.")
     imsm_anchor_num_samples: int = _arg(32, "Number of anchors sampled from the frozen model (source self).")
     imsm_anchor_sample_length: int = _arg(16, "New tokens per sampled anchor (source self).")
-    imsm_anchor_start: Literal["auto", "chat", "bos", "random"] = _arg("auto", "Where sampled anchors start.")
+    imsm_anchor_start: Literal["auto", "chat", "bos", "random"] = _arg(
+        "auto",
+        "Sampled anchors: whole chat prompts (chat; auto: where the tokenizer has a chat template) or from bos.",
+    )
     imsm_anchor_temperature: float = _arg(1.0, "Sampling temperature of sampled anchors, > 0 (source self).")
     imsm_anchor_seed: int | None = _arg(None, "Seed of anchor sampling and batching; default: the training --seed.")
     imsm_anchor_max_length: int = _arg(64, "Anchor texts are truncated to this many tokens (source data).")
-    imsm_anchor_route_weight: float = _arg(0.0, "Weight of the routing term (0: off); needs a learned gate.")
+    imsm_anchor_route_weight: float | None = _arg(
+        None, "Weight of the routing term; default: 1 with --imsm_gate_mode route, else 0 (off)."
+    )
     imsm_anchor_dataset: str | None = _arg(None, "Anchor texts (source data): a data file or a dataset name.")
     imsm_anchor_dataset_config: str | None = _arg(None, "Configuration name of --imsm_anchor_dataset.")
     imsm_anchor_dataset_split: str = _arg("train", "Split of --imsm_anchor_dataset.")
@@ -91,6 +102,11 @@ def wrap_peft_config(adapter_config: PeftConfig | None, imsm_args: IMSMArguments
             "IMSM wraps a peft adapter, but --use_peft is not set. Add --use_peft (YAML: `use_peft: true`) and the "
             "LoRA settings as for `trl sft` (--lora_r, --lora_alpha, --lora_target_modules, --use_dora, ...)."
         )
+    if a.imsm_gate_mode == "route" and not a.imsm_anchor:
+        raise IMSMArgumentError(
+            "--imsm_gate_mode route learns which prompts are general from the anchors: add --imsm_anchor (YAML: "
+            "`imsm_anchor: true`), or use --imsm_gate_mode query."
+        )
     if changed and not a.imsm_anchor:
         raise IMSMArgumentError(
             f"{', '.join(changed)} set, but the anchor term is off. Add --imsm_anchor (YAML: `imsm_anchor: true`) to "
@@ -118,7 +134,8 @@ def wrap_peft_config(adapter_config: PeftConfig | None, imsm_args: IMSMArguments
     try:
         return IMSMConfig(
             adapter_config=adapter_config, gate_rank=a.imsm_gate_rank, gate_mode=a.imsm_gate_mode,
-            gate_dropout=_float(a.imsm_gate_dropout), anchor=anchor if a.imsm_anchor else None,
+            gate_dropout=_float(a.imsm_gate_dropout), gate_lr_scale=_float(a.imsm_gate_lr_scale),
+            anchor=anchor if a.imsm_anchor else None,
         )  # fmt: skip
     except (TypeError, ValueError) as err:
         raise IMSMArgumentError(_flag_message(str(err))) from err
@@ -148,13 +165,15 @@ def load_anchor_texts(imsm_args: IMSMArguments) -> Any:
 
 
 def start_anchors_from_chat(model: Any, tokenizer: Any, imsm_args: IMSMArguments) -> None:
-    """``--imsm_anchor_start chat`` (or ``auto`` with a chat template): self anchors start from the tokenizer's user
-    turn (as ``AnchorConfig.from_tokenizer``), set on the model's anchor config before the first step samples them."""
+    """``--imsm_anchor_start chat`` (or ``auto`` with a chat template): self anchors are whole chat prompts, from the
+    tokenizer's user-turn start to its generation prompt (as ``AnchorConfig.from_tokenizer``), set on the model's
+    anchor config before the first step samples them."""
     a = imsm_args
     if not a.imsm_anchor or a.imsm_anchor_source != "self" or a.imsm_anchor_start not in ("auto", "chat"):
         return
     if getattr(tokenizer, "chat_template", None):
-        find_imsm_tuner(model).anchor_config.start_tokens = user_turn_start(tokenizer)
+        anchor_config = find_imsm_tuner(model).anchor_config
+        anchor_config.start_tokens, anchor_config.end_tokens = user_turn_start(tokenizer), user_turn_end(tokenizer)
     elif a.imsm_anchor_start == "chat":
         raise IMSMArgumentError(
             "--imsm_anchor_start chat needs a tokenizer with a chat template, and this model's has none. Use "

@@ -482,7 +482,7 @@ def test_routing_needs_a_learned_gate():
 
     with pytest.raises(ValueError, match="gate_mode='fixed' has no gate to train"):
         IMSMConfig(adapter_config=LoraConfig(), gate_mode="fixed", anchor=AnchorConfig(route_weight=1.0))
-    with pytest.raises(ValueError, match="route_weight must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="route_weight must be None .1 for the route gate, else 0. or a finite"):
         AnchorConfig(route_weight=-1.0)
 
 

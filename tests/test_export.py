@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from imsm_vllm.gate import Gate
 from imsm_vllm.lora import FusedLoRA
-from peft_imsm import IMSMConfig
+from peft_imsm import AnchorConfig, IMSMConfig
 from peft_imsm.export import ADAPTER_FILE, ARCHITECTURE, ExportError, export, main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # (tiny bases without a tokenizer; peft's notes)
@@ -31,7 +31,9 @@ def saved_adapter(tmp_path, arch="llama", adapter=None, gate_mode="query", gate_
         build_tokenizer().save_pretrained(base_dir)
     base = type(base).from_pretrained(base_dir)
     adapter = adapter or adapter_config("lora", identity=False)
-    model = get_peft_model(base, IMSMConfig(adapter_config=adapter, gate_mode=gate_mode, gate_scalar=gate_scalar))
+    anchor = AnchorConfig() if gate_mode == "route" else None  # (the route gate learns from anchors)
+    imsm = IMSMConfig(adapter_config=adapter, gate_mode=gate_mode, gate_scalar=gate_scalar, anchor=anchor)
+    model = get_peft_model(base, imsm)
     perturb_adapter(model)
     model.eval()
     adapter_dir = tmp_path / "adapter"
@@ -39,7 +41,7 @@ def saved_adapter(tmp_path, arch="llama", adapter=None, gate_mode="query", gate_
     return model, base_dir, adapter_dir
 
 
-@pytest.mark.parametrize("gate_mode", ["query", "token", "fixed"])
+@pytest.mark.parametrize("gate_mode", ["query", "token", "fixed", "route"])
 def test_export_writes_a_folder_vllm_can_serve(tmp_path, gate_mode):
     model, base_dir, adapter_dir = saved_adapter(tmp_path, gate_mode=gate_mode, tokenizer=True)
     out = export(adapter_dir, tmp_path / "out")
@@ -67,7 +69,11 @@ def test_export_writes_a_folder_vllm_can_serve(tmp_path, gate_mode):
     assert torch.equal(tensors[f"{key}.lora_B"], q_proj.lora_B["default"].weight)
     assert tensors[f"{key}.scaling"].item() == q_proj.scaling["default"] == 2.0
     gate_keys = {k for k in tensors if k.startswith("imsm.gate.")}
-    assert gate_keys == (set() if gate_mode == "fixed" else {"imsm.gate.W_A", "imsm.gate.W_B"})
+    expected_keys = {"fixed": set(), "route": {"imsm.gate.W_R", "imsm.gate.b_R"}}
+    assert gate_keys == expected_keys.get(gate_mode, {"imsm.gate.W_A", "imsm.gate.W_B"})
+    if gate_mode == "route":
+        W_R, b_R = model.base_model.gate.router()
+        assert torch.equal(tensors["imsm.gate.W_R"], W_R) and torch.equal(tensors["imsm.gate.b_R"], b_R)
 
 
 def test_cli_exports_and_reports_errors(tmp_path, capsys):

@@ -259,6 +259,7 @@ def test_cli_run_saves_an_imsm_adapter_that_reloads(workdir, cli_run, reloaded):
     assert config["anchor"]["source"] == "self" and config["anchor"]["weight"] == 0.5
     assert config["anchor"]["train_adapter"] is True and config["anchor"]["seed"] == 0
     assert config["anchor"]["start_tokens"] == [1, 4]  # --imsm_anchor_start auto: the chat template's "<s> copy"
+    assert config["anchor"]["end_tokens"] == [2]  # ... and its end of the user turn, "</s>"
 
     weights = _saved_weights(cli_run)
     lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
@@ -402,6 +403,9 @@ BASE_ARGV = [
         (["--imsm_anchor", "--imsm_anchor_source", "data"], "needs anchor texts: set --imsm_anchor_dataset"),
         (["--imsm_anchor", "--imsm_anchor_temperature", "0"], "--imsm_anchor_temperature must be > 0"),
         (["--imsm_anchor", "--imsm_anchor_num_samples", "0"], "--imsm_anchor_num_samples must be an integer >= 1"),
+        (["--imsm_gate_mode", "route"], "--imsm_gate_mode route learns which prompts are general from the anchors"),
+        (["--imsm_anchor", "--imsm_gate_mode", "route", "--imsm_anchor_route_weight", "0"], "route_weight=0 turns"),
+        (["--imsm_gate_lr_scale", "0"], "--imsm_gate_lr_scale must be None or a finite number > 0"),
     ],
 )
 def test_bad_imsm_argument_is_a_clear_error_before_loading(extra, message, capsys):

@@ -64,13 +64,18 @@ def imsm_model(base, gate_mode: str, seed: int = 0, lora_scale: float = 0.02):
     questions: with the fixed gate, LoRA at 0.02 gives the adapter alone's answers, 0.03 does not)."""
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
     torch.manual_seed(seed)  # (peft draws lora_A from the global generator)
-    model = get_peft_model(copy.deepcopy(base), peft_imsm.IMSMConfig(adapter_config=lora, gate_mode=gate_mode))
+    anchor = peft_imsm.AnchorConfig() if gate_mode == "route" else None  # (the route gate learns from anchors)
+    config = peft_imsm.IMSMConfig(adapter_config=lora, gate_mode=gate_mode, anchor=anchor)
+    model = get_peft_model(copy.deepcopy(base), config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * lora_scale)
-        if gate_mode != "fixed":  # a gate that leans on the query summaries (query mode) or the token states
+        if gate_mode == "route":  # a router whose gate differs between prompts (logits of about +-1.5)
+            gate, gen = model.base_model.gate, torch.Generator().manual_seed(seed + 1)
+            gate.W_R.weight.copy_(torch.randn(gate.W_R.weight.shape, generator=gen) * 0.05 / gate.lr_scale)
+        elif gate_mode != "fixed":  # a gate that leans on the query summaries (query mode) or the token states
             gate, d, gen = model.base_model.gate, base.config.hidden_size, torch.Generator().manual_seed(seed + 1)
             w_a = torch.randn(gate.W_A.weight.shape, generator=gen) * (0.3 if gate_mode == "query" else 0.05)
             if gate_mode == "query":
@@ -114,7 +119,7 @@ def greedy(generate, tokenizer, prompt: list[int]) -> list[int]:
     return answer[: answer.index(eos) + 1] if eos in answer else answer
 
 
-@pytest.mark.parametrize("gate_mode", ["fixed", "query"])
+@pytest.mark.parametrize("gate_mode", ["fixed", "query", "route"])
 def test_vllm_serves_the_same_greedy_answers_as_generate(smollm, tmp_path, gate_mode):
     converted, base, tokenizer = smollm
     model = imsm_model(base, gate_mode, lora_scale=0.03 if gate_mode == "fixed" else 0.02)
@@ -130,10 +135,10 @@ def test_vllm_serves_the_same_greedy_answers_as_generate(smollm, tmp_path, gate_
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     port = client.free_port()
-    # Query mode: prefix caching off (required), and chunked prefill forced (16-token steps: the ~40-token prompts
+    # Query and route modes: prefix caching off (required), and chunked prefill forced (16-token steps: the ~40-token prompts
     # prefill over several steps, beside other requests' decode tokens), where the query summary is hardest.
     extra = ("--no-enable-prefix-caching", "--max-num-batched-tokens", "16", "--max-num-seqs", "4")
-    extra = extra if gate_mode == "query" else ()
+    extra = extra if gate_mode in ("query", "route") else ()
     env = {"OMP_NUM_THREADS": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     server = client.start_server(VLLM_PYTHON, out_dir, port, extra, log_path=tmp_path / "serve.log", env=env)
     try:
@@ -152,7 +157,7 @@ def test_vllm_serves_the_same_greedy_answers_as_generate(smollm, tmp_path, gate_
             reference = logprobs_of(model, prompt, want, "generate")
             gap = (torch.tensor(answer["logprobs"]) - reference).abs().max().item()
             assert gap < 1e-3, f"{gate_mode} gate, {question!r}: vLLM's logprobs differ from generate()'s by {gap:.2e}"
-            if gate_mode == "query":
+            if gate_mode in ("query", "route"):
                 wrong_gap = (logprobs_of(model, prompt, want, "wrong") - reference).abs().max().item()
                 gaps.append((gap, wrong_gap))
             continue
@@ -172,7 +177,10 @@ def test_vllm_serves_the_same_greedy_answers_as_generate(smollm, tmp_path, gate_
             f"{margin:.2e}:\n vLLM:     {tokenizer.decode(got)!r}\n generate: {tokenizer.decode(want)!r}"
         )
     assert len(diverged) <= 1, f"more than one answer diverged (by float rounding): {diverged}"
-    if gate_mode == "query":  # the query summary matters: a wrong one moves the logprobs 10x more than vLLM's error
+    if gate_mode in (
+        "query",
+        "route",
+    ):  # the query summary matters: a wrong one moves the logprobs 10x more than vLLM's error
         assert gaps and max(w for _, w in gaps) > 1e-2 and max(w for _, w in gaps) > 10 * max(g for g, _ in gaps), gaps
     assert expected != base_answers, "the IMSM adapter should change some answer of the base model"
     assert expected != adapter_alone, "IMSM's answers should differ from the adapter alone's"
