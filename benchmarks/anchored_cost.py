@@ -9,6 +9,8 @@ step and the median wall time is reported, with the ratio to plain LoRA:
 * ``IMSM + self anchors [gate] (w=1)``: the anchor term trains the gate only (the adapted view runs without autograd
   there);
 * ``IMSM + self anchors [gate+adapter] (w=1)``: the anchor term trains the adapter too;
+* ``IMSM w/o gate + self anchors [adapter] (w=1)``: the gate fixed at 0.5, the anchor term trains the adapter;
+* ``IMSM route gate + self anchors [gate+adapter] (w=1)``: the route gate with its routing term;
 * ``LoRA + anchor KL (w=1)``: ``imsm-bench``'s self-distillation baseline (the frozen logits on the anchors computed once,
   under ``disable_adapter()``, as IMSM computes its frozen side once);
 * ``... (every k)``: the anchor term on every k-th step only, weighted k x there (``AnchorConfig.every``); the figure
@@ -20,6 +22,8 @@ step and the median wall time is reported, with the ratio to plain LoRA:
 
     python benchmarks/anchored_cost.py [--steps 32] [--threads 1] [--every 4] [--no-retrofit]
     python benchmarks/anchored_cost.py --model <SmolLM2 folder or GGUF> --steps 8   # imsm-bench --protocol real's step
+
+With ``--model``, self anchors are whole chat prompts (``AnchorConfig.from_tokenizer``'s).
 
 The anchors are sampled before the timed steps (as ``prepare_anchors`` does before training).
 """
@@ -51,7 +55,7 @@ from imsm_bench.runner import (
     retrofit_methods,
     training_loss,
 )
-from peft_imsm.anchors import chat_start_tokens
+from peft_imsm.anchors import chat_end_tokens, chat_start_tokens
 
 _ANCHORED = {m.name: m for m in anchored_methods((1.0,))}  # the benchmark's own rows (names and settings)
 METHODS = [
@@ -60,6 +64,7 @@ METHODS = [
     _ANCHORED["IMSM + self anchors [gate] (w=1)"],
     _ANCHORED["IMSM + self anchors [gate+adapter] (w=1)"],
     _ANCHORED["IMSM w/o gate + self anchors [adapter] (w=1)"],
+    _ANCHORED["IMSM route gate + self anchors [gate+adapter] (w=1)"],
     _ANCHORED["LoRA + anchor KL (w=1)"],
 ]
 
@@ -125,14 +130,14 @@ def main() -> None:
         settings = settings_from(bench_args, **REAL_SETTINGS)
         examples = max(4 * settings.batch_size, settings.retrofit_examples)
         train = encode_examples(tokenizer, tag_examples(examples, "train", 0), settings.max_length, chat=True)
-        start_tokens = chat_start_tokens(tokenizer)
+        start_tokens, end_tokens = chat_start_tokens(tokenizer), chat_end_tokens(tokenizer)
         setting = f"{args.model}, --protocol real"
     else:
         base, tokenizer = load_skills_lm()
         settings = FinetuneSettings(target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lr=2e-3)  # default run
         examples = max(4 * settings.batch_size, settings.retrofit_examples)
         train = encode_examples(tokenizer, make_examples(TARGET_TASK, examples, 0, "train"), 64)
-        start_tokens = None
+        start_tokens = end_tokens = None
         setting = "skills LM"
     # timed steps cycle through 4 batches of the first examples; the retrofit takes its sample from all of them
     batches = [
@@ -146,7 +151,8 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"error: unknown method(s) {sorted(unknown)}; known: {[m.name for m in methods]}")
         methods = [m for m in methods if m.name in wanted]
-    methods = [dataclasses.replace(m, extra={**m.extra, "start_tokens": start_tokens}) for m in methods]
+    anchors = {"start_tokens": start_tokens, "end_tokens": end_tokens}
+    methods = [dataclasses.replace(m, extra={**m.extra, **anchors}) for m in methods]
     trainees = [Trainee(m, settings, base, tokenizer) for m in methods]
     for t in trainees:  # warm-up
         t.period(batches, 0)
@@ -158,7 +164,7 @@ def main() -> None:
     lora = statistics.median(times["LoRA"]) * 1e3
     if not args.no_retrofit:  # the retrofit of the LoRA just trained, as imsm-bench derives it (see the docstring)
         method = retrofit_methods((1.0,))[0]
-        method.extra["start_tokens"] = start_tokens
+        method.extra.update(anchors)
         lora_model = next(t for t in trainees if t.method.name == "LoRA").model
         _, log = retrofit_lora(copy.deepcopy(lora_model), tokenizer, train, settings, 0, method)
         name = f"LoRA + retrofit [gate] (whole run of {settings.steps} steps)"

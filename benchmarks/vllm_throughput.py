@@ -1,16 +1,17 @@
 """Throughput of ``vllm serve`` with the IMSM plugin against vLLM serving the same LoRA merged into the base.
 
 The cost of IMSM's second view in a production engine: the same SmolLM2-135M-Instruct, the same LoRA (r=16 on every
-linear layer, perturbed), once exported as an IMSM adapter (``imsm-export``; fixed gate, the recommended setting)
+linear layer, perturbed), once exported as an IMSM adapter (``imsm-export``; the route gate, the recommended setting, by default)
 and served by ``imsm_vllm``, once merged into the base weights (``W + scaling * B @ A``, written as a plain Llama
 folder) and served by vLLM's own Llama. For each server and each concurrency (1, 4, 16 requests in flight), it sends
 ``max(--waves x concurrency, --min-requests)`` chat requests of ``--max-tokens`` generated tokens each (greedy, ``ignore_eos`` so every
 answer has the same length) and reports requests/s and generated tokens/s over the whole wave set (one warm-up
 request first). Both servers run at once and the bursts alternate between them, ``--repeats`` times (the fastest
-burst is reported, every burst is in the JSON), so that other work on a shared machine slows both alike.
+burst is reported, with the median ratio of each IMSM burst to the merged burst just before it; every burst is in
+the JSON), so that other work on a shared machine slows both alike.
 
     IMSM_VLLM_PYTHON=/opt/vllm-env/bin/python python benchmarks/vllm_throughput.py [--max-tokens 64] [--waves 2]
-        [--concurrency 1,4,16] [--gate-mode fixed] [--json results.json] [--work DIR]
+        [--concurrency 1,4,16] [--gate-mode route] [--json results.json] [--work DIR]
 
 Runs in the training environment (it builds the adapter with peft_imsm); the servers run in ``IMSM_VLLM_PYTHON``'s
 environment with ``--dtype float32 --max-model-len 512 --enforce-eager`` and ``VLLM_CPU_KVCACHE_SPACE=2``.
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -60,7 +62,9 @@ def build_folders(base_dir: Path, work: Path, gate_mode: str) -> tuple[Path, Pat
     """The IMSM folder (imsm-export) and the merged-LoRA folder of the same perturbed LoRA."""
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
-    model = get_peft_model(copy.deepcopy(base), peft_imsm.IMSMConfig(adapter_config=lora, gate_mode=gate_mode))
+    anchor = peft_imsm.AnchorConfig() if gate_mode == "route" else None  # (the route gate learns from anchors)
+    config = peft_imsm.IMSMConfig(adapter_config=lora, gate_mode=gate_mode, anchor=anchor)
+    model = get_peft_model(copy.deepcopy(base), config)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -134,7 +138,7 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=4, help="at least this many requests per level")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved bursts per server and level (best)")
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--gate-mode", default="fixed", choices=["fixed", "token", "query"])
+    parser.add_argument("--gate-mode", default="route", choices=["route", "fixed", "token", "query"])
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     args = parser.parse_args()
@@ -147,7 +151,7 @@ def main() -> None:
     imsm_dir, merged_dir = build_folders(smollm2_folder(work / "cache"), work, args.gate_mode)
     results = {"settings": {**vars(args), "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                             "python": sys.version.split()[0]}}  # fmt: skip
-    extra = {"query": ("--no-enable-prefix-caching",)}.get(args.gate_mode, ())
+    extra = ("--no-enable-prefix-caching",) if args.gate_mode in ("query", "route") else ()
     imsm_name = f"IMSM ({args.gate_mode} gate)"
     servers = {"merged LoRA": (merged_dir, ()), imsm_name: (imsm_dir, extra)}
     results.update(measure(python, servers, concurrencies, args.max_tokens, args.waves, args.min_requests,
@@ -161,6 +165,16 @@ def main() -> None:
         m, i = merged[c], imsm[c]
         print(f"| {c} | {m['requests_per_s']:.2f} | {m['tokens_per_s']:.1f} | {i['requests_per_s']:.2f} | "
               f"{i['tokens_per_s']:.1f} | {i['tokens_per_s'] / m['tokens_per_s']:.2f}x |")  # fmt: skip
+    # Each IMSM burst against the merged burst just before it (alternating bursts see the same machine state).
+    results["paired_ratios"] = {}
+    for c in concurrencies:
+        pairs = zip(results["merged LoRA"]["bursts"][c], results[imsm_name]["bursts"][c], strict=True)
+        ratios = sorted(i["tokens_per_s"] / m["tokens_per_s"] for m, i in pairs)
+        results["paired_ratios"][c] = ratios
+        print(
+            f"{c} concurrent: IMSM / merged per burst pair {', '.join(f'{r:.2f}' for r in ratios)}; "
+            f"median {statistics.median(ratios):.2f}x"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

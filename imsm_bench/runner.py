@@ -156,9 +156,18 @@ def anchored_methods(weights: tuple[float, ...]) -> list[Method]:
 def routed_methods(weights: tuple[float, ...]) -> list[Method]:
     """Per anchor weight, the anchored query gate with the routing term (``AnchorConfig(route_weight=1)``: the gate
     trained towards the frozen view on the anchors and towards the adapter on the target), with the anchor term
-    training the gate only and gate+adapter. Run only when named in ``--methods``."""
+    training the gate only and gate+adapter; and the route gate's ablations: the anchor term training the router
+    only ([gate]), and the router at the adapter's learning rate (``gate_lr_scale=1``) or 300x it. Run only when named in
+    ``--methods``."""
     methods = []
     for w in weights:
+        methods += [
+            Method(f"IMSM route gate + self anchors [gate] (w={w:g})", "imsm", "route", anchor_weight=w,
+                   anchor_train_adapter=False, group="anchor"),
+            *(Method(f"IMSM route gate (gate lr x{k:g}) + self anchors [gate+adapter] (w={w:g})", "imsm", "route",
+                     anchor_weight=w, anchor_train_adapter=True, group="anchor", extra={"gate_lr_scale": float(k)})
+              for k in (1, 300)),
+        ]  # fmt: skip
         for label, train_adapter in (("gate", False), ("gate+adapter", True)):
             for scale in (1, 10, 30):
                 suffix = f" (gate lr x{scale})" if scale != 1 else ""

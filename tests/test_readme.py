@@ -214,7 +214,7 @@ def _saved_adapters(model: Path, work: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     configs = {"smollm2-lora": lora, "smollm2-imsm": peft_imsm.IMSMConfig(
-        adapter_config=lora, gate_mode="fixed", anchor=peft_imsm.AnchorConfig.from_tokenizer(tokenizer))}  # fmt: skip
+        adapter_config=lora, gate_mode="route", anchor=peft_imsm.AnchorConfig.from_tokenizer(tokenizer))}  # fmt: skip
     for name, config in configs.items():
         torch.manual_seed(0)
         peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), config)
