@@ -520,5 +520,5 @@ def test_gate_lr_scale_is_the_same_gate_whose_adam_steps_are_k_times_larger(tmp_
     assert loaded.base_model.gate.lr_scale == 10.0
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
-    with pytest.raises(ValueError, match="gate_lr_scale must be a finite number > 0"):
+    with pytest.raises(ValueError, match="gate_lr_scale must be None or a finite number > 0"):
         IMSMConfig(adapter_config=LoraConfig(), gate_lr_scale=0.0)

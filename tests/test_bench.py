@@ -32,7 +32,8 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
         "IMSM w/o query", "IMSM w/o gate",
         *(f"{kind} (w={w})" for w in ("0.5", "2") for kind in (
             "LoRA + anchor KL", "IMSM + self anchors [gate]", "IMSM + self anchors [gate+adapter]",
-            "IMSM w/o gate + self anchors [adapter]", "LoRA + retrofit [gate]")),
+            "IMSM w/o gate + self anchors [adapter]", "IMSM route gate + self anchors [gate+adapter]",
+            "LoRA + retrofit [gate]")),
     }  # fmt: skip
     assert set(methods) == expected
     tasks = [results["target"], *results["retention_tasks"]]
