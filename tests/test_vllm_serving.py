@@ -58,7 +58,7 @@ def smollm(tmp_path_factory):
     return converted, model, tokenizer
 
 
-def imsm_model(base, gate_mode: str, seed: int = 0, lora_scale: float = 0.02):
+def imsm_model(base, gate_mode: str, seed: int = 0, lora_scale: float = 0.02, prompts=()):
     """An IMSM adapter on SmolLM2 whose LoRA (r=8, every linear layer) and gate are perturbed enough that the
     greedy answers differ from the base model's and from the adapter alone's (scales checked with these
     questions: with the fixed gate, LoRA at 0.02 gives the adapter alone's answers, 0.03 does not)."""
@@ -72,9 +72,13 @@ def imsm_model(base, gate_mode: str, seed: int = 0, lora_scale: float = 0.02):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * lora_scale)
-        if gate_mode == "route":  # a router whose gate differs between prompts (logits of about +-1.5)
+        if gate_mode == "route":  # a router whose gate differs between ``prompts``, centred on 0.5 over them
             gate, gen = model.base_model.gate, torch.Generator().manual_seed(seed + 1)
-            gate.W_R.weight.copy_(torch.randn(gate.W_R.weight.shape, generator=gen) * 0.05 / gate.lr_scale)
+            w_r = torch.randn(gate.W_R.weight.shape, generator=gen) * 0.3
+            summaries = torch.stack([base(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states[-1][0]
+                                     .mean(0) for p in prompts])  # fmt: skip
+            gate.W_R.weight.copy_(w_r / gate.lr_scale)
+            gate.W_R.bias.copy_(-(summaries @ w_r.T).mean(0) / gate.lr_scale)
         elif gate_mode != "fixed":  # a gate that leans on the query summaries (query mode) or the token states
             gate, d, gen = model.base_model.gate, base.config.hidden_size, torch.Generator().manual_seed(seed + 1)
             w_a = torch.randn(gate.W_A.weight.shape, generator=gen) * (0.3 if gate_mode == "query" else 0.05)
@@ -122,10 +126,10 @@ def greedy(generate, tokenizer, prompt: list[int]) -> list[int]:
 @pytest.mark.parametrize("gate_mode", ["fixed", "query", "route"])
 def test_vllm_serves_the_same_greedy_answers_as_generate(smollm, tmp_path, gate_mode):
     converted, base, tokenizer = smollm
-    model = imsm_model(base, gate_mode, lora_scale=0.03 if gate_mode == "fixed" else 0.02)
+    prompts = [chat_prompt(tokenizer, q) for q in QUESTIONS]
+    model = imsm_model(base, gate_mode, lora_scale=0.03 if gate_mode == "fixed" else 0.02, prompts=prompts)
     adapter_dir, out_dir = tmp_path / "adapter", tmp_path / "served"
     model.save_pretrained(adapter_dir)
-    prompts = [chat_prompt(tokenizer, q) for q in QUESTIONS]
     expected = [greedy(model.generate, tokenizer, p) for p in prompts]
     adapter_alone = [greedy(model.base_model.model.generate, tokenizer, p) for p in prompts]  # (no IMSM call)
     base_answers = [greedy(base.generate, tokenizer, p) for p in prompts]
