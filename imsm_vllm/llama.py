@@ -184,11 +184,9 @@ class IMSMLlamaForCausalLM(nn.Module):
         if self.query_summary is None:
             return self.gate(h_frozen, h_adapted)
         is_prompt = prompt_lengths.prompt_token_mask(self.query_summary.first_layer_name, positions)
-        q_frozen = self.query_summary(h_frozen, "frozen", is_prompt)
-        if self.gate.mode == "route":
-            return self.gate(h_frozen, h_adapted, q_frozen)
-        q_adapted = self.query_summary(h_adapted, "adapted", is_prompt)
-        return self.gate(h_frozen, h_adapted, q_frozen, q_adapted)
+        views = {"frozen": h_frozen, "adapted": h_adapted}
+        q = {view: self.query_summary(views[view], view, is_prompt) for view in self.query_summary.views}
+        return self.gate(h_frozen, h_adapted, q["frozen"], q.get("adapted"))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

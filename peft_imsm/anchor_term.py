@@ -189,7 +189,7 @@ class AnchorRegularizer:
             shared_prefix=anchors.prefix_worth_sharing(len(rows)),
         )
         on_gate = functools.partial(self._stats.observe_gate, stat="anchor_gate")
-        gates = [] if (config.route_weight or 0.0) > 0 else None
+        gates = [] if self.routes else None
         if gates is not None:
             on_gate = collecting(on_gate, gates)
         with self._dual_pass.call(anchor=anchor, on_gate=on_gate), torch.enable_grad():

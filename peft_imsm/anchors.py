@@ -240,7 +240,24 @@ def process_rank() -> int:
     return 0
 
 
-@torch.no_grad()
+def _around_user_text(tokenizer: Any, side: str) -> list[int]:
+    """The chat template's token ids before (``side="start"``) or after (``"end"``, with the generation prompt) a
+    user message's text."""
+    if not getattr(tokenizer, "chat_template", None):
+        what, unset = ("start from", "start_tokens unset (anchors start from the BOS token)") if side == "start" else (
+            "end", "end_tokens unset")  # fmt: skip
+        raise ValueError(
+            f"The tokenizer {type(tokenizer).__name__} has no chat template, so anchors cannot {what} a user turn: "
+            f"leave AnchorConfig.{unset} or set a chat template."
+        )
+    marker = "\x00MARK\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=side == "end"
+    )
+    before, after = text.split(marker)
+    return tokenizer(before if side == "start" else after, add_special_tokens=False)["input_ids"]
+
+
 def chat_start_tokens(tokenizer: Any) -> list[int]:
     """The chat template's token ids before a user message's text (its system turn included, if it adds one).
 
@@ -248,14 +265,7 @@ def chat_start_tokens(tokenizer: Any) -> list[int]:
     user turn, so they look like the prompts the model answers (from a bare BOS token an instruct model samples
     text unlike any chat). Raises ``ValueError`` for a tokenizer without a chat template.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"The tokenizer {type(tokenizer).__name__} has no chat template, so anchors cannot start from a user "
-            "turn: leave AnchorConfig.start_tokens unset (anchors start from the BOS token) or set a chat template."
-        )
-    marker = "\x00MARK\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
-    return tokenizer(text.split(marker)[0], add_special_tokens=False)["input_ids"]
+    return _around_user_text(tokenizer, "start")
 
 
 def chat_end_tokens(tokenizer: Any) -> list[int]:
@@ -266,16 +276,7 @@ def chat_end_tokens(tokenizer: Any) -> list[int]:
     end_tokens=chat_end_tokens(tok))`` makes every self anchor a whole chat prompt, as the model gets it. Raises
     ``ValueError`` for a tokenizer without a chat template.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"The tokenizer {type(tokenizer).__name__} has no chat template, so anchors cannot end a user turn: "
-            "leave AnchorConfig.end_tokens unset or set a chat template."
-        )
-    marker = "\x00MARK\x00"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
-    )
-    return tokenizer(text.split(marker)[1], add_special_tokens=False)["input_ids"]
+    return _around_user_text(tokenizer, "end")
 
 
 def user_turn_end(tokenizer: Any) -> list[int] | None:

@@ -35,7 +35,8 @@ class IMSMCacheMixin:
         imsm_frozen: the frozen view's cache in the two-cache layout, else None.
         imsm_half_rows: in the stacked layout, the number of rows of each view.
         imsm_query_frozen: ``[batch, d]`` float32 query summary of the frozen view, set at prefill.
-        imsm_query_adapted: ``[batch, d]`` float32 query summary of the adapted view, set at prefill.
+        imsm_query_adapted: ``[batch, d]`` float32 query summary of the adapted view, set at prefill (None for the
+            route gate).
     """
 
     imsm_frozen: Cache | None
@@ -46,6 +47,7 @@ class IMSMCacheMixin:
     def _imsm_rows(self, fn) -> None:
         if self.imsm_query_frozen is not None:
             self.imsm_query_frozen = fn(self.imsm_query_frozen)
+        if self.imsm_query_adapted is not None:  # (None for the route gate, which reads the frozen summary only)
             self.imsm_query_adapted = fn(self.imsm_query_adapted)
 
     @property

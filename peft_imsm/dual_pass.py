@@ -355,7 +355,9 @@ class DualPass:
         gate = self._get_gate()
         q_frozen = q_adapted = None
         if gate.reads_query:
-            q_frozen, q_adapted = per_token_queries(h_frozen, h_adapted, step.index, step.cache)
+            q_frozen, q_adapted = per_token_queries(
+                h_frozen, h_adapted, step.index, step.cache, adapted=gate.mode == "query"
+            )
         g = gate(h_frozen, h_adapted, q_frozen, q_adapted)
         call.interwoven += 1
         if call.on_gate is not None:

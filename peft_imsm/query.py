@@ -159,8 +159,8 @@ def per_token(summary: torch.Tensor, index: QueryIndex) -> torch.Tensor:
 
 
 def per_token_queries(
-    h_frozen: torch.Tensor, h_adapted: torch.Tensor, index: QueryIndex | None, cache: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
+    h_frozen: torch.Tensor, h_adapted: torch.Tensor, index: QueryIndex | None, cache: Any, adapted: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each view's query summary at every token (``[batch, seq, d]`` each), the query gate's inputs.
 
     Args:
@@ -168,14 +168,16 @@ def per_token_queries(
         index: the pass's query tokens; None at a decode step, whose summaries the KV cache keeps.
         cache: the pass's two-view KV cache (see :mod:`peft_imsm.cache`) or None. With ``index``, the new
             summaries are kept on it (computed once, at prefill); without, they are read from it.
+        adapted: also the adapted view's summary; False (the route gate, which reads the frozen one only) gives
+            None for it and computes nothing for that view.
     """
+    rows, seq = h_adapted.shape[:2]
     if index is None:
-        rows, seq = h_adapted.shape[:2]
-        return tuple(
-            summary[:, None, :].expand(rows, seq, summary.shape[-1])
-            for summary in (cache.imsm_query_frozen, cache.imsm_query_adapted)
-        )
-    summary_frozen, summary_adapted = query_summary(h_frozen, index), query_summary(h_adapted, index)
+        summaries = (cache.imsm_query_frozen, cache.imsm_query_adapted if adapted else None)
+        return tuple(None if q is None else q[:, None, :].expand(rows, seq, q.shape[-1]) for q in summaries)
+    summary_frozen = query_summary(h_frozen, index)
+    summary_adapted = query_summary(h_adapted, index) if adapted else None
     if cache is not None:
-        cache.imsm_query_frozen, cache.imsm_query_adapted = summary_frozen.detach(), summary_adapted.detach()
-    return per_token(summary_frozen, index), per_token(summary_adapted, index)
+        cache.imsm_query_frozen = summary_frozen.detach()
+        cache.imsm_query_adapted = None if summary_adapted is None else summary_adapted.detach()
+    return per_token(summary_frozen, index), None if summary_adapted is None else per_token(summary_adapted, index)

@@ -132,3 +132,15 @@ def char_llama_config(tokenizer, hidden_size: int = 48) -> transformers.LlamaCon
         num_attention_heads=4, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
+
+
+def plain_adapted_reference(arch: str, kind: str, imsm_model):
+    """The plain peft model (no IMSM) with the same wrapped-adapter weights as ``imsm_model``."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    ref = get_peft_model(tiny_model(arch), adapter_config(kind, identity=False))
+    state = {k: v for k, v in get_peft_model_state_dict(imsm_model).items() if "imsm_gate" not in k}
+    result = set_peft_model_state_dict(ref, state)
+    assert not result.unexpected_keys
+    ref.eval()
+    return ref

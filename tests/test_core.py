@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ADAPTERS, ARCHS, adapter_config, batch, perturb_adapter, tiny_model
+from helpers import ADAPTERS, ARCHS, adapter_config, batch, perturb_adapter, plain_adapted_reference, tiny_model
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from peft_imsm import IMSMConfig
@@ -18,16 +18,6 @@ def imsm(arch: str, kind: str, identity: bool = True, **config_kwargs):
         perturb_adapter(model)
     model.eval()
     return model
-
-
-def plain_adapted_reference(arch: str, kind: str, imsm_model):
-    """The plain peft model (no IMSM) with the same wrapped-adapter weights as ``imsm_model``."""
-    ref = get_peft_model(tiny_model(arch), adapter_config(kind, identity=False))
-    state = {k: v for k, v in get_peft_model_state_dict(imsm_model).items() if "imsm_gate" not in k}
-    result = set_peft_model_state_dict(ref, state)
-    assert not result.unexpected_keys
-    ref.eval()
-    return ref
 
 
 @pytest.mark.parametrize("kind", ADAPTERS)

@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import ARCHS, adapter_config, batch, perturb_adapter, tiny_model
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from helpers import ARCHS, adapter_config, batch, perturb_adapter, plain_adapted_reference, tiny_model
+from peft import PeftModel, get_peft_model
 
 import peft_imsm
 from peft_imsm import AnchorConfig, IMSMConfig
@@ -35,11 +35,7 @@ def randomise_router(model, seed: int = 0) -> None:
 def reference_logits(arch: str, model, ids, mask, query_mask):
     """The route gate's output by hand: both views from models without IMSM, the frozen view's mean final state over
     ``query_mask`` per row, ``g = sigmoid(q @ W_R.T + b_R)``, the head on ``g * h_frozen + (1 - g) * h_adapted``."""
-    base = tiny_model(arch)
-    adapted = get_peft_model(tiny_model(arch), adapter_config("lora", identity=False))
-    state = {k: v for k, v in get_peft_model_state_dict(model).items() if "imsm_gate" not in k}
-    assert not set_peft_model_state_dict(adapted, state).unexpected_keys
-    adapted.eval()
+    base, adapted = tiny_model(arch), plain_adapted_reference(arch, "lora", model)
     W_R, b_R = model.base_model.gate.router()
     with torch.no_grad():
         h_frozen = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
