@@ -155,6 +155,11 @@ class IMSMLlamaForCausalLM(nn.Module):
         self.imsm = imsm_section(config)
         self.model_path = vllm_config.model_config.model
         _refuse_unsupported(vllm_config, self.imsm)
+        if self.imsm["base_architecture"] == "Qwen2ForCausalLM":
+            # Qwen2 = Llama + biases on q/k/v (none on o_proj). vLLM's LlamaAttention builds the fused qkv_proj's bias
+            # from `config.qkv_bias` (its internlm3 switch), which a Qwen2 config lacks; without it vLLM's Llama
+            # loader skips the biases without a word (its GPTQ rule for extra biases) and serves a wrong model.
+            config.qkv_bias = True
         self.model = IMSMLlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         if config.tie_word_embeddings:
@@ -195,9 +200,18 @@ class IMSMLlamaForCausalLM(nn.Module):
         """The base weights from vLLM's loader (``imsm.*`` tensors skipped there), then the adapter file."""
         from safetensors.torch import load_file
 
-        base = ((name, w) for name, w in weights if not name.startswith("imsm."))
+        biases: list[str] = []
+
+        def base():
+            for name, w in weights:
+                if not name.startswith("imsm."):
+                    if name.endswith(".bias"):
+                        biases.append(name)
+                    yield name, w
+
         ignore = ["lm_head."] if self.config.tie_word_embeddings else []
-        loaded = AutoWeightsLoader(self, ignore_unexpected_prefixes=ignore).load_weights(base)
+        loaded = AutoWeightsLoader(self, ignore_unexpected_prefixes=ignore).load_weights(base())
+        _refuse_skipped_biases(biases, {name for name, _ in self.named_parameters()})
         path = os.path.join(self.model_path, self.imsm.get("adapter_file", "imsm_adapter.safetensors"))
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -221,6 +235,28 @@ class IMSMLlamaForCausalLM(nn.Module):
                 "Run imsm-export again."
             )
         return loaded
+
+
+_FUSED_NAME = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+               "up_proj": "gate_up_proj"}  # fmt: skip
+
+
+def _refuse_skipped_biases(hf_biases: list[str], params: set[str]) -> None:
+    """vLLM's Llama loader silently skips a checkpoint's bias that the built layer lacks: refuse instead."""
+    missing = []
+    for name in hf_biases:
+        parts = name.split(".")
+        if len(parts) >= 2:
+            parts[-2] = _FUSED_NAME.get(parts[-2], parts[-2])
+        if ".".join(parts) not in params:
+            missing.append(name)
+    if missing:
+        raise ValueError(
+            f"The base checkpoint has {len(missing)} bias tensor(s) that imsm_vllm's Llama layers do not have "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): serving without them would give wrong "
+            "answers. This base architecture's biases are not implemented; serve the adapter with peft_imsm's "
+            "generate()."
+        )
 
 
 def _refuse_unsupported(vllm_config: VllmConfig, imsm: dict) -> None:

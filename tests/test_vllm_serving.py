@@ -1,6 +1,6 @@
 """``imsm-export`` + ``vllm serve`` on the real SmolLM2-135M-Instruct: the same greedy answers as peft_imsm's
-``generate()``, for 4 concurrent OpenAI chat requests, with a fixed gate and with the learned query gate (the latter
-with chunked prefill forced).
+``generate()``, for 4 concurrent OpenAI chat requests, with the fixed, query and route gates (the latter two with
+chunked prefill forced); and small random Mistral and Qwen2 bases served alike.
 
 vLLM runs in its own virtual environment (its CPU build pins transformers below this project's range; see
 ``docs/serving.md``): set ``IMSM_VLLM_PYTHON`` to that environment's python, in which this project is installed with
@@ -188,3 +188,51 @@ def test_vllm_serves_the_same_greedy_answers_as_generate(smollm, tmp_path, gate_
         assert gaps and max(w for _, w in gaps) > 1e-2 and max(w for _, w in gaps) > 10 * max(g for g, _ in gaps), gaps
     assert expected != base_answers, "the IMSM adapter should change some answer of the base model"
     assert expected != adapter_alone, "IMSM's answers should differ from the adapter alone's"
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_vllm_serves_mistral_and_qwen2_bases(smollm, tmp_path, arch):
+    """The other architectures the plugin builds on vLLM's Llama layers: a small random Mistral and Qwen2 base (Qwen2
+    with random q/k/v biases, the one structural difference) with SmolLM2's tokenizer and chat template, an IMSM route
+    adapter with perturbed LoRA and router: vLLM's greedy tokens are generate()'s."""
+    converted, _, tokenizer = smollm
+    cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[arch]
+    extra = {"sliding_window": None} if arch == "mistral" else {"use_sliding_window": False}
+    config = cls(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id, **extra)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # (a random base is nearly uniform: larger weights give decided, distinct greedy tokens)
+        for name, param in base.named_parameters():
+            if param.ndim == 2:
+                param.mul_(8.0)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+    if arch == "qwen2":
+        assert base.model.layers[0].self_attn.q_proj.bias is not None
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    prompts = [chat_prompt(tokenizer, q) for q in QUESTIONS]
+    model = imsm_model(base, "route", lora_scale=0.5, prompts=prompts)
+    adapter_dir, out_dir = tmp_path / "adapter", tmp_path / "served"
+    model.save_pretrained(adapter_dir)
+    expected = [greedy(model.generate, tokenizer, p) for p in prompts]
+    base_answers = [greedy(base.generate, tokenizer, p) for p in prompts]
+    assert expected != base_answers, "the IMSM adapter should change some answer of the base model"
+
+    proc = subprocess.run([sys.executable, "-m", "peft_imsm.export", str(adapter_dir), str(out_dir), "--base",
+                           str(base_dir)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    port = client.free_port()
+    extra_args = ("--no-enable-prefix-caching", "--max-num-seqs", "4")
+    env = {"OMP_NUM_THREADS": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    server = client.start_server(VLLM_PYTHON, out_dir, port, extra_args, log_path=tmp_path / "serve.log", env=env)
+    try:
+        conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+        answers, _ = client.chat_concurrently(port, conversations, MAX_TOKENS, model=str(out_dir))
+    finally:
+        client.stop_server(server)
+    assert [a["token_ids"] for a in answers] == expected
