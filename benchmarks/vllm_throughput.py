@@ -8,10 +8,12 @@ folder) and served by vLLM's own Llama. For each server and each concurrency (1,
 answer has the same length) and reports requests/s and generated tokens/s over the whole wave set (one warm-up
 request first). Both servers run at once and the bursts alternate between them, ``--repeats`` times (the fastest
 burst is reported, with the median ratio of each IMSM burst to the merged burst just before it; every burst is in
-the JSON), so that other work on a shared machine slows both alike.
+the JSON), so that other work on a shared machine slows both alike. The IMSM server runs without prefix caching in
+the query and route modes (they need it off); ``--merged-prefix-caching off`` runs the merged server without it too.
 
     IMSM_VLLM_PYTHON=/opt/vllm-env/bin/python python benchmarks/vllm_throughput.py [--max-tokens 64] [--waves 2]
-        [--concurrency 1,4,16] [--gate-mode route] [--json results.json] [--work DIR]
+        [--concurrency 1,4,16] [--gate-mode route] [--merged-prefix-caching on|off] [--json results.json]
+        [--work DIR]
 
 Runs in the training environment (it builds the adapter with peft_imsm); the servers run in ``IMSM_VLLM_PYTHON``'s
 environment with ``--dtype float32 --max-model-len 512 --enforce-eager`` and ``VLLM_CPU_KVCACHE_SPACE=2``.
@@ -139,6 +141,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved bursts per server and level (best)")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--gate-mode", default="route", choices=["route", "fixed", "token", "query"])
+    parser.add_argument(
+        "--merged-prefix-caching", default="on", choices=["on", "off"],
+        help="vLLM's prefix caching for the merged server (on: vLLM's default; off: as the IMSM server in the query "
+        "and route modes, so that the ratio is the second view's cost alone: the requests repeat "
+        f"{len(QUESTIONS)} questions, whose prefills a cache saves)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     args = parser.parse_args()
@@ -153,7 +161,8 @@ def main() -> None:
                             "python": sys.version.split()[0]}}  # fmt: skip
     extra = ("--no-enable-prefix-caching",) if args.gate_mode in ("query", "route") else ()
     imsm_name = f"IMSM ({args.gate_mode} gate)"
-    servers = {"merged LoRA": (merged_dir, ()), imsm_name: (imsm_dir, extra)}
+    merged_extra = ("--no-enable-prefix-caching",) if args.merged_prefix_caching == "off" else ()
+    servers = {"merged LoRA": (merged_dir, merged_extra), imsm_name: (imsm_dir, extra)}
     results.update(measure(python, servers, concurrencies, args.max_tokens, args.waves, args.min_requests,
                            args.repeats, work))  # fmt: skip
     merged, imsm = results["merged LoRA"]["by_concurrency"], results[imsm_name]["by_concurrency"]

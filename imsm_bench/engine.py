@@ -101,6 +101,8 @@ def run(
             continue
         row: dict[str, Any] = {"kind": method.kind, "group": method.group, "anchor_weight": method.anchor_weight,
                                "gate_mode": method.gate_mode if method.kind == "imsm" else None}  # fmt: skip
+        if method.extra.get("anchor_texts"):
+            row["anchor_data"] = method.extra.get("anchor_texts_are") or f"{len(method.extra['anchor_texts'])} texts"
         row["scores"] = {name: summarize([r["scores"][name] for r in runs]) for name in eval_sets}
         row["metrics"] = {
             name: {

@@ -2,7 +2,8 @@
 
 * :class:`FinetuneSettings` (one run's hyper-parameters) and :class:`Method` (one row of the table);
 * the rows: :func:`default_methods` (paper methods, ablations, post-hoc LoRA baselines), :func:`anchored_methods`
-  and :func:`retrofit_methods` (one of each per anchor weight);
+  and :func:`retrofit_methods` (one of each per anchor weight), :func:`data_anchored_methods` (anchors from given
+  texts, for the default run) and :func:`routed_methods` (optional ablations);
 * building and training one method: :func:`build_model` (peft or IMSM config), :func:`finetune` (the training loop),
   :class:`SelfDistillation` (the LoRA + anchor KL baseline's term), :func:`retrofit_lora` (a trained LoRA given a
   gate with ``peft_imsm.retrofit`` + ``peft_imsm.train_gate``).
@@ -21,8 +22,8 @@ import torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
-from peft_imsm import IMSMConfig, retrofit, train_gate
-from peft_imsm.anchors import AnchorConfig, anchor_kl, sample_self_anchors
+from peft_imsm import IMSMConfig, retrofit, set_anchor_data, train_gate
+from peft_imsm.anchors import AnchorConfig, anchor_kl, sample_self_anchors, tokenize_anchor_data
 from peft_imsm.backbone import model_device
 
 from .batching import collate
@@ -179,6 +180,26 @@ def routed_methods(weights: tuple[float, ...]) -> list[Method]:
     return methods
 
 
+def data_anchored_methods(weights: tuple[float, ...], texts: tuple[str, ...], what: str,
+                          held_out: tuple[str, tuple[str, ...], str] | None = None) -> tuple[list[Method], list[Method]]:  # fmt: skip
+    """Per anchor weight, the route gate with DATA anchors (``AnchorConfig(source="data")``, ``texts``: prompts of
+    the base model's general skills, described by ``what``), and, as optional rows, LoRA + anchor KL on the same
+    texts and (``held_out = (name, texts, what)``) the route gate on anchors that leave one kind of prompt out.
+    Returns ``(rows, optional rows)``."""
+    extra = {"anchor_texts": tuple(texts), "anchor_texts_are": what}
+    rows = [Method(f"IMSM route gate + data anchors [gate+adapter] (w={w:g})", "imsm", "route", anchor_weight=w,
+                   anchor_train_adapter=True, group="anchor", extra=extra) for w in weights]  # fmt: skip
+    optional = [Method(f"LoRA + data anchor KL (w={w:g})", "lora", anchor_weight=w, group="anchor", extra=extra)
+                for w in weights]  # fmt: skip
+    if held_out is not None:
+        name, held_texts, held_what = held_out
+        optional += [Method(f"IMSM route gate + data anchors without {name} [gate+adapter] (w={w:g})", "imsm", "route",
+                            anchor_weight=w, anchor_train_adapter=True, group="anchor",
+                            extra={"anchor_texts": tuple(held_texts), "anchor_texts_are": held_what})
+                     for w in weights]  # fmt: skip
+    return rows, optional
+
+
 def retrofit_methods(weights: tuple[float, ...]) -> list[Method]:
     """Per anchor weight: the trained LoRA retrofitted with a gate (:func:`retrofit_lora`), rows derived from "LoRA"
     (each retrofit's gate is initialised from its seed alone, so its figures do not depend on the other rows)."""
@@ -228,14 +249,17 @@ def adapter_config(settings: FinetuneSettings) -> Any:
     raise ValueError(f"Unknown adapter {settings.adapter!r}; choose one of {', '.join(ADAPTERS)}.")
 
 
-def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int) -> Any:
+def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int, tokenizer: Any = None) -> Any:
+    """The peft model of ``method`` on ``base`` (``tokenizer``: for methods with data anchors)."""
     torch.manual_seed(seed)
     config = adapter_config(settings)
     if method.kind == "lora":
         return get_peft_model(base, config)
     anchor = None
+    texts = method.extra.get("anchor_texts")
     if method.anchor_weight is not None:
         anchor = AnchorConfig(
+            source="data" if texts else "self",
             weight=method.anchor_weight, num_samples=settings.anchor_samples, sample_length=settings.anchor_length,
             batch_size=settings.anchor_batch_size, every=settings.anchor_every, seed=seed,
             train_adapter=method.anchor_train_adapter,
@@ -246,7 +270,10 @@ def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int
                       gate_dropout=settings.gate_dropout, gate_scalar=method.extra.get("gate_scalar", False),
                       gate_lr_scale=method.extra.get("gate_lr_scale"),
                       anchor=anchor)  # fmt: skip
-    return get_peft_model(base, imsm)
+    model = get_peft_model(base, imsm)
+    if anchor is not None and texts:
+        set_anchor_data(model, list(texts), tokenizer)
+    return model
 
 
 def finetune(
@@ -260,7 +287,7 @@ def finetune(
 ) -> tuple[Any, dict[str, Any]]:
     """Train one method on ``train`` (same batches for every method of a seed). Returns the model and its log."""
     device = model_device(base)
-    model = build_model(base, method, settings, seed)
+    model = build_model(base, method, settings, seed, tokenizer)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
@@ -271,7 +298,7 @@ def finetune(
     )  # fmt: skip
     distill = None
     if method.kind == "lora" and method.anchor_weight is not None:
-        distill = SelfDistillation(model, method, settings, seed, device)
+        distill = SelfDistillation(model, method, settings, seed, device, tokenizer)
     rng = random.Random(seed)
     order: list[int] = []
     log: dict[str, Any] = {"loss": [], "anchor_kl": []}
@@ -312,15 +339,20 @@ class SelfDistillation:
     ``AnchorConfig.every`` does for IMSM, the term is due on every ``settings.anchor_every``-th step only, and
     :attr:`scale` (``method.anchor_weight * anchor_every``) is the factor it takes in the loss there."""
 
-    def __init__(self, model: Any, method: Method, settings: FinetuneSettings, seed: int, device: Any) -> None:
+    def __init__(self, model: Any, method: Method, settings: FinetuneSettings, seed: int, device: Any,
+                 tokenizer: Any = None) -> None:  # fmt: skip
         self.model, self.batch_size, self.device = model, settings.anchor_batch_size, device
         self.every = settings.anchor_every
         self.scale = method.anchor_weight * settings.anchor_every
-        config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length, seed=seed,
-                              start_tokens=method.extra.get("start_tokens"),
-                              end_tokens=method.extra.get("end_tokens"))  # fmt: skip
-        with model.disable_adapter():
-            self.anchors = sample_self_anchors(model.get_base_model(), config, device)
+        texts = method.extra.get("anchor_texts")
+        if texts:  # (data anchors: tokenized as IMSM's AnchorConfig(source="data") does)
+            self.anchors = tokenize_anchor_data(list(texts), tokenizer, seed=seed)
+        else:
+            config = AnchorConfig(num_samples=settings.anchor_samples, sample_length=settings.anchor_length,
+                                  seed=seed, start_tokens=method.extra.get("start_tokens"),
+                                  end_tokens=method.extra.get("end_tokens"))  # fmt: skip
+            with model.disable_adapter():
+                self.anchors = sample_self_anchors(model.get_base_model(), config, device)
         self.frozen_logits = frozen_anchor_logits_of(model, self.anchors, self.batch_size, device)
 
     def kl_at(self, step: int) -> torch.Tensor | None:

@@ -232,3 +232,14 @@ def validation_sets(n: int, exclude: list[dict]) -> dict[str, list[dict]]:
             raise ValueError(f"The {task!r} train split has fewer than {n} examples outside the training set.")
         sets[task] = rows
     return sets
+
+
+GENERAL_PROMPTS_PER_TASK: int = 16
+
+
+def general_prompts(per_task: int = GENERAL_PROMPTS_PER_TASK, tasks: tuple[str, ...] = MIXTURE_TASKS) -> list[str]:
+    """``per_task`` prompts of each of ``tasks`` (default: the mixture's; train split, seed 0, no answers): the "general prompts" a user
+    of the skills LM would have, used as data anchors. The skills LM was pretrained on answers only (its prompts
+    were never a target), so it samples nothing like them from BOS: self anchors cannot stand for them. Recall's
+    prompts ask the memorised facts, some of which its test set asks too (recall has no split)."""
+    return [row["input"] for task in tasks for row in make_examples(task, per_task, 0, "train")]

@@ -33,7 +33,7 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
         *(f"{kind} (w={w})" for w in ("0.5", "2") for kind in (
             "LoRA + anchor KL", "IMSM + self anchors [gate]", "IMSM + self anchors [gate+adapter]",
             "IMSM w/o gate + self anchors [adapter]", "IMSM route gate + self anchors [gate+adapter]",
-            "LoRA + retrofit [gate]")),
+            "IMSM route gate + data anchors [gate+adapter]", "LoRA + retrofit [gate]")),
     }  # fmt: skip
     assert set(methods) == expected
     tasks = [results["target"], *results["retention_tasks"]]
@@ -48,6 +48,8 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
     assert methods["IMSM w/o gate"]["gate_others"]["mean"] == pytest.approx(0.5)
     assert methods["IMSM w/o gate + self anchors [adapter] (w=2)"]["gate_target"]["mean"] == pytest.approx(0.5)
     assert methods["base model"]["scores"][tasks[1]]["std"] == 0.0
+    assert methods["IMSM route gate + data anchors [gate+adapter] (w=2)"]["anchor_data"].startswith("16 train-split")
+    assert "anchor_data" not in methods["IMSM route gate + self anchors [gate+adapter] (w=2)"]
     # Same seeds, same data: a second run, one method at a time in this process (--jobs 1) instead of two worker
     # processes, reproduces the figures exactly (the skills LM now comes from the cache).
     subset = [
@@ -60,8 +62,9 @@ def test_default_run_at_reduced_size(tmp_path, capsys):
     ]
     again_out = tmp_path / "again"
     argv = [*REDUCED, "--seeds", "2", "--cache-dir", str(cache), "--out", str(again_out), "--jobs", "1"]
-    assert main([*argv, "--methods", ",".join(subset)]) == 0
+    assert main([*argv, "--methods", ",".join([*subset, "LoRA + data anchor KL (w=2)"])]) == 0
     again = json.loads((again_out / "results.json").read_text())["methods"]
+    assert again["LoRA + data anchor KL (w=2)"]["scores"][tasks[0]]["n"] == 2  # (an optional row, named to run)
     for name in subset:
         for seed in (0, 1):
             assert again[name]["per_seed"][seed]["scores"] == methods[name]["per_seed"][seed]["scores"], (name, seed)
