@@ -30,7 +30,7 @@ from peft import PeftModel
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from .anchors import anchor_kl
+from .anchors import anchor_kl, gate_route_loss
 from .backbone import model_device
 from .gate import IMSMGate
 from .model import IMSMModel, find_imsm_tuner, prepare_anchors, set_anchor_data
@@ -110,7 +110,8 @@ def train_gate(
        next token (target data) and the frozen view's distribution (anchors).
     3. ``steps`` AdamW steps on the gate alone: ``CE(head(interwoven state), next token)`` on ``batch_tokens``
        random supervised target tokens, plus ``anchor_weight * KL(p_frozen || p_imsm)`` on ``anchor_batch_tokens``
-       random anchor tokens: the loss that Trainer training with this config optimises, per token instead of per
+       random anchor tokens (and, with ``anchor.route_weight > 0`` as for ``gate_mode="route"``, the routing term on
+       the same tokens): the loss that Trainer training with this config optimises, per token instead of per
        sequence. The wrapped adapter is never touched (exact: both views are fixed while only the gate trains).
 
     Args:
@@ -190,9 +191,10 @@ def train_gate(
             seconds_train=0.0,
             seconds_total=0.0,
         )
+        route_weight = (config.route_weight or 0.0) if anchor is not None else 0.0
         _optimise_gate(
-            model, gate, target, anchor, log, anchor_weight=anchor_weight, steps=steps, lr=lr,
-            batch_tokens=batch_tokens, anchor_batch_tokens=anchor_batch_tokens or batch_tokens, seed=seed,
+            model, gate, target, anchor, log, anchor_weight=anchor_weight, route_weight=route_weight, steps=steps,
+            lr=lr, batch_tokens=batch_tokens, anchor_batch_tokens=anchor_batch_tokens or batch_tokens, seed=seed,
         )  # fmt: skip
         _sync(device)
         log.seconds_train = time.perf_counter() - t0
@@ -411,6 +413,7 @@ def _optimise_gate(
     log: GateTrainingLog,
     *,
     anchor_weight: float,
+    route_weight: float,
     steps: int,
     lr: float,
     batch_tokens: int,
@@ -418,7 +421,9 @@ def _optimise_gate(
     seed: int,
 ) -> None:
     """``steps`` AdamW steps on the gate alone (warmup, cosine decay): CE on ``batch_tokens`` random target tokens
-    plus ``anchor_weight`` x the anchor KL on ``anchor_batch_tokens`` random anchor tokens; losses go to ``log``."""
+    plus ``anchor_weight`` x the anchor KL on ``anchor_batch_tokens`` random anchor tokens, plus ``route_weight`` x
+    the routing term (``-log(1 - g)`` on those target tokens, ``-log g`` on those anchor tokens; 0: off); losses go
+    to ``log``."""
     params = [p for p in gate.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -433,13 +438,17 @@ def _optimise_gate(
     gate.train()
     for _ in range(steps):
         idx = torch.randint(len(target), (min(batch_tokens, len(target)),), generator=gen).to(device)
-        _, mixed = _gate_on(gate, target, idx)
+        g, mixed = _gate_on(gate, target, idx)
         task = F.cross_entropy(_model_logits(model, mixed).float(), target.labels[idx])
         loss = task
+        if route_weight > 0:
+            loss = loss + route_weight * gate_route_loss([(g[None], None)], to_frozen=False)
         kl = None
         if anchor is not None:
             a_idx = torch.randint(len(anchor), (min(anchor_batch_tokens, len(anchor)),), generator=gen).to(device)
-            _, a_mixed = _gate_on(gate, anchor, a_idx)
+            a_g, a_mixed = _gate_on(gate, anchor, a_idx)
+            if route_weight > 0:
+                loss = loss + route_weight * gate_route_loss([(a_g[None], None)], to_frozen=True)
             frozen = (
                 anchor.frozen_logp[a_idx]
                 if anchor.frozen_logp is not None

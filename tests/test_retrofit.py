@@ -9,7 +9,9 @@ Invariants tested exactly (float32):
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 
 import pytest
@@ -226,6 +228,27 @@ def test_train_gate_learns_a_separable_gate():
     log = train_gate(model, rows, steps=200, lr=2e-2, batch_tokens=64)
     assert log.task_loss[-1] < log.task_loss[0]
     assert log.anchor_gate_mean > log.gate_mean + 0.3, (log.gate_mean, log.anchor_gate_mean)
+
+
+def test_train_gate_routes_a_retrofitted_route_gate():
+    """retrofit(gate_mode="route") + train_gate: the routing term is in train_gate's loss (at the router's zero
+    initialisation g = 0.5, so route_weight=3 adds exactly 2 x 2 ln 2 to route_weight=1's first loss), and the
+    router learns to send the adapter's prompts to the adapter and the anchors to the frozen view."""
+    lora = trained_adapter("lora")
+    gen = torch.Generator().manual_seed(5)
+    prompts = torch.randint(3, VOCAB, (32, 4), generator=gen)
+    with torch.no_grad():
+        written = lora.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6,
+                                min_new_tokens=6, do_sample=False, pad_token_id=0)  # fmt: skip
+    rows = [(row.tolist(), [-100] * 4 + row[4:].tolist()) for row in written]
+    first_losses = {}
+    for route_weight in (3.0, 1.0):
+        model = retrofit(copy.deepcopy(lora), gate_mode="route",
+                         anchor=AnchorConfig(every=1, num_samples=32, sample_length=8, route_weight=route_weight))  # fmt: skip
+        log = train_gate(model, rows, steps=100, lr=1e-3, batch_tokens=64)
+        first_losses[route_weight] = log.loss[0]
+    assert first_losses[3.0] - first_losses[1.0] == pytest.approx(4 * math.log(2), abs=1e-5)
+    assert log.gate_mean < 0.3 and log.anchor_gate_mean > 0.8, (log.gate_mean, log.anchor_gate_mean)
 
 
 # --------------------------------------------------------------- an ordinary IMSM model: Trainer, save, reload
