@@ -94,6 +94,20 @@ def reduce_intruders(model: Any) -> Any:
     return model
 
 
+def hard_route(model: Any, sharpness: float = 1e4) -> Any:
+    """The route gate rounded per prompt (a hard choice of one view): the router's weights scaled by ``sharpness``,
+    so that ``sigmoid`` gives exactly 0 or 1 wherever the router's logit is at least ``17 / sharpness`` from 0."""
+    gate = model.base_model.gate
+    with torch.no_grad():
+        gate.W_R.weight.mul_(sharpness)
+        gate.W_R.bias.mul_(sharpness)
+    return model
+
+
+def _hard_route_row(trained: str, name: str) -> Method:
+    return Method(name, "derived", derive_from=trained, derive=hard_route, group="anchor")
+
+
 def default_methods(anchor_weights: tuple[float, ...] = (1.0,)) -> list[Method]:
     """The default run's rows: the paper's methods and ablations, post-hoc LoRA baselines, and per anchor weight
     the anchored methods (LoRA + anchor KL, IMSM + self anchors on the gate alone and on gate+adapter) and the
@@ -158,11 +172,14 @@ def routed_methods(weights: tuple[float, ...]) -> list[Method]:
     """Per anchor weight, the anchored query gate with the routing term (``AnchorConfig(route_weight=1)``: the gate
     trained towards the frozen view on the anchors and towards the adapter on the target), with the anchor term
     training the gate only and gate+adapter; and the route gate's ablations: the anchor term training the router
-    only ([gate]), and the router at the adapter's learning rate (``gate_lr_scale=1``) or 300x it. Run only when named in
+    only ([gate]), the router at the adapter's learning rate (``gate_lr_scale=1``) or 300x it, and the trained
+    route gate rounded per prompt (:func:`hard_route`, a hard choice of one view). Run only when named in
     ``--methods``."""
     methods = []
     for w in weights:
         methods += [
+            _hard_route_row(f"IMSM route gate + self anchors [gate+adapter] (w={w:g})",
+                            f"IMSM route gate (hard choice) + self anchors [gate+adapter] (w={w:g})"),
             Method(f"IMSM route gate + self anchors [gate] (w={w:g})", "imsm", "route", anchor_weight=w,
                    anchor_train_adapter=False, group="anchor"),
             *(Method(f"IMSM route gate (gate lr x{k:g}) + self anchors [gate+adapter] (w={w:g})", "imsm", "route",
@@ -191,6 +208,9 @@ def data_anchored_methods(weights: tuple[float, ...], texts: tuple[str, ...], wh
                    anchor_train_adapter=True, group="anchor", extra=extra) for w in weights]  # fmt: skip
     optional = [Method(f"LoRA + data anchor KL (w={w:g})", "lora", anchor_weight=w, group="anchor", extra=extra)
                 for w in weights]  # fmt: skip
+    optional += [
+        _hard_route_row(row.name, row.name.replace("route gate +", "route gate (hard choice) +")) for row in rows
+    ]
     if held_out is not None:
         name, held_texts, held_what = held_out
         optional += [Method(f"IMSM route gate + data anchors without {name} [gate+adapter] (w={w:g})", "imsm", "route",

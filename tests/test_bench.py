@@ -469,3 +469,31 @@ def test_the_benchmark_imports_go_one_way():
 
     for module in graph:
         visit(module, ())
+
+
+def test_hard_route_chooses_one_view_per_prompt():
+    """``hard_route`` (the optional "(hard choice)" rows): the trained router's logits scaled, so every prompt's gate
+    is exactly 0 or 1, on the side the soft gate leaned to."""
+    from helpers import adapter_config, batch, perturb_adapter, tiny_model
+    from peft import get_peft_model
+
+    from imsm_bench.runner import hard_route
+    from peft_imsm import AnchorConfig, IMSMConfig
+
+    config = IMSMConfig(adapter_config=adapter_config("lora", identity=False), gate_mode="route",
+                        anchor=AnchorConfig(num_samples=4, sample_length=4))  # fmt: skip
+    model = get_peft_model(tiny_model("llama"), config)
+    perturb_adapter(model)
+    gate = model.base_model.gate
+    with torch.no_grad():  # a router that sends some prompts each way
+        gate.W_R.weight.copy_(torch.randn(gate.W_R.weight.shape, generator=torch.Generator().manual_seed(0)))
+    ids, mask = batch(batch_size=8)
+    model.eval()
+    with torch.no_grad(), model.base_model.record_gate() as soft:
+        model(input_ids=ids, attention_mask=mask)
+    hard_route(model)
+    with torch.no_grad(), model.base_model.record_gate() as hard:
+        model(input_ids=ids, attention_mask=mask)
+    soft_g, hard_g = soft[0], hard[0]  # ([batch] mean gate of each prompt)
+    assert set(hard_g.tolist()) == {0.0, 1.0}, hard_g
+    assert torch.equal(hard_g, (soft_g > 0.5).float())
