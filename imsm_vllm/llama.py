@@ -40,7 +40,7 @@ from vllm.sequence import IntermediateTensors
 
 from . import prompt_lengths
 from .gate import QUERY_VIEWS, Gate, QuerySummary
-from .lora import LayerLoRA, attach_lora
+from .lora import FUSED, LayerLoRA, attach_lora
 
 FORMAT_VERSION = 1
 BASE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -237,8 +237,8 @@ class IMSMLlamaForCausalLM(nn.Module):
         return loaded
 
 
-_FUSED_NAME = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-               "up_proj": "gate_up_proj"}  # fmt: skip
+# A Hugging Face layer's name -> the vLLM fused layer holding it (from imsm_vllm.lora's map), e.g. q_proj -> qkv_proj.
+_FUSED_NAME = {hf.rsplit(".", 1)[1]: fused.rsplit(".", 1)[1] for fused, parts in FUSED.items() for hf in parts}
 
 
 def _refuse_skipped_biases(hf_biases: list[str], params: set[str]) -> None:
