@@ -4,8 +4,9 @@ The base model is the project's skills LM (:mod:`.pretrain`, pretrained on the m
 method fine-tunes it on the target task ``ends`` (LoRA r=8 on q/v, 200 steps); the score of a set is the exact match
 of greedy answers (:func:`~.pretrain.evaluate_tasks`), and the gates are read during that generation. Retention is
 the mean over the mixture's tasks. The route gate runs with self anchors and, as the skills LM samples nothing like
-its prompts, with data anchors too: prompts of the mixture tasks (:func:`~.skills.general_prompts`). ``--eval-split validation`` scores fresh draws of the train split instead of the
-test sets (for choosing settings such as the anchor weight).
+its prompts, with data anchors too: prompts of the mixture tasks (:func:`~.skills.general_prompts`).
+``--eval-split validation`` scores fresh draws of the train split instead of the test sets (for choosing settings
+such as the anchor weight).
 """
 
 from __future__ import annotations
