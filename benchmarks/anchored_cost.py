@@ -169,7 +169,7 @@ def main() -> None:
         _, log = retrofit_lora(copy.deepcopy(lora_model), tokenizer, train, settings, 0, method)
         name = f"LoRA + retrofit [gate] (whole run of {settings.steps} steps)"
         times[name] = [(settings.steps * lora / 1e3 + log.seconds_total) / settings.steps]
-    print(f"{setting}, batch {settings.batch_size}, anchors {settings.anchor_batch_size} x "
+    print(f"{setting}, batch {settings.batch_size}, anchors {settings.anchor_batch_size} (route gate {settings.route_anchor_batch_size}) x "
           f"{settings.anchor_length} new tokens, {args.steps} interleaved steps, threads={torch.get_num_threads()}")  # fmt: skip
     width = max(len(name) for name in times) + 2
     print(f"{'method':<{width}}{'ms/step':>10}{'x LoRA':>9}")

@@ -57,7 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument(
         "--target-modules", default=None, help="comma-separated module names (e.g. q_proj,v_proj) or all-linear"
     )
-    t.add_argument("--anchor-batch-size", type=int, default=None, help="anchors per anchored step")
+    t.add_argument(
+        "--anchor-batch-size",
+        type=int,
+        default=None,
+        help="anchors per anchored step, for every gate mode (default: the protocol's, 8 or 4; the route "
+        "gate's half of it)",
+    )
     t.add_argument(
         "--anchor-every", type=int, default=None,
         help="the anchor term (anchored IMSM's and LoRA + anchor KL's) on every k-th step only, weighted k x there "
@@ -141,6 +147,8 @@ def settings_from(args: argparse.Namespace, **defaults: Any) -> FinetuneSettings
         value = getattr(args, option, None)
         if value is not None:
             setattr(settings, field_name, value)
+    if getattr(args, "anchor_batch_size", None) is not None:  # (one anchor batch for every gate mode)
+        settings.route_anchor_batch_size = args.anchor_batch_size
     modules = getattr(args, "target_modules", None)
     if modules:
         names = [m.strip() for m in modules.split(",") if m.strip()]

@@ -288,7 +288,8 @@ class RealProtocol:
 
 REAL_SETTINGS: dict[str, Any] = dict(
     steps=50, batch_size=8, lr=1e-3, r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-    max_length=128, anchor_samples=32, anchor_length=16, anchor_batch_size=4, retrofit_examples=128,
+    max_length=128, anchor_samples=32, anchor_length=16, anchor_batch_size=4,
+    route_anchor_batch_size=2, retrofit_examples=128,
     retrofit_anchor_samples=64,
 )  # fmt: skip
 """The protocol's fine-tuning defaults (each can be overridden from the command line)."""

@@ -50,6 +50,7 @@ class FinetuneSettings:
     anchor_samples: int = 64
     anchor_length: int = 24
     anchor_batch_size: int = 8
+    route_anchor_batch_size: int = 4  # the route gate's (its router learns from every anchor on every step)
     anchor_every: int = 1  # the anchor term (IMSM's and LoRA + anchor KL's) on every k-th step, weighted k x there
     retrofit_examples: int = 256  # target examples the retrofit's gate trains on (LoRA + retrofit row)
     retrofit_anchor_samples: int = 256  # self anchors the retrofit's gate trains on
@@ -281,7 +282,8 @@ def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int
         anchor = AnchorConfig(
             source="data" if texts else "self",
             weight=method.anchor_weight, num_samples=settings.anchor_samples, sample_length=settings.anchor_length,
-            batch_size=settings.anchor_batch_size, every=settings.anchor_every, seed=seed,
+            batch_size=settings.route_anchor_batch_size if method.gate_mode == "route" else settings.anchor_batch_size,
+            every=settings.anchor_every, seed=seed,
             train_adapter=method.anchor_train_adapter,
             start_tokens=method.extra.get("start_tokens"), end_tokens=method.extra.get("end_tokens"),
             route_weight=method.extra.get("route_weight"),

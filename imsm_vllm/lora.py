@@ -3,7 +3,8 @@
 Both views run as one stacked batch of ``2n`` rows (``[frozen; adapted]``, see :mod:`imsm_vllm.llama`): every base
 linear layer runs once over all rows, so the base weights are read once per step for both views and never copied.
 :class:`FusedLoRA` then adds peft's LoRA update ``(x @ A^T) @ B^T * scaling`` to the adapted rows only (the last
-``n``), per Hugging Face layer inside vLLM's fused one (``qkv_proj`` = q, k, v; ``gate_up_proj`` = gate, up).
+``n``) of each Hugging Face layer inside vLLM's fused one (``qkv_proj`` = q, k, v; ``gate_up_proj`` = gate, up), in
+two matmuls per fused layer (the parts' ``A`` stacked, their ``B * scaling`` block-diagonal).
 
 The tensors come from ``imsm_adapter.safetensors`` (written by ``imsm-export``): ``imsm.lora.<hf module>.lora_A``
 ``[r, in]``, ``.lora_B`` ``[out, r]`` and ``.scaling`` ``[1]``, with ``<hf module>`` e.g.
@@ -25,37 +26,41 @@ FUSED = {
 
 
 class FusedLoRA(nn.Module):
-    """LoRA on the parts of one fused linear layer (empty when none of them is adapted).
+    """LoRA on the parts of one fused linear layer (empty when none of them is adapted), as two matmuls per step.
 
-    ``A`` stacks the parts' ``lora_A`` (``[sum r, in]``, one matmul for all parts); each part keeps its ``lora_B``
-    (``[out_part, r_part]``), its output columns and its scaling.
+    ``A`` stacks the parts' ``lora_A`` (``[sum r, in]``); ``B`` is block-diagonal, ``[out, sum r]``: each part's
+    ``lora_B * scaling`` in its output rows and its own ``r`` columns, zeros elsewhere (a part that is not adapted
+    gets zeros, which add nothing). So ``y[n:] += (x[n:] @ A^T) @ B^T`` is peft's update of every part at once.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.parts: list[tuple[int, int, int, int, float]] = []  # (col0, col1, r0, r1, scaling)
         self.register_buffer("A", None, persistent=False)
-        self.num_parts = 0  # lora_B of part i is the buffer B{i}
+        self.register_buffer("B", None, persistent=False)
 
-    def set_parts(self, parts: list[tuple[int, int, torch.Tensor, torch.Tensor, float]], device, dtype) -> None:
-        """``parts``: ``(col0, col1, lora_A, lora_B, scaling)`` of each adapted part of the fused layer."""
-        rows, self.parts = 0, []
+    def set_parts(
+        self, parts: list[tuple[int, int, torch.Tensor, torch.Tensor, float]], out_size: int, device, dtype
+    ) -> None:
+        """``parts``: ``(col0, col1, lora_A, lora_B, scaling)`` of each adapted part of the fused layer, whose output
+        size is ``out_size``."""
+        if not parts:
+            self.A = self.B = None
+            return
+        rank = sum(lora_a.shape[0] for _, _, lora_a, _, _ in parts)
+        B = torch.zeros(out_size, rank, dtype=torch.float32)
+        r0 = 0
         for col0, col1, lora_a, lora_b, scaling in parts:
-            r = lora_a.shape[0]
-            self.parts.append((col0, col1, rows, rows + r, scaling))
-            rows += r
-            self.register_buffer(f"B{len(self.parts) - 1}", lora_b.to(device=device, dtype=dtype), persistent=False)
-        self.num_parts = len(self.parts)
-        self.A = torch.cat([p[2] for p in parts]).to(device=device, dtype=dtype) if parts else None
+            r1 = r0 + lora_a.shape[0]
+            B[col0:col1, r0:r1] = lora_b.float() * scaling
+            r0 = r1
+        self.A = torch.cat([p[2] for p in parts]).to(device=device, dtype=dtype)
+        self.B = B.to(device=device, dtype=dtype)
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
         """``y[n:] += LoRA(x[n:])``, in place: ``x`` / ``y`` are the fused layer's input / output, rows
         ``[frozen (n); adapted (n)]``."""
-        if self.A is None:
-            return
-        t = x[n:] @ self.A.T
-        for i, (col0, col1, r0, r1, scaling) in enumerate(self.parts):
-            y[n:, col0:col1] += (t[:, r0:r1] @ getattr(self, f"B{i}").T) * scaling
+        if self.A is not None:
+            y[n:].addmm_(x[n:] @ self.A.T, self.B.T)
 
 
 class LayerLoRA(nn.Module):
@@ -125,5 +130,5 @@ def attach_lora(
                     collected.append((col, col + size, lora_a, lora_b, float(found["scaling"].item())))
                     used.update(f"imsm.lora.{module}.{k}" for k in ("lora_A", "lora_B", "scaling"))
                 col += size
-            lora.by_fused_name()[fused].set_parts(collected, device, dtype)
+            lora.by_fused_name()[fused].set_parts(collected, col, device, dtype)
     return used

@@ -7,7 +7,10 @@ loss of the training forwards it is due on (as peft's AdaLoRA adds its orthogona
   :meth:`~AnchorRegularizer.set_anchors`);
 * ``draws`` (anchor batches drawn so far) and ``forwards`` (training forwards with the term due so far, whether
   ``AnchorConfig.every`` ran it or skipped it);
-* the frozen view's final hidden states of every anchor, computed once (:meth:`~AnchorRegularizer.frozen_states`);
+* the frozen view's final hidden states of every anchor, computed once (:meth:`~AnchorRegularizer.frozen_states`),
+  and their query summaries (:meth:`~AnchorRegularizer.frozen_queries`, what the route gate reads);
+* the routing term (``AnchorConfig.route_weight > 0``), added on every training forward: towards the adapted view on
+  the batch's supervised tokens, towards the frozen view on every anchor (from the cached summaries, no model pass);
 * the term itself (:meth:`~AnchorRegularizer.term`), one model pass through the dual pass as an
   :class:`~peft_imsm.dual_pass.AnchorPass` (the batch ``[anchors; anchors]``, the frozen half given);
 * its state for save/load (:meth:`~AnchorRegularizer.state_dict` / :meth:`~AnchorRegularizer.load_state_dict`,
@@ -37,7 +40,9 @@ from .anchors import (
 from .backbone import model_device, position_limit
 from .config import IMSMConfig
 from .dual_pass import AnchorPass, DualPass, frozen_view
+from .gate import IMSMGate
 from .gate_stats import TrainingStats, predicts_supervised
+from .query import build_query_index, query_summary
 
 # Key under which the number of anchor batches drawn so far is saved with the adapter (exact resumes).
 DRAWS_KEY = "base_model.imsm_anchor_draws"
@@ -54,6 +59,7 @@ class AnchorRegularizer:
         dual_pass: the model's :class:`~peft_imsm.dual_pass.DualPass`.
         get_config: returns the active adapter's :class:`~peft_imsm.IMSMConfig` (its ``anchor`` section and
             ``freeze_adapter`` are read at every use).
+        get_gate: returns the active adapter's gate (the routing term's anchor part reads it directly).
         stats: where the anchor gate, the anchor KL and the task loss are summed for the Trainer's logs.
 
     Attributes:
@@ -63,14 +69,21 @@ class AnchorRegularizer:
     """
 
     def __init__(
-        self, model: nn.Module, dual_pass: DualPass, get_config: Callable[[], IMSMConfig], stats: TrainingStats
+        self,
+        model: nn.Module,
+        dual_pass: DualPass,
+        get_config: Callable[[], IMSMConfig],
+        get_gate: Callable[[], IMSMGate],
+        stats: TrainingStats,
     ) -> None:
         self._model = model
         self._dual_pass = dual_pass
         self._get_config = get_config
+        self._get_gate = get_gate
         self._stats = stats
         self._anchors: AnchorSet | None = None
         self._frozen_hidden: torch.Tensor | None = None  # [num_anchors, length, d], of self._anchors
+        self._frozen_queries: torch.Tensor | None = None  # [num_anchors, d] float32, of self._anchors
         self.draws = 0
         self.forwards = 0
 
@@ -83,7 +96,10 @@ class AnchorRegularizer:
         self, loss: torch.Tensor, labels: torch.Tensor | None, num_items_in_batch: Any, gates: list | None = None
     ) -> torch.Tensor:
         """``loss`` of a training forward, plus the term when it is due (every ``every``-th such forward), plus the
-        routing term's training-batch part when ``gates`` are given.
+        routing term when ``gates`` are given: ``route_weight * (-log(1 - g))`` on the batch's supervised tokens and,
+        for the route gate, ``route_weight * (-log g)`` on every anchor, on every forward (from the cached query
+        summaries, :meth:`anchor_route_loss`: no model pass; so the router's optimiser sees both directions at every
+        step, whatever ``every`` is). The query and token gates get their anchor side from :meth:`term`.
 
         Args:
             loss: the forward's (scalar) task loss.
@@ -96,10 +112,14 @@ class AnchorRegularizer:
             return loss
         if gates:
             route = gate_route_loss(_supervised(gates, labels), to_frozen=False)
+            if self._routes_from_queries:
+                route = route + self.anchor_route_loss()
             loss = loss + config.route_weight * route * _share(labels, num_items_in_batch, route.device)
         forward_number, self.forwards = self.forwards, self.forwards + 1
         if forward_number % config.every != 0:
             return loss
+        if config.weight == 0 and not (self.routes and not self._routes_from_queries):
+            return loss  # (no KL, and no routing term that needs the anchor pass's gates: nothing to run)
         return loss + self.term(labels, num_items_in_batch, loss)
 
     @property
@@ -109,12 +129,19 @@ class AnchorRegularizer:
         config = self.config
         return config is not None and (config.route_weight or 0.0) > 0
 
+    @property
+    def _routes_from_queries(self) -> bool:
+        """Whether the routing term's anchor part comes from the cached query summaries on every forward (the route
+        gate, which reads the frozen view only) rather than from the anchor pass's gates (query and token gates)."""
+        return self.routes and self._get_gate().mode == "route"
+
     # ------------------------------------------------------------------------------------------------ anchors
     def set_anchors(self, anchors: AnchorSet) -> None:
         """Use these anchors (checked against the model's position limit) from the next anchored forward on."""
         check_anchor_length(anchors.length, position_limit(self._model), self.config)
         self._anchors = anchors
         self._frozen_hidden = None
+        self._frozen_queries = None
 
     def anchor_set(self) -> AnchorSet:
         """The anchors, sampled from the frozen view on first use when ``source="self"``."""
@@ -160,6 +187,27 @@ class AnchorRegularizer:
             self._frozen_hidden = torch.cat(parts)
         return self._frozen_hidden
 
+    def frozen_queries(self) -> torch.Tensor:
+        """``[num_anchors, d]`` float32 query summaries of the frozen view of every anchor (the mean of
+        :meth:`frozen_states` over its tokens, as the dual pass computes it for an anchor pass), kept with them."""
+        if self._frozen_queries is None:
+            hidden = self.frozen_states()
+            mask = self.anchor_set().attention_mask.to(hidden.device)
+            index = build_query_index(hidden.shape[0], hidden.shape[1], hidden.device, attention_mask=mask)
+            self._frozen_queries = query_summary(hidden, index)
+        return self._frozen_queries
+
+    def anchor_route_loss(self) -> torch.Tensor:
+        """The route gate's part of the routing term on the anchors (a scalar with autograd through the gate):
+        ``-log g`` of every anchor's gate, averaged over the anchor tokens. Reads the cached query summaries
+        (:meth:`frozen_queries`): valid for a gate that reads only the frozen view's query summary."""
+        gate = self._get_gate()
+        queries = self.frozen_queries()
+        mask = self.anchor_set().attention_mask.to(queries.device)
+        shape = (queries.shape[0], 1, queries.shape[1])
+        g = gate(queries.view(shape), queries.view(shape), q_frozen=queries.view(shape))
+        return gate_route_loss([(g[..., :1].expand(-1, mask.shape[1], -1), mask)], to_frozen=True)
+
     # ------------------------------------------------------------------------------------------------ the term
     def term(self, labels: torch.Tensor | None, num_items_in_batch: Any, task_loss: torch.Tensor) -> torch.Tensor:
         """``weight * every * KL(p_frozen || p_imsm)`` (a scalar) on the next anchor batch (draw number ``draws``,
@@ -170,8 +218,9 @@ class AnchorRegularizer:
         accumulated total carries it once. The frozen view's states of the anchors are computed once
         (:meth:`frozen_states`); per term only the adapted view runs, without autograd in gate-only mode
         (``train_adapter=False``, or a frozen adapter, ``freeze_adapter=True``: only the gate and the frozen head are
-        differentiated). ``task_loss`` is only logged. With ``route_weight > 0`` the term also has the routing term's
-        anchor part (the gate towards the frozen view on the anchors).
+        differentiated). ``task_loss`` is only logged. With ``route_weight > 0`` and a query or token gate the term
+        also has the routing term's anchor part (the gate towards the frozen view on this batch's anchors; the route
+        gate gets it on every forward from :meth:`add_to_loss`).
         """
         config = self.config
         anchors = self.anchor_set()
@@ -189,7 +238,7 @@ class AnchorRegularizer:
             shared_prefix=anchors.prefix_worth_sharing(len(rows)),
         )
         on_gate = functools.partial(self._stats.observe_gate, stat="anchor_gate")
-        gates = [] if self.routes else None
+        gates = [] if self.routes and not self._routes_from_queries else None
         if gates is not None:
             on_gate = collecting(on_gate, gates)
         with self._dual_pass.call(anchor=anchor, on_gate=on_gate), torch.enable_grad():

@@ -52,8 +52,11 @@ class AnchorConfig:
 
     Args:
         source: ``"self"`` (sample anchors from the frozen view) or ``"data"`` (see :func:`set_anchor_data`).
-        weight: ``anchor_weight``, the factor of the KL term (>= 0).
-        batch_size: anchors per anchored training forward (per process).
+        weight: ``anchor_weight``, the factor of the KL term (>= 0). 0 turns the KL off and runs no anchor pass;
+            with the route gate the anchors then serve the routing term alone.
+        batch_size: anchors per anchored training forward (per process). None (the default): 2 with
+            ``IMSMConfig(gate_mode="route")`` (its router learns from every anchor on every forward, so the KL needs
+            fewer), 4 with the other gate modes.
         every: run the anchor term on every ``every``-th training forward only, weighted ``weight * every`` there:
             the same weight on average for ``1 / every`` of its cost (the anchor batch costs about as much as a
             training batch of as many tokens). 4 (the default) is the recommended setting; 1 runs it on every forward.
@@ -82,7 +85,7 @@ class AnchorConfig:
 
     source: str = "self"
     weight: float = 1.0
-    batch_size: int = 4
+    batch_size: int | None = None
     every: int = 4
     num_samples: int = 32
     sample_length: int = 16
@@ -106,6 +109,8 @@ class AnchorConfig:
             )
         for name in ("batch_size", "every", "num_samples", "sample_length", "start_length", "max_length"):
             value = getattr(self, name)
+            if name == "batch_size" and value is None:
+                continue  # (resolved by IMSMConfig from the gate mode)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"anchor {name} must be an integer >= 1, got {value!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):

@@ -16,6 +16,10 @@ from .peft_type import IMSM_PEFT_TYPE
 
 ROUTE_GATE_LR_SCALE = 100.0
 """``gate_lr_scale`` of the route gate when none is given."""
+ANCHOR_BATCH_SIZE = 4
+"""``AnchorConfig.batch_size`` when none is given (the route gate: :data:`ROUTE_ANCHOR_BATCH_SIZE`)."""
+ROUTE_ANCHOR_BATCH_SIZE = 2
+"""``AnchorConfig.batch_size`` of the route gate when none is given."""
 
 # Adapters that run a second model pass of their own or replace the forward; IMSM cannot wrap them.
 # AdaMSS reads peft's per-layer switch directly instead of through `disable_adapters`, so the frozen view (see
@@ -139,6 +143,9 @@ class IMSMConfig(PeftConfig):
             # A copy: the same AnchorConfig may serve configs of other gate modes.
             route_weight = 1.0 if self.gate_mode == "route" else 0.0
             self.anchor = dataclasses.replace(self.anchor, route_weight=route_weight)
+        if self.anchor is not None and self.anchor.batch_size is None:
+            batch_size = ROUTE_ANCHOR_BATCH_SIZE if self.gate_mode == "route" else ANCHOR_BATCH_SIZE
+            self.anchor = dataclasses.replace(self.anchor, batch_size=batch_size)
         if self.anchor is not None and self.anchor.route_weight > 0 and self.gate_mode == "fixed":
             raise ValueError(
                 f"anchor route_weight={self.anchor.route_weight!r} trains the gate to route, but gate_mode='fixed' "

@@ -122,7 +122,9 @@ class IMSMModel(IMSMTunerInterface):
         self._unloaded = False
         self._gate_dtype_checked = False
         self._stats = gate_stats.TrainingStats()  # (read and reset by pop_training_stats)
-        self.anchor_term = AnchorRegularizer(model, self.dual_pass, self._active_config, self._stats)
+        self.anchor_term = AnchorRegularizer(
+            model, self.dual_pass, self._active_config, self._active_gate, self._stats
+        )
 
     # ------------------------------------------------------------------------------------------------ public API
     @property

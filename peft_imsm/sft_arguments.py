@@ -43,7 +43,9 @@ class IMSMArguments:
     imsm_anchor_source: Literal["self", "data"] = _arg("self", "Anchors sampled from the frozen model, or data texts.")
     imsm_anchor_weight: float = _arg(1.0, "Factor of the anchor KL term in the loss, >= 0.")
     imsm_anchor_train_adapter: bool = _arg(True, "true: gate+adapter learn from the anchor term; false: gate only.")
-    imsm_anchor_batch_size: int = _arg(4, "Anchors per anchored step (per device).")
+    imsm_anchor_batch_size: int | None = _arg(
+        None, "Anchors per anchored step (per device); default: 2 with --imsm_gate_mode route, else 4."
+    )
     imsm_anchor_every: int = _arg(4, "Anchor term on every k-th training forward, weighted k x there.")
     imsm_anchor_num_samples: int = _arg(32, "Number of anchors sampled from the frozen model (source self).")
     imsm_anchor_sample_length: int = _arg(16, "New tokens per sampled anchor (source self).")

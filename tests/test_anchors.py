@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import adapter_config, batch, perturb_adapter, quantizable_config, tiny_model
 from peft import PeftModel, get_peft_model
 
@@ -451,6 +454,72 @@ def test_the_routing_term_is_the_gates_log_loss_on_both_sides(gate_mode):
         loss = routed(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert len(gates) == 1
     torch.testing.assert_close(loss, task_loss + 0.5 * to_adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_the_route_gates_routing_term_covers_every_anchor_on_every_forward():
+    """With the route gate the anchor part is ``route_weight * mean(-log g)`` over the tokens of every anchor on every
+    training forward (from the frozen view's cached query summaries), due or not; the anchor pass adds only its KL.
+    Reference: the router applied by hand to the mean final hidden states of the base model (adapter disabled) over
+    each sequence's query tokens, and the anchor term by its definition; values and the router's gradients."""
+    ids, mask, labels = labelled_batch()
+    model = anchored(gate_mode="route", route_weight=0.5, every=2, weight=1.0)
+    prepare_anchors(model)
+    tuner = model.base_model
+    anchors = tuner.anchor_set()
+    router = tuner.gate.W_R
+
+    def route_gate(input_ids, query):  # [batch, seq] query mask -> [batch] gate, with autograd through the router
+        with torch.no_grad(), model.disable_adapter():
+            hidden = model(input_ids=input_ids, attention_mask=mask_of[input_ids.shape], output_hidden_states=True)
+        q = (hidden.hidden_states[-1] * query[..., None]).sum(1) / query.sum(1, keepdim=True)
+        return torch.sigmoid(F.linear(q, router.weight, router.bias) * tuner.gate.lr_scale)[:, 0]
+
+    mask_of = {ids.shape: mask, anchors.input_ids.shape: anchors.attention_mask}
+    supervised = torch.zeros_like(labels, dtype=torch.bool)
+    supervised[:, :-1] = labels[:, 1:] != -100
+    prompt = (mask.bool() & (torch.arange(ids.shape[1]) < 6)).float()  # (labels[:, :6] are -100)
+
+    def reference(kl_rows):
+        model.eval()  # (no dropout anywhere; in eval mode the loss is the task loss alone)
+        task_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        model.train()
+        g_batch, g_anchors = route_gate(ids, prompt), route_gate(anchors.input_ids, anchors.attention_mask.float())
+        to_adapted = -(1 - g_batch[:, None].expand_as(supervised)[supervised]).log().mean()
+        weights = anchors.attention_mask.float()
+        to_frozen = -(g_anchors.log()[:, None] * weights).sum() / weights.sum()
+        kl = 2 * plain_anchor_term(model, kl_rows, 1.0) if kl_rows else 0.0
+        return task_loss + 0.5 * (to_adapted + to_frozen) + kl
+
+    for due in (True, False):  # forward 0 has the anchor term (every 2), forward 1 does not
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        got = torch.autograd.grad(loss, [router.weight, router.bias])
+        expected = reference(anchors.rows(0, 4) if due else None)
+        want = torch.autograd.grad(expected, [router.weight, router.bias])
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert tuner.anchor_term.draws == 1
+
+
+@pytest.mark.parametrize("gate_mode", ["route", "query"])
+def test_anchor_weight_0_runs_no_anchor_pass_unless_routing_needs_its_gates(gate_mode):
+    """``weight=0``: the KL is off, so a due forward runs no anchor pass, except with a query gate's routing term,
+    whose anchor side is the anchor pass's gates. The route gate's routing term still has both sides."""
+    ids, mask, labels = labelled_batch()
+    model = anchored(gate_mode=gate_mode, route_weight=0.5, weight=0.0, every=1)
+    prepare_anchors(model)
+    tuner = model.base_model
+    term, passes = tuner.anchor_term.term, []
+    tuner.anchor_term.term = lambda *args: passes.append(1) or term(*args)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    model.eval()  # (eval mode: the forward alone, no anchor term)
+    with torch.no_grad():
+        task_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    anchor_passes = 0 if gate_mode == "route" else 1
+    assert len(passes) == anchor_passes
+    assert tuner.anchor_term.draws == anchor_passes
+    # zero-initialised gates give g = 0.5: each side of the routing term is ln 2, weighted 0.5 (the query gate's
+    # W_B starts at zero too, but its W_A is random: g is 0.5 up to float rounding of a zero sum)
+    torch.testing.assert_close(loss, task_loss + math.log(2), atol=1e-6 if gate_mode == "route" else 1e-3, rtol=0)
 
 
 def test_the_routing_term_teaches_the_gate_to_route():

@@ -123,30 +123,39 @@ def test_rslora_and_rank_patterns_keep_peft_scalings(tmp_path):
     assert tensors["imsm.lora.model.layers.0.self_attn.v_proj.lora_A"].shape == (2, 32)
 
 
-def test_plugin_lora_and_gate_match_peft_imsm(tmp_path):
-    """The plugin's LoRA on a fused q/k/v layer and its gate give peft's LoRA outputs and IMSM's interwoven state."""
+@pytest.mark.parametrize("adapted", [("q_proj", "k_proj", "v_proj"), ("q_proj", "v_proj")])
+def test_plugin_lora_and_gate_match_peft_imsm(tmp_path, adapted):
+    """The plugin's LoRA on a fused q/k/v layer (all parts adapted, or k left as the base layer) and its gate give
+    peft's LoRA outputs and IMSM's interwoven state."""
     model, _, adapter_dir = saved_adapter(tmp_path, gate_mode="query", gate_scalar=False)
     tensors = load_file(export(adapter_dir, tmp_path / "out") / ADAPTER_FILE)
     attn = model.base_model.model.model.layers[0].self_attn
     x = torch.randn(5, 32)
     names = ("q_proj", "k_proj", "v_proj")
     with torch.no_grad():
-        want = torch.cat([getattr(attn, n)(x) for n in names], dim=-1)  # base + LoRA, per layer
+        want = torch.cat(
+            [getattr(attn, n)(x) if n in adapted else getattr(attn, n).base_layer(x) for n in names], dim=-1
+        )  # base + LoRA on the adapted parts
         base = torch.cat([getattr(attn, n).base_layer(x) for n in names], dim=-1)
-    parts, col = [], 0
+    parts, col, columns = [], 0, {}
     for name in names:
         key = f"imsm.lora.model.layers.0.self_attn.{name}"
         size = tensors[f"{key}.lora_B"].shape[0]
-        parts.append(
-            (col, col + size, tensors[f"{key}.lora_A"], tensors[f"{key}.lora_B"], tensors[f"{key}.scaling"].item())
-        )
+        columns[name] = slice(col, col + size)
+        if name in adapted:
+            parts.append(
+                (col, col + size, tensors[f"{key}.lora_A"], tensors[f"{key}.lora_B"], tensors[f"{key}.scaling"].item())
+            )
         col += size
     fused = FusedLoRA()
-    fused.set_parts(parts, torch.device("cpu"), torch.float32)
+    fused.set_parts(parts, col, torch.device("cpu"), torch.float32)
     stacked_in, stacked_out = torch.cat([x, x]), torch.cat([base, base])
     fused.add_to(stacked_in, stacked_out, 5)
     assert torch.equal(stacked_out[:5], base)  # frozen rows untouched
     torch.testing.assert_close(stacked_out[5:], want, atol=1e-6, rtol=1e-6)
+    if "k_proj" not in adapted:
+        k = columns["k_proj"]
+        assert torch.equal(stacked_out[5:, k], base[:, k])  # k's outputs: exactly the base layer's
 
     gate = model.base_model.gate
     plugin_gate = Gate("query", 32, 8, False)

@@ -157,10 +157,15 @@ def test_route_defaults_are_resolved_on_a_copy_and_misuse_is_refused():
     paper = IMSMConfig(adapter_config=LoraConfig(), anchor=shared)
     assert routed.anchor.route_weight == 1.0 and routed.gate_lr_scale == ROUTE_GATE_LR_SCALE
     assert paper.anchor.route_weight == 0.0 and paper.gate_lr_scale == 1.0
-    assert shared.route_weight is None  # the user's object is not changed
+    assert routed.anchor.batch_size == 2 and paper.anchor.batch_size == 4
+    assert shared.route_weight is None and shared.batch_size is None  # the user's object is not changed
     explicit = IMSMConfig(adapter_config=LoraConfig(), gate_mode="route", gate_lr_scale=10.0,
-                          anchor=dataclasses.replace(shared, route_weight=0.5))  # fmt: skip
-    assert explicit.anchor.route_weight == 0.5 and explicit.gate_lr_scale == 10.0
+                          anchor=dataclasses.replace(shared, route_weight=0.5, batch_size=3))  # fmt: skip
+    assert explicit.anchor.route_weight == 0.5 and explicit.gate_lr_scale == 10.0 and explicit.anchor.batch_size == 3
+    reloaded = IMSMConfig(adapter_config=LoraConfig(), gate_mode="route", anchor=dataclasses.asdict(routed.anchor))
+    assert reloaded.anchor == routed.anchor  # (a saved config holds the resolved values)
+    with pytest.raises(ValueError, match="anchor batch_size must be an integer >= 1, got 0"):
+        AnchorConfig(batch_size=0)
     with pytest.raises(ValueError, match="gate_mode='route' learns which prompts are general from the anchors"):
         IMSMConfig(adapter_config=LoraConfig(), gate_mode="route")
     with pytest.raises(ValueError, match="route_weight=0 turns it off"):
