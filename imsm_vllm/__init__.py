@@ -10,8 +10,9 @@ Modules:
 * ``llama``: :class:`~imsm_vllm.llama.IMSMLlamaForCausalLM`, the dual pass inside vLLM for the Llama family (both
   views in one engine step over shared weights, each view with its own paged KV cache, the gate before the head).
 * ``lora``: the LoRA update of the adapted view's rows (read from ``imsm_adapter.safetensors``).
-* ``gate``: the gate (``fixed`` / ``token`` / ``query``) and the query summary read from vLLM's paged cache.
-* ``prompt_lengths``: tags vLLM's attention metadata with each request's prompt length (query mode only).
+* ``gate``: the gate (``fixed`` / ``token`` / ``query`` / ``route``) and the query summary read from vLLM's paged
+  cache.
+* ``prompt_lengths``: tags vLLM's attention metadata with each request's prompt length (query and route gates).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ DEFAULT_SERVE_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--enforce
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it), for a server started next."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

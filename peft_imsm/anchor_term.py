@@ -200,13 +200,18 @@ class AnchorRegularizer:
     def anchor_route_loss(self) -> torch.Tensor:
         """The route gate's part of the routing term on the anchors (a scalar with autograd through the gate):
         ``-log g`` of every anchor's gate, averaged over the anchor tokens. Reads the cached query summaries
-        (:meth:`frozen_queries`): valid for a gate that reads only the frozen view's query summary."""
+        (:meth:`frozen_queries`): valid for a gate that reads only the frozen view's query summary. With
+        ``weight=0`` (no anchor pass, which would log it) the anchor gate is logged from here."""
         gate = self._get_gate()
         queries = self.frozen_queries()
         mask = self.anchor_set().attention_mask.to(queries.device)
         shape = (queries.shape[0], 1, queries.shape[1])
-        g = gate(queries.view(shape), queries.view(shape), q_frozen=queries.view(shape))
-        return gate_route_loss([(g[..., :1].expand(-1, mask.shape[1], -1), mask)], to_frozen=True)
+        g = gate(queries.view(shape), queries.view(shape), q_frozen=queries.view(shape))[..., :1]  # [anchors, 1, 1]
+        if self.config.weight == 0:
+            tokens = mask.sum(dim=1).to(g.dtype)
+            self._stats.add("anchor_gate_sum", (g.detach().view(-1) * tokens).sum())
+            self._stats.add("anchor_gate_count", tokens.sum())
+        return gate_route_loss([(g.expand(-1, mask.shape[1], -1), mask)], to_frozen=True)
 
     # ------------------------------------------------------------------------------------------------ the term
     def term(self, labels: torch.Tensor | None, num_items_in_batch: Any, task_loss: torch.Tensor) -> torch.Tensor:

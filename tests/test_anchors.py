@@ -517,8 +517,17 @@ def test_anchor_weight_0_runs_no_anchor_pass_unless_routing_needs_its_gates(gate
     anchor_passes = 0 if gate_mode == "route" else 1
     assert len(passes) == anchor_passes
     assert tuner.anchor_term.draws == anchor_passes
-    # zero-initialised gates give g = 0.5: each side of the routing term is ln 2, weighted 0.5 (the query gate's
-    # W_B starts at zero too, but its W_A is random: g is 0.5 up to float rounding of a zero sum)
+    # the anchor gate is still logged (from the routing term's cached queries, or the anchor pass): the token mean of
+    # the gate of a plain forward of the anchors the term used (all of them, or the anchor pass's batch)
+    anchors = tuner.anchor_set()
+    rows = list(range(len(anchors))) if gate_mode == "route" else anchors.rows(0, tuner.anchor_term.config.batch_size)
+    with torch.no_grad(), tuner.record_gate() as gates:
+        model(input_ids=anchors.input_ids[rows], attention_mask=anchors.attention_mask[rows])
+    tokens = anchors.attention_mask[rows].sum(dim=1).double()
+    want = float((gates[0].double() * tokens).sum() / tokens.sum())
+    torch.testing.assert_close(tuner.pop_training_stats()["anchor_gate_mean"], want, atol=1e-6, rtol=0)
+    # the zero-initialised route gate gives g = 0.5: each side of the routing term is ln 2, weighted 0.5 (the query
+    # gate's random projections give g near 0.5, and its two sides, -log(1 - g) and -log g, cancel to first order)
     torch.testing.assert_close(loss, task_loss + math.log(2), atol=1e-6 if gate_mode == "route" else 1e-3, rtol=0)
 
 

@@ -19,7 +19,6 @@ The DDP training script is ``tests/scripts/ddp_train.py``. What is checked:
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,16 +29,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import peft_imsm  # noqa: F401  (registers IMSM with peft)
+from imsm_vllm.client import free_port  # (standard library only: imports neither vLLM nor torch)
 from peft_imsm.anchors import AnchorSet
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_train.py"
 TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out: Path, *script_args: str, script: Path = SCRIPT) -> list[dict]:
