@@ -40,7 +40,7 @@ from vllm.sequence import IntermediateTensors
 
 from . import prompt_lengths
 from .gate import QUERY_VIEWS, Gate, QuerySummary
-from .lora import FUSED, LayerLoRA, attach_lora
+from .lora import LayerLoRA, attach_lora, check_base_biases
 
 FORMAT_VERSION = 1
 BASE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -211,7 +211,7 @@ class IMSMLlamaForCausalLM(nn.Module):
 
         ignore = ["lm_head."] if self.config.tie_word_embeddings else []
         loaded = AutoWeightsLoader(self, ignore_unexpected_prefixes=ignore).load_weights(base())
-        _refuse_skipped_biases(biases, {name for name, _ in self.named_parameters()})
+        check_base_biases(biases, {name for name, _ in self.named_parameters()})
         path = os.path.join(self.model_path, self.imsm.get("adapter_file", "imsm_adapter.safetensors"))
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -230,33 +230,12 @@ class IMSMLlamaForCausalLM(nn.Module):
         unused = sorted(set(tensors) - used)
         if unused:
             raise ValueError(
-                f"imsm_adapter.safetensors holds {len(unused)} tensor(s) this model does not use ({', '.join(unused[:5])}"
+                f"imsm_adapter.safetensors holds {len(unused)} tensor(s) this model does not use "
+                f"({', '.join(unused[:5])}"
                 f"{', ...' if len(unused) > 5 else ''}): the adapter file and config.json do not belong together. "
                 "Run imsm-export again."
             )
         return loaded
-
-
-# A Hugging Face layer's name -> the vLLM fused layer holding it (from imsm_vllm.lora's map), e.g. q_proj -> qkv_proj.
-_FUSED_NAME = {hf.rsplit(".", 1)[1]: fused.rsplit(".", 1)[1] for fused, parts in FUSED.items() for hf in parts}
-
-
-def _refuse_skipped_biases(hf_biases: list[str], params: set[str]) -> None:
-    """vLLM's Llama loader silently skips a checkpoint's bias that the built layer lacks: refuse instead."""
-    missing = []
-    for name in hf_biases:
-        parts = name.split(".")
-        if len(parts) >= 2:
-            parts[-2] = _FUSED_NAME.get(parts[-2], parts[-2])
-        if ".".join(parts) not in params:
-            missing.append(name)
-    if missing:
-        raise ValueError(
-            f"The base checkpoint has {len(missing)} bias tensor(s) that imsm_vllm's Llama layers do not have "
-            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): serving without them would give wrong "
-            "answers. This base architecture's biases are not implemented; serve the adapter with peft_imsm's "
-            "generate()."
-        )
 
 
 def _refuse_unsupported(vllm_config: VllmConfig, imsm: dict) -> None:
@@ -275,8 +254,8 @@ def _refuse_unsupported(vllm_config: VllmConfig, imsm: dict) -> None:
         )
     if imsm.get("gate_mode") in QUERY_VIEWS and vllm_config.cache_config.enable_prefix_caching:
         raise ValueError(
-            f"gate_mode={imsm.get('gate_mode')!r} needs vLLM's prefix caching off: the query summary's cache marks each token as prompt "
-            "or generated for ITS request, and a cached block reused by a later request (whose prompt holds tokens "
-            "generated earlier, as in a multi-turn chat) would carry the wrong marks. Serve with "
+            f"gate_mode={imsm.get('gate_mode')!r} needs vLLM's prefix caching off: the query summary's cache marks "
+            "each token as prompt or generated for ITS request, and a cached block reused by a later request (whose "
+            "prompt holds tokens generated earlier, as in a multi-turn chat) would carry the wrong marks. Serve with "
             "--no-enable-prefix-caching (or export an adapter trained with gate_mode='fixed' or 'token')."
         )

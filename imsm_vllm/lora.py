@@ -8,7 +8,8 @@ two matmuls per fused layer (the parts' ``A`` stacked, their ``B * scaling`` blo
 
 The tensors come from ``imsm_adapter.safetensors`` (written by ``imsm-export``): ``imsm.lora.<hf module>.lora_A``
 ``[r, in]``, ``.lora_B`` ``[out, r]`` and ``.scaling`` ``[1]``, with ``<hf module>`` e.g.
-``model.layers.3.self_attn.q_proj``. :func:`attach_lora` installs them on the model.
+``model.layers.3.self_attn.q_proj``. :func:`attach_lora` installs them on the model. :func:`check_base_biases` maps
+the base checkpoint's biases onto the same fused layers and refuses those the built model lacks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,40 @@ FUSED = {
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp.down_proj": ("mlp.down_proj",),
 }
+
+
+# The Hugging Face layer's last name -> its fused layer's ("q_proj" -> "qkv_proj").
+_FUSED_NAME = {hf.split(".")[-1]: fused.split(".")[-1] for fused, parts in FUSED.items() for hf in parts}
+
+
+def check_base_biases(hf_biases: list[str], params: set[str]) -> None:
+    """Refuse a base checkpoint whose biases the built model lacks.
+
+    vLLM's Llama loader skips a checkpoint's bias that the built layer does not have, without a word (its rule for
+    GPTQ's extra biases), and the model then serves wrong answers.
+
+    Args:
+        hf_biases: the Hugging Face names of the base checkpoint's bias tensors
+            (``model.layers.0.self_attn.q_proj.bias``).
+        params: the names of the built model's parameters (vLLM's, ``model.layers.0.self_attn.qkv_proj.bias``).
+
+    Raises:
+        ValueError: naming the biases that no parameter of the built model takes (its fused layer's name for them).
+    """
+    missing = []
+    for name in hf_biases:
+        parts = name.split(".")
+        if len(parts) >= 2:
+            parts[-2] = _FUSED_NAME.get(parts[-2], parts[-2])
+        if ".".join(parts) not in params:
+            missing.append(name)
+    if missing:
+        raise ValueError(
+            f"The base checkpoint has {len(missing)} bias tensor(s) that imsm_vllm's Llama layers do not have "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): serving without them would give wrong "
+            "answers. This base architecture's biases are not implemented; serve the adapter with peft_imsm's "
+            "generate()."
+        )
 
 
 class FusedLoRA(nn.Module):

@@ -166,3 +166,22 @@ def test_plugin_lora_and_gate_match_peft_imsm(tmp_path, adapted):
     torch.testing.assert_close(plugin_gate(h_f, h_a, q_f, q_a), want, atol=0, rtol=0)
     with pytest.raises(ValueError, match="gate_mode='token'.*needs"):
         Gate("token", 32, 8, False).load(tensors, torch.device("cpu"))
+
+
+def test_the_plugin_refuses_base_biases_its_layers_lack():
+    """vLLM's Llama loader drops a checkpoint bias that the built layer lacks, silently; the plugin refuses instead.
+    Qwen2's q/k/v biases go into the fused ``qkv_proj.bias`` (the plugin builds Qwen2 layers with it)."""
+    from imsm_vllm.lora import check_base_biases
+
+    biases = [name for name in tiny_model("qwen2").state_dict() if name.endswith(".bias")]
+    layers = sorted({int(name.split(".")[2]) for name in biases})
+    assert {name.split(".")[-2] for name in biases} == {"q_proj", "k_proj", "v_proj"} and layers
+    fused_weights = {
+        f"model.layers.{i}.{layer}.weight" for i in layers for layer in ("self_attn.qkv_proj", "mlp.down_proj")
+    }
+    check_base_biases(biases, fused_weights | {f"model.layers.{i}.self_attn.qkv_proj.bias" for i in layers})
+    with pytest.raises(ValueError, match=rf"has {len(biases)} bias tensor\(s\) .*\(model\.layers\.0\.self_attn\.q_proj"
+                                         r"\.bias, .*serve the adapter with peft_imsm's generate\(\)"):  # fmt: skip
+        check_base_biases(biases, fused_weights)  # (Llama layers: no bias)
+    with pytest.raises(ValueError, match=r"has 1 bias tensor\(s\) .*\(model\.layers\.0\.mlp\.down_proj\.bias\)"):
+        check_base_biases(["model.layers.0.mlp.down_proj.bias"], fused_weights)
