@@ -11,6 +11,8 @@ step and the median wall time is reported, with the ratio to plain LoRA:
 * ``IMSM + self anchors [gate+adapter] (w=1)``: the anchor term trains the adapter too;
 * ``IMSM w/o gate + self anchors [adapter] (w=1)``: the gate fixed at 0.5, the anchor term trains the adapter;
 * ``IMSM route gate + self anchors [gate+adapter] (w=1)``: the route gate with its routing term;
+* ``IMSM route gate + self anchors [gate] (w=1)``: the same, the anchor term's KL reaching the router only (the
+  adapted view runs without autograd on the anchors);
 * ``LoRA + anchor KL (w=1)``: ``imsm-bench``'s self-distillation baseline (the frozen logits on the anchors computed once,
   under ``disable_adapter()``, as IMSM computes its frozen side once);
 * ``... (every k)``: the anchor term on every k-th step only, weighted k x there (``AnchorConfig.every``); the figure
@@ -53,11 +55,12 @@ from imsm_bench.runner import (
     build_model,
     retrofit_lora,
     retrofit_methods,
+    routed_methods,
     training_loss,
 )
 from peft_imsm.anchors import chat_end_tokens, chat_start_tokens
 
-_ANCHORED = {m.name: m for m in anchored_methods((1.0,))}  # the benchmark's own rows (names and settings)
+_ANCHORED = {m.name: m for m in anchored_methods((1.0,)) + routed_methods((1.0,))}  # the benchmark's rows
 METHODS = [
     Method("LoRA", "lora"),
     Method("IMSM", "imsm"),
@@ -65,6 +68,7 @@ METHODS = [
     _ANCHORED["IMSM + self anchors [gate+adapter] (w=1)"],
     _ANCHORED["IMSM w/o gate + self anchors [adapter] (w=1)"],
     _ANCHORED["IMSM route gate + self anchors [gate+adapter] (w=1)"],
+    _ANCHORED["IMSM route gate + self anchors [gate] (w=1)"],
     _ANCHORED["LoRA + anchor KL (w=1)"],
 ]
 
