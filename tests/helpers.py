@@ -144,3 +144,28 @@ def plain_adapted_reference(arch: str, kind: str, imsm_model):
     assert not result.unexpected_keys
     ref.eval()
     return ref
+
+
+def logits_of_hidden(base, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """``[batch, seq, vocab]`` logits of the plain ``base`` model with its decoder's final hidden states replaced by
+    ``hidden`` (``[batch, seq, d]``): the model's own head applied to a mix computed by hand."""
+
+    def replace(module, args, kwargs, output):
+        output.last_hidden_state = hidden
+        return output
+
+    handle = base.get_decoder().register_forward_hook(replace, with_kwargs=True)
+    try:
+        return base(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        handle.remove()
+
+
+def train_steps(model, steps: int, lr: float, **batch_kwargs) -> None:
+    """``steps`` AdamW steps at ``lr`` on the trainable parameters of ``model``, on one batch (``model(**batch_kwargs)``
+    must return a loss)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(**batch_kwargs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import adapter_config, batch, perturb_adapter, quantizable_config, tiny_model
+from helpers import adapter_config, batch, perturb_adapter, quantizable_config, tiny_model, train_steps
 from peft import PeftModel, get_peft_model
 
 import peft_imsm
@@ -538,11 +538,7 @@ def test_the_routing_term_teaches_the_gate_to_route():
     readings = {}
     for route_weight in (0.0, 1.0):
         model = anchored(route_weight=route_weight, every=1, weight=1.0)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        for _ in range(30):
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        train_steps(model, 30, 1e-2, input_ids=ids, attention_mask=mask, labels=labels)
         model.eval()
         tuner = model.base_model
         anchors = tuner.anchor_set()

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ADAPTERS, ARCHS, adapter_config, batch, perturb_adapter, plain_adapted_reference, tiny_model
+from helpers import (
+    ADAPTERS,
+    ARCHS,
+    adapter_config,
+    batch,
+    logits_of_hidden,
+    perturb_adapter,
+    plain_adapted_reference,
+    tiny_model,
+)
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from peft_imsm import IMSMConfig
@@ -70,14 +79,7 @@ def test_fixed_mode_is_the_averaged_hidden_state(arch):
     with torch.no_grad():
         h_base = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         h_tuned = reference.get_base_model().get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-
-        def replace(module, args, kwargs, output):
-            output.last_hidden_state = 0.5 * h_base + 0.5 * h_tuned
-            return output
-
-        handle = base.get_decoder().register_forward_hook(replace, with_kwargs=True)
-        expected = base(input_ids=ids, attention_mask=mask).logits
-        handle.remove()
+        expected = logits_of_hidden(base, 0.5 * h_base + 0.5 * h_tuned, ids, mask)
         got = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -111,15 +113,7 @@ def test_scalar_gate_is_one_convex_mix_per_token(arch, mode, factor, tmp_path):
             x = torch.cat([h_frozen, h_adapted], dim=-1).float()
             expected_gate = torch.sigmoid(x @ gate.W_A.weight.T @ gate.W_B.weight.T)
             torch.testing.assert_close(values[..., :1], expected_gate, atol=1e-5, rtol=0)
-        mixed = values * h_frozen + (1 - values) * h_adapted
-
-        def replace(module, args, kwargs, output):
-            output.last_hidden_state = mixed
-            return output
-
-        handle = base.get_decoder().register_forward_hook(replace, with_kwargs=True)
-        expected = base(input_ids=ids, attention_mask=mask).logits
-        handle.remove()
+        expected = logits_of_hidden(base, values * h_frozen + (1 - values) * h_adapted, ids, mask)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     model.save_pretrained(tmp_path / "scalar")
     from peft import PeftModel

@@ -7,7 +7,16 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import ARCHS, adapter_config, batch, perturb_adapter, plain_adapted_reference, tiny_model
+from helpers import (
+    ARCHS,
+    adapter_config,
+    batch,
+    logits_of_hidden,
+    perturb_adapter,
+    plain_adapted_reference,
+    tiny_model,
+    train_steps,
+)
 from peft import PeftModel, get_peft_model
 
 import peft_imsm
@@ -43,15 +52,7 @@ def reference_logits(arch: str, model, ids, mask, query_mask):
         weights = query_mask.float()[..., None]
         q_frozen = (h_frozen * weights).sum(1) / weights.sum(1)
         g = torch.sigmoid(q_frozen @ W_R.T + b_R)[:, None, :]  # [batch, 1, 1]: one value per sequence
-        mixed = g * h_frozen + (1 - g) * h_adapted
-
-        def replace(module, args, kwargs, output):
-            output.last_hidden_state = mixed
-            return output
-
-        handle = base.get_decoder().register_forward_hook(replace, with_kwargs=True)
-        logits = base(input_ids=ids, attention_mask=mask).logits
-        handle.remove()
+        logits = logits_of_hidden(base, g * h_frozen + (1 - g) * h_adapted, ids, mask)
     return logits, g.flatten()
 
 
@@ -133,11 +134,7 @@ def test_route_gate_learns_to_route():
     labels[:, :6] = -100
     model = routed_model()
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for _ in range(30):
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, 30, 1e-3, input_ids=ids, attention_mask=mask, labels=labels)
     model.eval()
     tuner = model.base_model
     anchors = tuner.anchor_set()
