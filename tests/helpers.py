@@ -169,3 +169,16 @@ def train_steps(model, steps: int, lr: float, **batch_kwargs) -> None:
         model(**batch_kwargs).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def cached_step_logits(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """``[batch, len(response), vocab]``: the logits after ``prompt`` and then after each token of ``response`` but the
+    last, one cached step at a time (what decoding computes; compare with one pass over ``prompt + response``)."""
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        step_logits = [out.logits[:, -1]]
+        cache = out.past_key_values if "past_key_values" in out else out.cache
+        for t in range(response.shape[1] - 1):
+            out = model(input_ids=response[:, t : t + 1], cache=cache, use_cache=True)
+            step_logits.append(out.logits[:, -1])
+    return torch.stack(step_logits, 1)

@@ -9,6 +9,7 @@ from helpers import (
     ARCHS,
     adapter_config,
     batch,
+    cached_step_logits,
     logits_of_hidden,
     perturb_adapter,
     plain_adapted_reference,
@@ -190,13 +191,8 @@ def test_training_forward_equals_prompt_then_teacher_forced_steps(arch):
     labels[:, :7] = -100
     with torch.no_grad():
         train_logits = model(input_ids=full, labels=labels, use_cache=False).logits
-        out = model(input_ids=prompt, use_cache=True)
-        step_logits = [out.logits[:, -1]]
-        cache = out.past_key_values if "past_key_values" in out else out.cache
-        for t in range(response.shape[1] - 1):
-            out = model(input_ids=response[:, t : t + 1], cache=cache, use_cache=True)
-            step_logits.append(out.logits[:, -1])
-    torch.testing.assert_close(torch.stack(step_logits, 1), train_logits[:, 6:11], atol=1e-5, rtol=1e-5)
+    step_logits = cached_step_logits(model, prompt, response)
+    torch.testing.assert_close(step_logits, train_logits[:, 6:11], atol=1e-5, rtol=1e-5)
 
 
 def test_labels_loss_is_the_models_own_loss():

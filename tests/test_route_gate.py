@@ -11,6 +11,7 @@ from helpers import (
     ARCHS,
     adapter_config,
     batch,
+    cached_step_logits,
     logits_of_hidden,
     perturb_adapter,
     plain_adapted_reference,
@@ -96,15 +97,10 @@ def test_route_gate_decodes_with_the_prompts_summary(arch):
     expected, _ = reference_logits(arch, model, full, torch.ones_like(full), query)
     with torch.no_grad():
         train_logits = model(input_ids=full, labels=labels, use_cache=False).logits
-        out = model(input_ids=prompt, use_cache=True)
-        step_logits = [out.logits[:, -1]]
-        cache = out.past_key_values if "past_key_values" in out else out.cache
-        for t in range(response.shape[1] - 1):
-            out = model(input_ids=response[:, t : t + 1], cache=cache, use_cache=True)
-            step_logits.append(out.logits[:, -1])
         greedy = model.generate(input_ids=prompt, max_new_tokens=5, do_sample=False)
+    step_logits = cached_step_logits(model, prompt, response)
     torch.testing.assert_close(train_logits[:, 6:11], expected[:, 6:11], atol=1e-5, rtol=0)
-    torch.testing.assert_close(torch.stack(step_logits, 1), expected[:, 6:11], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step_logits, expected[:, 6:11], atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         first, _ = reference_logits(arch, model, greedy[:, :8], torch.ones_like(greedy[:, :8]), query[:, :8])
     assert torch.equal(greedy[:, 7], first[:, 6].argmax(-1))
