@@ -215,15 +215,21 @@ def test_train_gate_trains_the_gate_and_leaves_the_adapter_bit_identical(data_fo
         assert torch.equal(after[key], value), key
 
 
-def test_train_gate_learns_a_separable_gate():
-    """Target text that the adapter writes, anchors that the frozen model writes: the gate tells them apart."""
-    lora = trained_adapter("lora")
+def adapter_written_rows(lora) -> list[tuple[list[int], list[int]]]:
+    """32 ``(tokens, labels)`` rows of the adapter's own greedy text: 4 random prompt tokens (unsupervised), then the 6
+    tokens the adapter writes after them."""
     gen = torch.Generator().manual_seed(5)
     prompts = torch.randint(3, VOCAB, (32, 4), generator=gen)
     with torch.no_grad():
         written = lora.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6,
                                 min_new_tokens=6, do_sample=False, pad_token_id=0)  # fmt: skip
-    rows = [(row.tolist(), [-100] * 4 + row[4:].tolist()) for row in written]
+    return [(row.tolist(), [-100] * 4 + row[4:].tolist()) for row in written]
+
+
+def test_train_gate_learns_a_separable_gate():
+    """Target text that the adapter writes, anchors that the frozen model writes: the gate tells them apart."""
+    lora = trained_adapter("lora")
+    rows = adapter_written_rows(lora)
     model = retrofit(lora, anchor=AnchorConfig(every=1, num_samples=32, sample_length=8, weight=1.0))
     log = train_gate(model, rows, steps=200, lr=2e-2, batch_tokens=64)
     assert log.task_loss[-1] < log.task_loss[0]
@@ -235,12 +241,7 @@ def test_train_gate_routes_a_retrofitted_route_gate():
     initialisation g = 0.5, so route_weight=3 adds exactly 2 x 2 ln 2 to route_weight=1's first loss), and the
     router learns to send the adapter's prompts to the adapter and the anchors to the frozen view."""
     lora = trained_adapter("lora")
-    gen = torch.Generator().manual_seed(5)
-    prompts = torch.randint(3, VOCAB, (32, 4), generator=gen)
-    with torch.no_grad():
-        written = lora.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6,
-                                min_new_tokens=6, do_sample=False, pad_token_id=0)  # fmt: skip
-    rows = [(row.tolist(), [-100] * 4 + row[4:].tolist()) for row in written]
+    rows = adapter_written_rows(lora)
     first_losses = {}
     for route_weight in (3.0, 1.0):
         model = retrofit(copy.deepcopy(lora), gate_mode="route",
