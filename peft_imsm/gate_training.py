@@ -50,6 +50,13 @@ def _imsm_tuner(model: Any) -> IMSMModel:
 
 
 # --------------------------------------------------------------------------------------------------- the fast path
+GATE_LR = 5e-3
+"""``train_gate``'s learning rate for the query and token gates when none is given."""
+ROUTE_GATE_LR = 1e-2
+"""The route gate's step size in ``train_gate`` when no learning rate is given: AdamW gets this divided by the gate's
+``lr_scale`` (its router is stored scaled to move ``lr_scale`` times faster per step than the rate says)."""
+
+
 @dataclass
 class GateTrainingLog:
     """What :func:`train_gate` did, and how long each part took (seconds, wall clock)."""
@@ -62,6 +69,7 @@ class GateTrainingLog:
     seconds_precompute: float
     seconds_train: float
     seconds_total: float
+    lr: float | None = None  # the AdamW learning rate used
     loss: list[float] = field(default_factory=list)
     task_loss: list[float] = field(default_factory=list)
     anchor_kl: list[float] = field(default_factory=list)
@@ -91,7 +99,7 @@ def train_gate(
     tokenizer: Any = None,
     *,
     steps: int = 200,
-    lr: float = 5e-3,
+    lr: float | None = None,
     batch_tokens: int = 512,
     anchor_batch_tokens: int | None = None,
     anchor_weight: float | None = None,
@@ -120,7 +128,11 @@ def train_gate(
             prompt), or with ``prompt`` and ``completion`` strings (needs ``tokenizer``; the completion and an eos
             token are supervised), or ``(input_ids, labels)`` pairs.
         tokenizer: the model's tokenizer (for ``prompt``/``completion`` data and ``anchor_texts``).
-        steps, lr: gate optimisation steps and AdamW learning rate.
+        steps, lr: gate optimisation steps and AdamW learning rate. ``lr=None`` (the default):
+            :data:`GATE_LR` (5e-3) for the query and token gates; for the route gate :data:`ROUTE_GATE_LR` (1e-2)
+            divided by its ``gate_lr_scale`` (1e-4 at the default scale of 100), since its router is stored scaled to
+            move ``gate_lr_scale`` times faster per step (given 5e-3 or 1e-3, the retrofitted router of SmolLM2 sent
+            every prompt to the adapter).
         batch_tokens: target tokens per step; ``anchor_batch_tokens`` anchor tokens per step (default: the same).
         anchor_weight: overrides ``IMSMConfig.anchor.weight``.
         anchor_texts: anchor texts for ``anchor.source="data"``.
@@ -142,6 +154,10 @@ def train_gate(
     gate = tuner.gate
     if gate.mode == "fixed":
         raise ValueError("gate_mode='fixed' has no gate parameters to train (it is the constant 0.5/0.5 average).")
+    if lr is None:
+        lr = ROUTE_GATE_LR / gate.lr_scale if gate.mode == "route" else GATE_LR
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"train_gate() lr must be a finite number > 0 (or None for the default), got {lr!r}.")
     examples = _encode_target(train_data, tokenizer, max_length)
     if not examples:
         raise ValueError(
@@ -190,6 +206,7 @@ def train_gate(
             seconds_precompute=seconds_precompute,
             seconds_train=0.0,
             seconds_total=0.0,
+            lr=float(lr),
         )
         route_weight = (config.route_weight or 0.0) if anchor is not None else 0.0
         _optimise_gate(

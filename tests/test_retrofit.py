@@ -226,6 +226,32 @@ def adapter_written_rows(lora) -> list[tuple[list[int], list[int]]]:
     return [(row.tolist(), [-100] * 4 + row[4:].tolist()) for row in written]
 
 
+@pytest.mark.parametrize(
+    "gate_mode,extra,want",
+    [("query", {}, 5e-3), ("token", {}, 5e-3), ("route", {}, 1e-4), ("route", {"gate_lr_scale": 1.0}, 1e-2)],
+)
+def test_train_gate_default_lr_follows_the_gate(gate_mode, extra, want):
+    """``lr=None``: 5e-3 for the learned gates; for the route gate 1e-2 divided by its ``gate_lr_scale`` (its router
+    is stored scaled to move that many times faster per step). The default is exactly that rate given explicitly."""
+    lora = trained_adapter("lora")
+    rows = adapter_written_rows(lora)[:8]
+    anchor = AnchorConfig(every=1, num_samples=8, sample_length=6)
+    trained = []
+    for lr in (None, want):
+        torch.manual_seed(0)  # (the gate's initialisation)
+        model = retrofit(copy.deepcopy(lora), gate_mode=gate_mode, gate_dropout=0.0, anchor=anchor, **extra)
+        with torch.no_grad():  # (the route gate starts at zero: give it something to move from)
+            for param in find_imsm_tuner(model).gate.parameters():
+                param.add_(torch.randn(param.shape) * 0.01)
+        log = train_gate(model, rows, steps=5, lr=lr, batch_tokens=16)
+        assert log.lr == pytest.approx(want, rel=1e-12)
+        trained.append([p.detach().clone() for p in find_imsm_tuner(model).gate.parameters()])
+    for default, explicit in zip(*trained, strict=True):
+        assert torch.equal(default, explicit)
+    with pytest.raises(ValueError, match=r"lr must be a finite number > 0 \(or None for the default\), got -1"):
+        train_gate(model, rows, steps=1, lr=-1)
+
+
 def test_train_gate_learns_a_separable_gate():
     """Target text that the adapter writes, anchors that the frozen model writes: the gate tells them apart."""
     lora = trained_adapter("lora")
