@@ -187,11 +187,11 @@ def routed_methods(weights: tuple[float, ...]) -> list[Method]:
             *(Method(f"IMSM route gate (gate lr x{k:g}) + self anchors [gate+adapter] (w={w:g})", "imsm", "route",
                      anchor_weight=w, anchor_train_adapter=True, group="anchor", extra={"gate_lr_scale": float(k)})
               for k in (1, 300)),
-            Method(f"LoRA + retrofit route gate [gate] (w={w:g})", "derived", anchor_weight=w, derive_from="LoRA",
-                   group="retrofit", extra={"retrofit": True, "gate_mode": "route"}),
-            *(Method(f"LoRA + retrofit route gate (lr {lr:g}) [gate] (w={w:g})", "derived", anchor_weight=w,
-                     derive_from="LoRA", group="retrofit",
-                     extra={"retrofit": True, "gate_mode": "route", "retrofit_lr": lr}) for lr in (5e-3, 1e-3)),
+            Method(f"LoRA + retrofit route gate [gate] (w={w:g})", "derived", "route", anchor_weight=w,
+                   derive_from="LoRA", group="retrofit", extra={"retrofit": True}),
+            *(Method(f"LoRA + retrofit route gate (lr {lr:g}) [gate] (w={w:g})", "derived", "route", anchor_weight=w,
+                     derive_from="LoRA", group="retrofit", extra={"retrofit": True, "retrofit_lr": lr})
+              for lr in (5e-3, 1e-3)),
         ]  # fmt: skip
         for label, train_adapter in (("gate", False), ("gate+adapter", True)):
             for scale in (1, 10, 30):
@@ -242,8 +242,8 @@ def retrofit_lora(
     model: Any, tokenizer: Any, train: list[tuple[list[int], list[int]]], settings: FinetuneSettings, seed: int,
     method: Method,
 ) -> tuple[Any, Any]:  # fmt: skip
-    """The trained plain-LoRA ``model`` retrofitted with an IMSM gate (``method.extra["gate_mode"]``, default the
-    query gate), trained gate-only on stored hidden states
+    """The trained plain-LoRA ``model`` retrofitted with an IMSM gate of ``method.gate_mode``, trained gate-only on
+    stored hidden states
     (``peft_imsm.train_gate``) on ``settings.retrofit_examples`` of the target's training examples and
     ``settings.retrofit_anchor_samples`` self anchors.
     Returns the model and the :class:`~peft_imsm.GateTrainingLog` (its ``seconds_total`` counts everything
@@ -254,8 +254,7 @@ def retrofit_lora(
                           start_tokens=method.extra.get("start_tokens"),
                           end_tokens=method.extra.get("end_tokens"))  # fmt: skip
     torch.manual_seed(seed)  # the gate's initialisation: the same whichever rows were derived before this one
-    gate_mode = method.extra.get("gate_mode", "query")
-    model = retrofit(model, gate_rank=settings.gate_rank, gate_mode=gate_mode, gate_dropout=0.0, anchor=anchor)
+    model = retrofit(model, gate_rank=settings.gate_rank, gate_mode=method.gate_mode, gate_dropout=0.0, anchor=anchor)
     lr = method.extra.get("retrofit_lr")  # (None: train_gate's default for the gate mode)
     log = train_gate(model, train[: settings.retrofit_examples], tokenizer, steps=settings.steps, lr=lr, seed=seed)
     log.seconds_total = time.perf_counter() - start

@@ -83,7 +83,7 @@ class AnchorRegularizer:
         self._stats = stats
         self._anchors: AnchorSet | None = None
         self._frozen_hidden: torch.Tensor | None = None  # [num_anchors, length, d], of self._anchors
-        self._frozen_queries: torch.Tensor | None = None  # [num_anchors, d] float32, of self._anchors
+        self._frozen_queries: tuple | None = None  # (queries [num_anchors, d], mask), of self._anchors
         self.draws = 0
         self.forwards = 0
 
@@ -187,14 +187,15 @@ class AnchorRegularizer:
             self._frozen_hidden = torch.cat(parts)
         return self._frozen_hidden
 
-    def frozen_queries(self) -> torch.Tensor:
+    def frozen_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[num_anchors, d]`` float32 query summaries of the frozen view of every anchor (the mean of
-        :meth:`frozen_states` over its tokens, as the dual pass computes it for an anchor pass), kept with them."""
+        :meth:`frozen_states` over its tokens, as the dual pass computes it for an anchor pass) and the anchors'
+        ``[num_anchors, length]`` attention mask, both on the model's device, kept with the frozen states."""
         if self._frozen_queries is None:
             hidden = self.frozen_states()
             mask = self.anchor_set().attention_mask.to(hidden.device)
             index = build_query_index(hidden.shape[0], hidden.shape[1], hidden.device, attention_mask=mask)
-            self._frozen_queries = query_summary(hidden, index)
+            self._frozen_queries = (query_summary(hidden, index), mask)
         return self._frozen_queries
 
     def anchor_route_loss(self) -> torch.Tensor:
@@ -203,15 +204,13 @@ class AnchorRegularizer:
         (:meth:`frozen_queries`): valid for a gate that reads only the frozen view's query summary. With
         ``weight=0`` (no anchor pass, which would log it) the anchor gate is logged from here."""
         gate = self._get_gate()
-        queries = self.frozen_queries()
-        mask = self.anchor_set().attention_mask.to(queries.device)
+        queries, mask = self.frozen_queries()
         shape = (queries.shape[0], 1, queries.shape[1])
-        g = gate(queries.view(shape), queries.view(shape), q_frozen=queries.view(shape))[..., :1]  # [anchors, 1, 1]
+        g = gate(queries.view(shape), queries.view(shape), q_frozen=queries.view(shape))
+        per_token = g[..., :1].expand(-1, mask.shape[1], -1)  # [anchors, length, 1]: one value per anchor
         if self.config.weight == 0:
-            tokens = mask.sum(dim=1).to(g.dtype)
-            self._stats.add("anchor_gate_sum", (g.detach().view(-1) * tokens).sum())
-            self._stats.add("anchor_gate_count", tokens.sum())
-        return gate_route_loss([(g.expand(-1, mask.shape[1], -1), mask)], to_frozen=True)
+            self._stats.add_gate("anchor_gate", per_token[..., 0], mask)
+        return gate_route_loss([(per_token, mask)], to_frozen=True)
 
     # ------------------------------------------------------------------------------------------------ the term
     def term(self, labels: torch.Tensor | None, num_items_in_batch: Any, task_loss: torch.Tensor) -> torch.Tensor:

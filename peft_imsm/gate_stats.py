@@ -79,8 +79,18 @@ class TrainingStats:
         elif stat == "anchor_gate" and attention_mask is not None:
             weights = attention_mask.to(per_position.dtype)
         if weights is not None:
-            self.add(f"{stat}_sum", (per_position * weights).sum())
-            self.add(f"{stat}_count", weights.sum())
+            self.add_gate(stat, per_position, weights)
+
+    def add_gate(self, stat: str, per_position: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add gate values to the weighted mean ``{stat}_mean`` (``"gate"`` or ``"anchor_gate"``).
+
+        Args:
+            per_position: the gate, one value per position (any shape).
+            weights: the positions' weights (the same shape), e.g. 1 on the tokens that count.
+        """
+        per_position = per_position.detach()
+        self.add(f"{stat}_sum", (per_position * weights).sum())
+        self.add(f"{stat}_count", weights.sum())
 
     def add(self, name: str, value: torch.Tensor) -> None:
         """Add a scalar tensor (detached) to the sum ``name``."""

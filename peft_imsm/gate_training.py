@@ -30,7 +30,7 @@ from peft import PeftModel
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from .anchors import anchor_kl, gate_route_loss
+from .anchors import anchor_kl, gate_route_loss, is_finite_number
 from .backbone import model_device
 from .gate import IMSMGate
 from .model import IMSMModel, find_imsm_tuner, prepare_anchors, set_anchor_data
@@ -156,7 +156,7 @@ def train_gate(
         raise ValueError("gate_mode='fixed' has no gate parameters to train (it is the constant 0.5/0.5 average).")
     if lr is None:
         lr = ROUTE_GATE_LR / gate.lr_scale if gate.mode == "route" else GATE_LR
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+    if not is_finite_number(lr) or lr <= 0:
         raise ValueError(f"train_gate() lr must be a finite number > 0 (or None for the default), got {lr!r}.")
     examples = _encode_target(train_data, tokenizer, max_length)
     if not examples:
