@@ -9,6 +9,9 @@ decoding, reset.
 replacing that object, IMSM upgrades it in place: its class becomes a subclass of its own class mixed with
 :class:`IMSMCacheMixin` (so ``isinstance(cache, DynamicCache)`` and every ``Cache`` method still hold), it keeps
 the adapted view's key/values as before, and it carries the frozen view's cache and the query summaries along.
+
+A hard-routed route gate (``IMSMConfig.route_threshold``) needs no second cache: each row runs one view, so the
+cache holds each row's key/values of the view it was routed to, and carries the routes (``imsm_routes``) instead.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from transformers.cache_utils import Cache
 class IMSMCacheMixin:
     """Mixed into a transformers ``Cache`` class; see the module docstring.
 
-    Two layouts:
+    Three layouts:
 
     * two caches (any cache class): this object holds the adapted view's key/values and ``imsm_frozen`` holds the
       frozen view's;
     * stacked (``DynamicCache`` with LoRA, used by generation when both views run as one doubled batch): this object
       holds ``2 * rows`` rows, the frozen view's rows first, then the adapted view's; ``imsm_frozen`` is None and
-      every row operation is applied to both halves.
+      every row operation is applied to both halves;
+    * routed (a hard-routed route gate, ``DynamicCache`` only): this object holds ``rows`` rows, each one the
+      key/values of the one view its row was routed to; ``imsm_routes`` says which.
 
     Attributes:
         imsm_frozen: the frozen view's cache in the two-cache layout, else None.
@@ -37,14 +42,19 @@ class IMSMCacheMixin:
         imsm_query_frozen: ``[batch, d]`` float32 query summary of the frozen view, set at prefill.
         imsm_query_adapted: ``[batch, d]`` float32 query summary of the adapted view, set at prefill (None for the
             route gate).
+        imsm_routes: in the routed layout, ``[batch]`` bool, True where the row runs the frozen view (set at
+            prefill), else None.
     """
 
     imsm_frozen: Cache | None
     imsm_half_rows: int | None
     imsm_query_frozen: torch.Tensor | None
     imsm_query_adapted: torch.Tensor | None
+    imsm_routes: torch.Tensor | None
 
     def _imsm_rows(self, fn) -> None:
+        if self.imsm_routes is not None:
+            self.imsm_routes = fn(self.imsm_routes)
         if self.imsm_query_frozen is not None:
             self.imsm_query_frozen = fn(self.imsm_query_frozen)
         if self.imsm_query_adapted is not None:  # (None for the route gate, which reads the frozen summary only)
@@ -52,7 +62,12 @@ class IMSMCacheMixin:
 
     @property
     def imsm_stacked(self) -> bool:
-        return self.imsm_frozen is None
+        return self.imsm_frozen is None and not self.imsm_routed
+
+    @property
+    def imsm_routed(self) -> bool:
+        """Whether this is the routed layout (one view per row, see the class docstring)."""
+        return self.imsm_half_rows == ROUTED
 
     def _both_halves(self, rows: torch.Tensor) -> torch.Tensor:
         rows = torch.as_tensor(rows)
@@ -64,6 +79,7 @@ class IMSMCacheMixin:
             self.imsm_frozen.reset()
         self.imsm_query_frozen = None
         self.imsm_query_adapted = None
+        self.imsm_routes = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.imsm_stacked:
@@ -71,7 +87,8 @@ class IMSMCacheMixin:
             self.imsm_half_rows = int(beam_idx.numel())
         else:
             super().reorder_cache(beam_idx)
-            self.imsm_frozen.reorder_cache(beam_idx)
+            if self.imsm_frozen is not None:
+                self.imsm_frozen.reorder_cache(beam_idx)
         self._imsm_rows(lambda q: q.index_select(0, beam_idx.to(q.device)))
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -85,7 +102,7 @@ class IMSMCacheMixin:
         super().batch_repeat_interleave(repeats)
         if self.imsm_stacked:
             self.imsm_half_rows = None if self.imsm_half_rows is None else self.imsm_half_rows * repeats
-        else:
+        elif self.imsm_frozen is not None:
             self.imsm_frozen.batch_repeat_interleave(repeats)
         self._imsm_rows(lambda q: q.repeat_interleave(repeats, dim=0))
 
@@ -95,7 +112,8 @@ class IMSMCacheMixin:
             self.imsm_half_rows = int(torch.as_tensor(indices).numel())
         else:
             super().batch_select_indices(indices)
-            self.imsm_frozen.batch_select_indices(indices)
+            if self.imsm_frozen is not None:
+                self.imsm_frozen.batch_select_indices(indices)
         self._imsm_rows(lambda q: q[indices.to(q.device)])
 
     def offload(self, *args, **kwargs):
@@ -113,6 +131,10 @@ class IMSMCacheMixin:
         return self.imsm_query_frozen is not None
 
 
+ROUTED = -1
+"""``imsm_half_rows`` of the routed layout (no halves: one view per row)."""
+
+
 @functools.cache
 def _imsm_cache_class(base: type) -> type:
     return type(f"IMSM{base.__name__}", (IMSMCacheMixin, base), {"__module__": __name__})
@@ -123,12 +145,12 @@ def is_imsm_cache(cache: object) -> bool:
     return isinstance(cache, IMSMCacheMixin)
 
 
-def as_imsm_cache(cache: Cache, stacked: bool = False) -> Cache:
+def as_imsm_cache(cache: Cache, stacked: bool = False, routed: bool = False) -> Cache:
     """Upgrade an EMPTY transformers cache in place to carry the frozen view too, and return it.
 
     In the two-cache layout the frozen view's cache is a deep copy of the empty cache (same class, same per-layer
     layout: sliding windows, static lengths); in the stacked layout (``stacked=True``) the cache will hold both
-    views' rows. A cache that already holds tokens but no frozen view cannot be upgraded: its frozen half would be
+    views' rows; in the routed layout (``routed=True``) one view per row. A cache that already holds tokens but no frozen view cannot be upgraded: its frozen half would be
     missing, so this raises.
     """
     if is_imsm_cache(cache):
@@ -144,10 +166,19 @@ def as_imsm_cache(cache: Cache, stacked: bool = False) -> Cache:
             "IMSM's frozen view, so IMSM cannot continue from it. Pass the cache returned by an IMSM model's "
             "forward/generate, or start from an empty cache."
         )
-    frozen = None if stacked else copy.deepcopy(cache)
+    frozen = None if stacked or routed else copy.deepcopy(cache)
     cache.__class__ = _imsm_cache_class(type(cache))
     cache.imsm_frozen = frozen
-    cache.imsm_half_rows = None
+    cache.imsm_half_rows = ROUTED if routed else None
     cache.imsm_query_frozen = None
     cache.imsm_query_adapted = None
+    cache.imsm_routes = None
     return cache
+
+
+def copy_rows(dst: Cache, src: Cache, rows: torch.Tensor) -> None:
+    """Write the key/values of ``src`` (a ``DynamicCache`` of ``len(rows)`` rows) into the rows ``rows`` of ``dst``
+    (a ``DynamicCache`` over the same tokens), layer by layer, in place."""
+    for dst_layer, src_layer in zip(dst.layers, src.layers, strict=True):
+        dst_layer.keys[rows] = src_layer.keys.to(dst_layer.keys.dtype)
+        dst_layer.values[rows] = src_layer.values.to(dst_layer.values.dtype)

@@ -15,6 +15,16 @@ the batch doubled (rows ``[frozen; adapted]``), ``_zero_frozen_rows`` (a hook on
 update on the frozen rows, and the post-hook splits the two halves (see :meth:`DualPass.can_stack`). The anchor
 term's pass (:class:`AnchorPass`, ``_anchor_step``) skips step 1: it brings the frozen states, computed once.
 
+Hard routing (a route gate with ``route_threshold``, without autograd, plain LoRA; see :meth:`DualPass.can_route`)
+runs ONE view per sequence instead. At prefill (``_open_routed_prefill``) the backbone runs the frozen view on every
+row; the post-hook (``_finish_routed_prefill``) routes each row from its frozen query summary, runs the adapted view
+again on the rows routed to the adapter only, and writes their states and key/values over the frozen ones, so the
+one KV cache holds each row's own view. Every later pass (``_open_routed_step``) is one pass of the batch: the
+frozen view when every row is routed there, the adapted view when none is, else the adapted view with the LoRA
+update zeroed on the frozen-routed rows (``_zero_frozen_rows``, as for stacking). Elsewhere (other adapters, packed
+sequences, other cache classes) the route gate is rounded to 0 or 1 at the end of the usual two-view pass, which
+gives the same outputs at the cost of both views.
+
 Per-call state, safe when several threads share one model:
 
 * An IMSM call (``IMSMModel.forward`` / ``generate``, the anchor term) opens a :class:`CallContext` with
@@ -52,7 +62,7 @@ from .backbone import (
     replace_last_hidden_state,
     supports_stacked_views,
 )
-from .cache import as_imsm_cache, is_imsm_cache
+from .cache import as_imsm_cache, copy_rows, is_imsm_cache
 from .gate import IMSMGate
 from .query import QueryIndex, build_query_index, check_attention_mask, per_token_queries
 
@@ -90,6 +100,11 @@ class BackbonePass:
     stacked_tokens: int = 0  # rows * seq per view (layers that flatten the batch, e.g. OPT's MLP)
     grad_enabled: bool | None = None  # autograd state to restore after an adapted view run without it
     prefix_hidden: torch.Tensor | None = None  # [1, prefix, d] adapted view of a shared prefix (run once)
+    hard_route: bool = False  # round the route gate to 0 / 1 (route_threshold, without autograd)
+    routed_prefill: dict | None = None  # one-view routing at prefill: the backbone's kwargs for the adapted rerun
+    routes: torch.Tensor | None = None  # [batch] bool, True where the row runs the frozen view (one-view routing)
+    frozen_rows: torch.Tensor | None = None  # [batch] bool: rows whose LoRA update is zeroed (mixed routed batch)
+    frozen_view_token: Any = None  # the frozen-view switch set for this whole pass (reset by the post-hook)
 
 
 @dataclass
@@ -158,6 +173,7 @@ class DualPass:
         model: the causal LM, with the wrapped adapter's layers already injected.
         adapter_tuner: peft's tuner of the wrapped adapter (decides whether both views can share one batch).
         get_gate: returns the gate to use (the active adapter's).
+        get_route_threshold: returns the active adapter's ``route_threshold`` (None: no hard routing).
 
     Attributes:
         backbone: the hooked module (e.g. ``LlamaModel``).
@@ -170,7 +186,13 @@ class DualPass:
         superseded: True when a newer IMSM model was built on the same model (see :func:`installed_dual_pass`).
     """
 
-    def __init__(self, model: nn.Module, adapter_tuner: nn.Module, get_gate: Callable[[], IMSMGate]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter_tuner: nn.Module,
+        get_gate: Callable[[], IMSMGate],
+        get_route_threshold: Callable[[], float | None] = lambda: None,
+    ) -> None:
         self.backbone = find_backbone(model)
         self.adapter_tuner = adapter_tuner
         self.enabled = True
@@ -179,6 +201,7 @@ class DualPass:
         self.superseded = False
         self.supports_stacking = supports_stacked_views(adapter_tuner, model)
         self._get_gate = get_gate
+        self._get_route_threshold = get_route_threshold
         self._positional_names = bound_parameter_names(self.backbone)
         self._cache_name = cache_parameter_name(self.backbone)
         self._hooks = [
@@ -208,6 +231,9 @@ class DualPass:
         try:
             yield context
         finally:
+            for step in reversed(context.passes):  # (passes left open by an error: switch their frozen view off)
+                if step.frozen_view_token is not None:
+                    _FROZEN_VIEW.reset(step.frozen_view_token)
             _CALL.reset(token)
 
     def frozen_states(self, model: nn.Module, **inputs: Any) -> torch.Tensor:
@@ -237,9 +263,21 @@ class DualPass:
             batch_size //= 2
         cache = kwargs.get(cache_key)
         index = self._query_index(call, kwargs, cache, first, batch_size)
+        hard_route = self._hard_routing(call)
+        if is_imsm_cache(cache) and cache.imsm_routed:
+            step = BackbonePass(cache=cache, hard_route=True)
+            self._open_routed_step(step, cache.imsm_routes, seq_len)
+            call.passes.append(step)
+            return (), kwargs
+        if hard_route and self.can_route(kwargs, cache, index):
+            cache = self._open_cache(module, kwargs, cache_key, index, stacked=False, routed=True)[0]
+            step = BackbonePass(index=index, cache=cache, hard_route=True)
+            self._open_routed_prefill(module, step, kwargs, cache_key)
+            call.passes.append(step)
+            return (), kwargs
         stacked = call.stacking and call.anchor is None and self.can_stack(kwargs, cache, index)
         cache, stacked = self._open_cache(module, kwargs, cache_key, index, stacked)
-        step = BackbonePass(index=index, cache=cache)
+        step = BackbonePass(index=index, cache=cache, hard_route=hard_route)
         if stacked:
             self._stack_views(step, kwargs, batch_size, seq_len)
         elif call.anchor is not None:
@@ -274,10 +312,16 @@ class DualPass:
         )
 
     def _open_cache(
-        self, module: nn.Module, kwargs: dict, cache_key: str, index: QueryIndex | None, stacked: bool
+        self,
+        module: nn.Module,
+        kwargs: dict,
+        cache_key: str,
+        index: QueryIndex | None,
+        stacked: bool,
+        routed: bool = False,
     ) -> tuple[Cache | None, bool]:
-        """The pass's two-view KV cache (a new one where the backbone would make one), put in ``kwargs``; and
-        whether both views run stacked (a cache decides that once, at prefill)."""
+        """The pass's IMSM KV cache (a new one where the backbone would make one), put in ``kwargs``; and whether
+        both views run stacked (a cache decides that once, at prefill). ``routed``: the one-view routed layout."""
         cache = kwargs.get(cache_key)
         if cache is None:
             use_cache = kwargs.get("use_cache")
@@ -292,7 +336,7 @@ class DualPass:
                 raise ValueError(
                     "IMSM cannot keep a KV cache for packed (padding-free) sequences; pass use_cache=False."
                 )
-            cache = as_imsm_cache(cache, stacked=stacked)
+            cache = as_imsm_cache(cache, stacked=stacked, routed=routed)
             stacked = cache.imsm_stacked
             kwargs[cache_key] = cache
         return cache, stacked
@@ -335,15 +379,19 @@ class DualPass:
         call = _CALL.get()
         if call is None or not self.enabled:
             return None
-        if _FROZEN_VIEW.get():
+        if _FROZEN_VIEW.get() and not (call.passes and call.passes[-1].frozen_view_token is not None):
             if call.frozen_capture is not None and not call.passes:
                 call.frozen_capture.append(last_hidden_state(output))
             return None
         if not call.passes:
             return None
         step = call.passes.pop()
+        if step.frozen_view_token is not None:
+            _FROZEN_VIEW.reset(step.frozen_view_token)
         if step.grad_enabled is not None:
             torch.set_grad_enabled(step.grad_enabled)
+        if step.routes is not None or step.routed_prefill is not None:
+            return self._finish_routed_pass(module, call, step, kwargs, output)
         hidden = last_hidden_state(output)
         if step.prefix_hidden is not None:  # the rows ran after their shared prefix: put it back in front
             prefix = step.prefix_hidden.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
@@ -359,6 +407,8 @@ class DualPass:
                 h_frozen, h_adapted, step.index, step.cache, adapted=gate.mode == "query"
             )
         g = gate(h_frozen, h_adapted, q_frozen, q_adapted)
+        if step.hard_route:  # (the two-view path of a hard-routed route gate: the same outputs as one view)
+            g = (g > self._get_route_threshold()).float()
         call.interwoven += 1
         if call.on_gate is not None:
             mask = kwargs.get("attention_mask")
@@ -376,6 +426,87 @@ class DualPass:
         elif call.anchor is not None:
             mixed = torch.cat([h_frozen.to(mixed.dtype), mixed])
         return replace_last_hidden_state(output, mixed)
+
+    # ------------------------------------------------------------------------------------------------ hard routing
+    def _hard_routing(self, call: CallContext) -> bool:
+        """Whether this pass rounds the route gate to one view per sequence: a route gate with a
+        ``route_threshold``, without autograd (inference), outside the anchor term, no forced gate value."""
+        if call.anchor is not None or torch.is_grad_enabled() or self._get_route_threshold() is None:
+            return False
+        gate = self._get_gate()
+        return gate.mode == "route" and gate.forced_value is None
+
+    def can_route(self, kwargs: dict, cache: Cache | None, index: QueryIndex | None) -> bool:
+        """Whether a hard-routed pass with these ``kwargs`` can run one view per row (see the module docstring):
+        plain LoRA (whose update can be zeroed per row), one sequence per row, plain batch-first inputs, and no
+        cache or an empty ``DynamicCache``."""
+        if not self.supports_stacking or index is None or not index.one_per_row:
+            return False
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            return False
+        for key in ("attention_mask", "position_ids"):
+            value = kwargs.get(key)
+            if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 2):
+                return False
+        return cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
+
+    def _open_routed_prefill(self, module: nn.Module, step: BackbonePass, kwargs: dict, cache_key: str) -> None:
+        """Prefill of one-view routing: the backbone runs the frozen view on every row (the routes are not known
+        yet); the post-hook reruns the adapter-routed rows. Keeps what that rerun needs."""
+        rerun = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KWARGS}
+        if step.cache is not None:
+            rerun[cache_key] = DynamicCache(config=module.config)  # (the rerun rows' own cache, copied over after)
+        step.routed_prefill = {"kwargs": rerun, "cache_key": cache_key}
+        step.frozen_view_token = _FROZEN_VIEW.set(True)
+
+    def _open_routed_step(self, step: BackbonePass, routes: torch.Tensor, seq_len: int) -> None:
+        """A pass after a one-view routed prefill: one pass of the batch, each row in its view."""
+        step.routes = routes
+        if bool(routes.all()):
+            step.frozen_view_token = _FROZEN_VIEW.set(True)  # (the base model alone: no adapter layer runs)
+        elif bool(routes.any()):
+            step.frozen_rows = routes
+            step.stacked_tokens = routes.numel() * seq_len
+
+    def _finish_routed_pass(
+        self, module: nn.Module, call: CallContext, step: BackbonePass, kwargs: dict, output: Any
+    ) -> Any:
+        """Post-hook of a one-view routed pass; at prefill, route every row and rerun the adapter-routed ones."""
+        hidden = last_hidden_state(output)
+        routes = step.routes
+        if step.routed_prefill is not None:
+            gate = self._get_gate()
+            q_frozen, _ = per_token_queries(hidden, hidden, step.index, step.cache, adapted=False)
+            g = gate(hidden, hidden, q_frozen, None)
+            routes = g[:, 0, 0] > self._get_route_threshold()  # (one value per row: a query summary per row)
+            if step.cache is not None:
+                step.cache.imsm_routes = routes
+            rows = (~routes).nonzero().flatten()
+            if rows.numel() > 0:  # (in place, without autograd: the frozen rows stay bit for bit the base model's)
+                hidden[rows] = self._rerun_adapted_rows(module, step, rows).to(hidden.dtype)
+        call.interwoven += 1
+        if call.on_gate is not None:
+            g_hard = routes.float()[:, None, None].expand(*hidden.shape[:2], hidden.shape[-1])
+            mask = kwargs.get("attention_mask")
+            mask = mask[:, -hidden.shape[1] :] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            call.on_gate(g_hard, mask, call)
+        return output
+
+    def _rerun_adapted_rows(self, module: nn.Module, step: BackbonePass, rows: torch.Tensor) -> torch.Tensor:
+        """The adapted view's final hidden states of the prefill's rows ``rows`` (``[len(rows), seq, d]``); their
+        key/values are written over the frozen view's in the pass's cache."""
+        rerun, cache_key = step.routed_prefill["kwargs"], step.routed_prefill["cache_key"]
+        batch_size = step.index.segment.shape[0]
+        sub = dict(rerun)
+        _map_batched(sub, batch_size, lambda value: value[rows])
+        token = _CALL.set(None)  # a plain adapted-view pass: the hooks stay out of it
+        try:
+            out = module(**sub)
+        finally:
+            _CALL.reset(token)
+        if step.cache is not None:
+            copy_rows(step.cache, sub[cache_key], rows)
+        return last_hidden_state(out)
 
     # ------------------------------------------------------------------------------------------------ shared prefix
     def _can_share_prefix(self, module: nn.Module, kwargs: dict, prefix: int, seq_len: int) -> bool:
@@ -485,6 +616,13 @@ def _zero_frozen_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> N
     if call is None or not call.passes:
         return
     step = call.passes[-1]
+    if step.frozen_rows is not None:  # a mixed one-view routed batch: zero the frozen-routed rows
+        rows = output.shape[0]
+        mask = step.frozen_rows
+        if rows == step.stacked_tokens and rows != mask.numel():
+            mask = mask.repeat_interleave(rows // mask.numel())
+        output.masked_fill_(mask.to(output.device).view(-1, *([1] * (output.dim() - 1))), 0.0)
+        return
     if step.stacked_rows is None:
         return
     rows = output.shape[0]

@@ -26,9 +26,15 @@ from peft_imsm.config import ROUTE_GATE_LR_SCALE
 from peft_imsm.gate import IMSMGate
 
 
-def routed_model(arch: str = "llama", **anchor_kwargs):
+def routed_model(arch: str = "llama", route_threshold=None, **anchor_kwargs):
+    """A route-gate model with a perturbed LoRA; the soft mix at inference unless ``route_threshold`` is given."""
     anchor = AnchorConfig(**{"num_samples": 8, "sample_length": 6, "batch_size": 4, "every": 1, **anchor_kwargs})
-    config = IMSMConfig(adapter_config=adapter_config("lora", identity=False), gate_mode="route", anchor=anchor)
+    config = IMSMConfig(
+        adapter_config=adapter_config("lora", identity=False),
+        gate_mode="route",
+        anchor=anchor,
+        route_threshold=route_threshold,
+    )
     model = get_peft_model(tiny_model(arch), config)
     perturb_adapter(model)
     return model
