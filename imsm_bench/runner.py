@@ -95,13 +95,14 @@ def reduce_intruders(model: Any) -> Any:
     return model
 
 
-def hard_route(model: Any, sharpness: float = 1e4) -> Any:
-    """The route gate rounded per prompt (a hard choice of one view): the router's weights scaled by ``sharpness``,
-    so that ``sigmoid`` gives exactly 0 or 1 wherever the router's logit is at least ``17 / sharpness`` from 0."""
-    gate = model.base_model.gate
-    with torch.no_grad():
-        gate.W_R.weight.mul_(sharpness)
-        gate.W_R.bias.mul_(sharpness)
+def hard_route(model: Any) -> Any:
+    """The route gate rounded per prompt (a hard choice of one view, as users get it by default): the model with
+    ``route_threshold`` set to the route gate's default, so each prompt runs the frozen view alone where ``g > 0.5``
+    and the adapter alone otherwise."""
+    from peft_imsm.config import ROUTE_THRESHOLD
+
+    for config in model.peft_config.values():
+        config.route_threshold = ROUTE_THRESHOLD
     return model
 
 
@@ -254,7 +255,8 @@ def retrofit_lora(
                           start_tokens=method.extra.get("start_tokens"),
                           end_tokens=method.extra.get("end_tokens"))  # fmt: skip
     torch.manual_seed(seed)  # the gate's initialisation: the same whichever rows were derived before this one
-    model = retrofit(model, gate_rank=settings.gate_rank, gate_mode=method.gate_mode, gate_dropout=0.0, anchor=anchor)
+    model = retrofit(model, gate_rank=settings.gate_rank, gate_mode=method.gate_mode, gate_dropout=0.0, anchor=anchor,
+                     route_threshold=method.extra.get("route_threshold"))  # fmt: skip
     lr = method.extra.get("retrofit_lr")  # (None: train_gate's default for the gate mode)
     log = train_gate(model, train[: settings.retrofit_examples], tokenizer, steps=settings.steps, lr=lr, seed=seed)
     log.seconds_total = time.perf_counter() - start
@@ -299,6 +301,7 @@ def build_model(base: Any, method: Method, settings: FinetuneSettings, seed: int
     imsm = IMSMConfig(adapter_config=config, gate_rank=settings.gate_rank, gate_mode=method.gate_mode,
                       gate_dropout=settings.gate_dropout, gate_scalar=method.extra.get("gate_scalar", False),
                       gate_lr_scale=method.extra.get("gate_lr_scale"),
+                      route_threshold=method.extra.get("route_threshold"),
                       anchor=anchor)  # fmt: skip
     model = get_peft_model(base, imsm)
     if anchor is not None and texts:

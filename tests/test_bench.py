@@ -472,8 +472,8 @@ def test_the_benchmark_imports_go_one_way():
 
 
 def test_hard_route_chooses_one_view_per_prompt():
-    """``hard_route`` (the optional "(hard choice)" rows): the trained router's logits scaled, so every prompt's gate
-    is exactly 0 or 1, on the side the soft gate leaned to."""
+    """``hard_route`` (the optional "(hard choice)" rows): ``route_threshold`` set, so every prompt's gate is exactly 0
+    or 1, on the side the soft gate leaned to."""
     from helpers import adapter_config, batch, perturb_adapter, tiny_model
     from peft import get_peft_model
 
@@ -481,7 +481,7 @@ def test_hard_route_chooses_one_view_per_prompt():
     from peft_imsm import AnchorConfig, IMSMConfig
 
     config = IMSMConfig(adapter_config=adapter_config("lora", identity=False), gate_mode="route",
-                        anchor=AnchorConfig(num_samples=4, sample_length=4))  # fmt: skip
+                        anchor=AnchorConfig(num_samples=4, sample_length=4), route_threshold=None)  # fmt: skip
     model = get_peft_model(tiny_model("llama"), config)
     perturb_adapter(model)
     gate = model.base_model.gate
