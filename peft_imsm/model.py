@@ -118,7 +118,9 @@ class IMSMModel(IMSMTunerInterface):
         model.peft_config = self.peft_config
         self._apply_freeze_adapter()
 
-        self.__dict__["dual_pass"] = DualPass(model, adapter_tuner, self._active_gate)
+        self.__dict__["dual_pass"] = DualPass(
+            model, adapter_tuner, self._active_gate, lambda: self._active_config().route_threshold
+        )
         self._unloaded = False
         self._gate_dtype_checked = False
         self._stats = gate_stats.TrainingStats()  # (read and reset by pop_training_stats)
@@ -179,7 +181,9 @@ class IMSMModel(IMSMTunerInterface):
         return output
 
     def generate(self, *args: Any, **kwargs: Any):
-        """``generate()`` with both views interwoven at every step, each view on its own KV cache.
+        """``generate()`` with both views interwoven at every step, each view on its own KV cache; with a hard-routed
+        route gate (``IMSMConfig.route_threshold``), each sequence in the one view its prompt was routed to, on one
+        KV cache.
 
         Takes exactly the arguments of transformers' ``generate()``. Prompts must be left-padded.
         """
