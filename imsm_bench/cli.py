@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         raise SystemExit(f"error: --jobs must be >= 1 (got {args.jobs}).")
+    try:
+        report.require_plotting()  # before the run, not after it
+    except ImportError as err:
+        raise SystemExit(f"error: {err}") from None
     prepare_out_dir(args.out, args.overwrite)
     if args.seeds < 1:
         raise SystemExit("error: --seeds must be >= 1.")

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from peft_imsm.extras import require
+
 
 def fmt(cell: dict[str, float] | None) -> str:
     if cell is None:
@@ -41,10 +43,15 @@ def write_json(results: dict[str, Any], out_dir: str) -> str:
     return path
 
 
-def plot(results: dict[str, Any], out_dir: str) -> str:
-    """``results.png``: target score (y) against retention (x) per method, the anchor-weight sweep as a curve."""
-    import matplotlib
+def require_plotting() -> Any:
+    """The matplotlib module, for ``results.png``; an ImportError that names the ``plot`` extra if it is missing."""
+    return require("matplotlib", "imsm-bench (its figure, results.png)")
 
+
+def plot(results: dict[str, Any], out_dir: str) -> str:
+    """``results.png``: target score (y) against retention (x) per method, the anchor-weight sweep as a curve.
+    Needs matplotlib (the ``plot`` extra; :func:`require_plotting` checks it before a run)."""
+    matplotlib = require_plotting()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

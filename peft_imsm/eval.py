@@ -8,12 +8,13 @@
 :func:`main` runs the harness's own CLI (``lm_eval.__main__.cli_evaluate``): every flag, task, YAML config and output
 file is the harness's. It adds two things, both in this process only. ``import peft_imsm`` registers IMSM with peft, so
 the harness's ``PeftModel.from_pretrained`` loads IMSM adapters. And :func:`install` makes the harness's ``hf`` model
-(``HFLM``) score IMSM adapters whose gate reads the query (``gate_mode="query"``) as IMSM defines it.
+(``HFLM``) score IMSM adapters whose gate reads the query (``gate_mode="query"`` or ``"route"``) as IMSM defines it.
+``--help`` prints :data:`HELP` (what imsm-eval adds) before the harness's help.
 
 Why that is needed: for a loglikelihood request the harness calls the model on context + continuation, right-padded,
 with no labels and no attention mask. IMSM without labels takes every input token as the query, so the gate at a
 context position would see the continuation being scored (and the padding of shorter rows): non-causal, silently wrong
-scores that also change with the batch. With an IMSM query-mode model, ``HFLM._loglikelihood_tokens`` is replaced by
+scores that also change with the batch. With an IMSM query or route gate, ``HFLM._loglikelihood_tokens`` is replaced by
 :func:`loglikelihood_tokens`, which passes an attention mask and labels that mark the continuation (``-100`` on the
 context), so the query is the context: what ``generate()`` takes as the prompt. Every other model (the base model, a
 LoRA adapter, IMSM with the ``"token"`` or ``"fixed"`` gate, which do not read the query) keeps the harness's own code.
@@ -41,10 +42,30 @@ _LOG = logging.getLogger(__name__)
 _SIZING_BATCH: ContextVar[bool] = ContextVar("imsm_eval_sizing_batch", default=False)
 INSTALL_HINT = 'pip install "peft-imsm[eval]"'
 TESTED_LM_EVAL = "0.4.13"
+HELP = """\
+imsm-eval: lm-evaluation-harness (lm-eval) with IMSM registered. Every lm-eval command, flag,
+task and output file below works unchanged ("lm-eval" in it reads "imsm-eval"). What imsm-eval
+adds, in its own process only:
+  * IMSM adapters load in the harness's hf model:
+      --model hf --model_args pretrained=BASE,peft=IMSM_ADAPTER
+  * adapters whose gate reads the query (gate_mode="query", the default, or "route") are scored
+    with the context as the query, as generate() takes the prompt: loglikelihood requests
+    (multiple choice, perplexity) get an attention mask and labels -100 on the context, so the
+    gate never sees the continuation it scores. An lm-eval code path that cannot say where the
+    context ends raises an error instead of returning wrong scores. The base model, LoRA and
+    IMSM with the "token" or "fixed" gate keep the harness's own scoring.
+example:
+  imsm-eval --model hf --tasks hellaswag --batch_size 8 --output_path results \\
+      --model_args pretrained=HuggingFaceTB/SmolLM2-135M-Instruct,peft=smollm2-imsm
+"imsm-eval run --help" lists every flag of an evaluation; docs/evaluation.md has the details.
+
+lm-eval's help:
+"""
 
 
 def uses_query(model: Any) -> bool:
-    """Whether ``model`` is an IMSM model whose active gate reads the query summary (``gate_mode="query"``)."""
+    """Whether ``model`` is an IMSM model whose active gate reads the query summary (``gate_mode="query"`` or
+    ``"route"``)."""
     tuner = find_imsm_tuner(model, required=False)
     return tuner is not None and tuner.gate.reads_query
 
@@ -127,7 +148,8 @@ def loglikelihood_tokens(
 
 
 def install() -> None:
-    """Make lm-eval's ``HFLM`` score IMSM query-mode models with :func:`loglikelihood_tokens` (idempotent).
+    """Make lm-eval's ``HFLM`` score IMSM models whose gate reads the query with :func:`loglikelihood_tokens`
+    (idempotent).
 
     Also guards ``HFLM._model_call``: any other harness code path that would call such a model on token sequences
     without saying where the context ends raises instead of returning scores (the batch-size probe is let through).
@@ -157,9 +179,11 @@ def install() -> None:
     @functools.wraps(original_call)
     def _model_call(self, inps, *args, **kwargs):
         if uses_query(self.model) and not _SIZING_BATCH.get():
+            mode = find_imsm_tuner(self.model).gate.mode
             raise RuntimeError(
                 f"{type(self).__name__}._model_call was asked to score {list(inps.shape)} tokens with an IMSM model "
-                "whose gate reads the query (gate_mode='query'), without labels marking where the context ends: "
+                f"whose gate reads the query (gate_mode={mode!r}; the 'query' and 'route' gates both read it), "
+                "without labels marking where the context ends: "
                 "IMSM would take the scored tokens as part of the query, and the scores would be wrong. This lm-eval "
                 "code path is not supported for such adapters; peft_imsm.eval scores loglikelihood requests of the "
                 "'hf' model itself. Please report the task and the lm-eval version."
@@ -181,8 +205,12 @@ def install() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run lm-evaluation-harness's CLI (``lm_eval ...``) with IMSM registered. ``argv``: the arguments, without the
-    program name (default: ``sys.argv[1:]``)."""
+    """Run lm-evaluation-harness's CLI (``lm_eval ...``) with IMSM registered; with ``-h`` / ``--help``, :data:`HELP`
+    first. ``argv``: the arguments, without the program name (default: ``sys.argv[1:]``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:  # (argparse prints the help wherever the flag is)
+        sys.stdout.write(HELP)
+        sys.stdout.flush()
     if importlib.util.find_spec("lm_eval") is None:
         raise SystemExit(
             "error: imsm-eval runs lm-evaluation-harness, which is not installed in this Python environment "
@@ -192,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     install()
     saved = sys.argv
-    sys.argv = ["imsm-eval", *(saved[1:] if argv is None else argv)]  # (the harness's parser reads sys.argv)
+    sys.argv = ["imsm-eval", *args]  # (the harness's parser reads sys.argv)
     try:
         cli_evaluate()
     finally:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .backbone import model_device
+from .extras import require
 from .model import find_imsm_tuner
 from .padding import left_pad, pad_token_id
 
@@ -64,10 +65,9 @@ class GateMap:
 
         A black bar marks where the prompt ends (the cell before it is the gate that predicts the first answer
         token). Rows longer than ``max_tokens`` show their last ``max_tokens`` tokens. Saves a PNG at ``path`` when
-        given. Returns the matplotlib figure.
+        given. Returns the matplotlib figure. Needs matplotlib: ``pip install "peft-imsm[plot]"``.
         """
-        import matplotlib
-
+        matplotlib = require("matplotlib", "GateMap.plot")
         if path is not None:
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -27,6 +27,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import IMSMConfig, IMSMLogCallback, set_anchor_data
+from .extras import require
 from .output_dirs import OutputDirError, check_not_protected
 from .sft_arguments import (
     IMSMArgumentError,
@@ -60,6 +61,7 @@ class ParsedArguments(NamedTuple):
 
 def make_parser() -> TrlParser:
     """The parser of ``imsm-sft``: TRL's ``trl sft`` dataclasses plus :class:`IMSMArguments`."""
+    require("trl", PROG)
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
     types = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, IMSMArguments)
@@ -70,6 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ParsedArguments:
     """Parse and check ``imsm-sft``'s arguments (command line and ``--config`` YAML) before anything loads; a bad one
     exits with status 2 and a message, as argparse does. In a process that ``accelerate launch`` started, leftover
     YAML keys (the launcher's) are dropped and an unknown command-line argument is an error."""
+    require("trl", PROG)
     from trl import get_peft_config
 
     parser = make_parser()
@@ -130,6 +133,8 @@ def run(
     The arguments as :func:`parse_args` returns them; ``callbacks``: ``TrainerCallback`` objects to attach besides
     :class:`~peft_imsm.IMSMLogCallback`.
     """
+    require("trl", PROG)
+    require("datasets", PROG)
     from accelerate.logging import get_logger
     from datasets import load_dataset
     from trl import SFTTrainer, get_dataset, get_quantization_config
@@ -181,6 +186,10 @@ def run(
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``imsm-sft`` and ``python -m peft_imsm.sft``: parse and check, then launch or train."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        require("trl", PROG)
+    except ImportError as err:  # (a command: the message, not a traceback)
+        raise SystemExit(f"{PROG}: error: {err}") from None
     parsed = parse_args(argv)
     if parsed.yaml_launch_args or parsed.cli_launch_args:  # as `trl sft`; --accelerate_config NAME: TRL's configs
         from accelerate.commands.launch import launch_command, launch_command_parser

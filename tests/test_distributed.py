@@ -1,5 +1,6 @@
 """Multi-process training: 2 CPU processes (torchrun, gloo) run the HF Trainer on an IMSM LoRA model under DDP, and
-a plain training loop under FSDP2 (``tests/scripts/fsdp2_train.py``, see its test).
+a plain training loop under FSDP2 (``tests/scripts/fsdp2_train.py``, see its test). The torchrun tests are marked
+slow (``python -m pytest -m slow``; CI runs them); the check of the accelerate configs is in the default run.
 
 The DDP training script is ``tests/scripts/ddp_train.py``. What is checked:
 
@@ -67,6 +68,7 @@ def assert_ranks_in_sync_and_trained(dumps: list[dict]) -> None:
     assert rank0["losses"] and all(torch.isfinite(torch.tensor(rank0["losses"])))
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_ddp_trainer_keeps_ranks_in_sync_and_rank0_adapter_reloads(tmp_path):
     """Default Trainer DDP settings; rank 0's adapter reloads in this process with the same logits."""
     dumps = launch(tmp_path)
@@ -92,6 +94,7 @@ def test_ddp_trainer_keeps_ranks_in_sync_and_rank0_adapter_reloads(tmp_path):
         torch.testing.assert_close(param.detach(), dumps[0]["trained"][name], atol=0, rtol=0)
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_ddp_without_unused_parameter_search_and_reentrant_checkpointing(tmp_path):
     """``ddp_find_unused_parameters=False`` (no parameter of IMSM is ever unused) with reentrant checkpointing."""
     dumps = launch(tmp_path, "--find-unused", "false", "--gradient-checkpointing", "reentrant")
@@ -124,6 +127,7 @@ def test_example_accelerate_configs_load():
         )
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 @pytest.mark.parametrize("anchors", [False, True], ids=["plain", "shared-prefix anchors"])
 def test_fsdp2_training_equals_single_process_training(tmp_path, anchors):
     """FSDP2 (fully_shard per decoder layer + root, gloo): the gate and LoRA shard like any parameter, the frozen

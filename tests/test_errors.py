@@ -1,59 +1,23 @@
-"""Bad input gets a clear error that names the fix."""
+"""Bad input to an IMSM model gets a clear error that names the fix: a model IMSM cannot wrap, merging, a second
+adapter, a forward that would skip the gate, calls after ``unload()``, an ``attention_mask`` that does not fit the
+inputs. (Bad config values: test_config.py; a trained output head: test_output_head.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import adapter_config, tiny_model
-from peft import LoraConfig, PromptTuningConfig, get_peft_model
+from helpers import VOCAB, adapter_config, batch, perturb_adapter, tiny_config, tiny_model
+from peft import LoraConfig, get_peft_model
 
 from peft_imsm import IMSMConfig
 
 
-def lora():
-    return LoraConfig(r=4, target_modules="all-linear")
-
-
-def test_prompt_learning_adapter_is_refused():
-    with pytest.raises(ValueError, match="prompt-learning.*LoraConfig"):
-        IMSMConfig(adapter_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-
-
-def test_missing_or_unknown_adapter_config():
-    with pytest.raises(ValueError, match="adapter_config=LoraConfig"):
-        IMSMConfig()
-    with pytest.raises(TypeError, match="peft config such as LoraConfig"):
-        IMSMConfig(adapter_config="lora")
-    with pytest.raises(ValueError, match="unknown peft_type"):
-        IMSMConfig(adapter_config={"peft_type": "NOPE"})
-    with pytest.raises(ValueError, match="cannot wrap the peft method IMSM"):
-        IMSMConfig(adapter_config=IMSMConfig(adapter_config=lora()))
-
-
-@pytest.mark.parametrize("rank", [0, -1, 2.5, True])
-def test_bad_gate_rank(rank):
-    with pytest.raises(ValueError, match="gate_rank must be an integer >= 1"):
-        IMSMConfig(adapter_config=lora(), gate_rank=rank)
-
-
-def test_bad_gate_mode_and_dropout():
-    with pytest.raises(ValueError, match="Unknown gate_mode 'avg'.*query, token, fixed"):
-        IMSMConfig(adapter_config=lora(), gate_mode="avg")
-    with pytest.raises(ValueError, match="gate_dropout"):
-        IMSMConfig(adapter_config=lora(), gate_dropout=1.5)
-
-
-def test_non_causal_lm_task_type():
-    with pytest.raises(ValueError, match="causal language models only.*CAUSAL_LM"):
-        IMSMConfig(adapter_config=lora(), task_type="SEQ_CLS")
-
-
 def test_model_without_output_embeddings():
-    from helpers import tiny_config
     from transformers import AutoModel
 
+    lora = LoraConfig(r=4, target_modules="all-linear")
     with pytest.raises(ValueError, match="no output embeddings.*AutoModelForCausalLM"):
-        get_peft_model(AutoModel.from_config(tiny_config("llama")), IMSMConfig(adapter_config=lora()))
+        get_peft_model(AutoModel.from_config(tiny_config("llama")), IMSMConfig(adapter_config=lora))
 
 
 def test_merging_is_refused_with_the_reason():
@@ -129,3 +93,42 @@ def test_calling_the_model_after_unload_says_that_imsm_was_unloaded():
     with pytest.raises(RuntimeError, match="IMSM was unloaded"):
         model.generate(input_ids=ids, max_new_tokens=2, pad_token_id=0)
     base(input_ids=ids)  # the returned model works
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 5), (2, 12), (3, 8), (1, 8)])
+def test_attention_mask_that_does_not_fit_the_inputs_names_the_fix(mask_shape):
+    model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora", identity=False)))
+    ids = torch.randint(3, VOCAB, (2, 8))
+    mask = torch.ones(mask_shape, dtype=torch.long)
+    message = (
+        rf"attention_mask has shape \[{mask_shape[0]}, {mask_shape[1]}\] but input_ids has shape \[2, 8\]: the mask "
+        r"must be \[2, 8\] .*Pass the attention_mask the tokenizer returned"
+    )
+    model.eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(input_ids=ids, attention_mask=mask)
+    model.train()
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+    model.eval()
+    with pytest.raises(ValueError, match=message):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+
+
+def test_attention_mask_over_cached_and_new_tokens_is_fine():
+    """With a KV cache the mask covers the cached tokens too (a user-given cache, generate()'s decoding)."""
+    model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora", identity=False)))
+    perturb_adapter(model, scale=0.5)
+    model.eval()
+    ids, mask = batch(seq_len=8)
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask).logits
+        start = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        with pytest.raises(ValueError, match=r"after 5 cached tokens: the mask must be \[3, 5 \+ 3\]"):
+            model(input_ids=ids[:, 5:], attention_mask=mask[:, :2], past_key_values=start.past_key_values)
+        rest = model(input_ids=ids[:, 5:], attention_mask=mask, past_key_values=start.past_key_values).logits
+        generated = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert rest.shape == whole[:, 5:].shape and torch.isfinite(rest).all()  # (query: the 5 cached tokens)
+    assert generated.shape == (3, 12)

@@ -295,6 +295,68 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch):
         imsm_eval.main(["--tasks", "x"])
 
 
+@needs_lm_eval
+@pytest.mark.parametrize(
+    "argv,listed",
+    [
+        (["--help"], ["usage: lm-eval", "run ", "ls ", "validate ", "--help"]),  # lm-eval's commands
+        (["run", "--help"], ["usage: lm-eval run", "--model_args", "--tasks", "--batch_size", "--output_path"]),
+        (["--model", "hf", "-h"], ["usage: lm-eval run", "--model_args", "--tasks", "--batch_size"]),  # (legacy: run)
+    ],
+)
+def test_help_starts_with_what_imsm_eval_adds_then_lm_evals_help(argv, listed, capsys):
+    from peft_imsm.eval import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    imsm, lm_eval_help = out.split("lm-eval's help:\n")
+    assert imsm.startswith("imsm-eval: lm-evaluation-harness (lm-eval) with IMSM registered.")
+    for words in ("--model_args pretrained=BASE,peft=IMSM_ADAPTER", 'gate_mode="query"', '"route"', "labels -100",
+                  '"token" or "fixed" gate', "imsm-eval --model hf --tasks hellaswag", "imsm-eval run --help"):  # fmt: skip
+        assert words in imsm, words
+    for words in listed:
+        assert words in lm_eval_help, words
+
+
+def test_help_without_lm_eval_still_says_what_imsm_eval_is(monkeypatch, capsys):
+    import peft_imsm.eval as imsm_eval
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real_find_spec(name, *a)
+    )
+    with pytest.raises(SystemExit, match=r'pip install "peft-imsm\[eval\]"'):
+        imsm_eval.main(["--help"])
+    assert capsys.readouterr().out == imsm_eval.HELP
+
+
+@needs_lm_eval
+@pytest.mark.parametrize("gate_mode", ["query", "route"])
+def test_the_guard_names_the_gate_mode_that_reads_the_query(gate_mode):
+    """An lm-eval code path that calls the model without labels is refused, for both gates that read the query."""
+    from helpers import adapter_config, tiny_model
+    from lm_eval.models.huggingface import HFLM
+
+    from peft_imsm.eval import install, uses_query
+
+    install()
+    anchor = peft_imsm.AnchorConfig() if gate_mode == "route" else None
+    config = peft_imsm.IMSMConfig(adapter_config=adapter_config("lora"), gate_mode=gate_mode, anchor=anchor)
+    lm = HFLM.__new__(HFLM)  # (only what _model_call's guard reads: the model)
+    lm._model = get_peft_model(tiny_model("llama"), config)
+    assert uses_query(lm.model)
+    message = (
+        rf"HFLM._model_call was asked to score \[2, 5\] tokens with an IMSM model whose gate reads the query "
+        rf"\(gate_mode='{gate_mode}'; the 'query' and 'route' gates both read it\), without labels marking where"
+    )
+    with pytest.raises(RuntimeError, match=message):
+        lm._model_call(torch.ones(2, 5, dtype=torch.long))
+    token = peft_imsm.IMSMConfig(adapter_config=adapter_config("lora"), gate_mode="token")
+    assert not uses_query(get_peft_model(tiny_model("llama"), token))
+
+
 def test_console_script_points_at_main():
     import tomllib
 

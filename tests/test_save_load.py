@@ -182,6 +182,38 @@ def test_a_config_that_no_longer_matches_the_weights_warns(tmp_path, edit):
         assert any("initial values" in m and "ia3_l" in m for m in messages)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to modify a model with PEFT for a second time")
+def test_loading_an_adapter_twice_onto_one_base_model_is_exact(tmp_path):
+    """``PeftModel.from_pretrained`` run twice on one base model (a notebook cell run again): the second model gives
+    what the adapter gives on a fresh base model, in forward and generate()."""
+    from peft import PeftModel
+
+    trained = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora", identity=False)))
+    perturb_adapter(trained, scale=0.5)
+    with torch.no_grad():
+        for param in trained.base_model.gate.parameters():
+            param.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    trained.save_pretrained(tmp_path)
+    base = tiny_model("llama")
+    PeftModel.from_pretrained(base, tmp_path)
+    again = PeftModel.from_pretrained(base, tmp_path).eval()
+    reference = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    ids, mask = batch(seq_len=9)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again(input_ids=ids, attention_mask=mask).logits,
+            reference(input_ids=ids, attention_mask=mask).logits,
+            atol=1e-6,
+            rtol=0,
+        )
+        generated = [
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+            for model in (again, reference)
+        ]  # fmt: skip
+    assert torch.equal(*generated)
+
+
 def test_freeze_adapter_trains_only_the_gate_also_after_loading_for_training(tmp_path):
     from peft import PeftModel
 

@@ -1,4 +1,5 @@
-"""One IMSM model shared by several threads: every concurrent call gives exactly what it gives alone.
+"""One IMSM model shared by several threads: every concurrent call gives exactly what it gives alone; the frozen
+view is per thread, ``disable_adapter()`` model-wide (as in peft).
 
 Each case runs a set of different calls (other batch sizes, prompt lengths, padding) one by one for the reference,
 then all of them several times at once from a thread pool, and compares bit for bit.
@@ -11,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import VOCAB, adapter_config, perturb_adapter, tiny_model
+from helpers import VOCAB, adapter_config, batch, perturb_adapter, tiny_model
 from peft import get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -184,3 +185,43 @@ def test_frozen_view_of_one_thread_does_not_switch_off_the_adapter_of_another():
     finally:
         release.set()
         holder.join()
+
+
+def test_disable_adapter_is_model_wide_and_concurrent_imsm_calls_stay_exact():
+    """Documented behaviour (as in peft): while one thread is inside ``with model.disable_adapter():``, every thread
+    gets the base model; outside such a block, concurrent IMSM calls each give what they give alone."""
+    import threading
+
+    plain = tiny_model("llama")  # (the weights shared_model() wraps)
+    model = shared_model()
+    ids, mask = batch(seq_len=9)
+
+    def greedy(lm) -> torch.Tensor:
+        with torch.no_grad():
+            return lm.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                pad_token_id=0,
+            )  # fmt: skip
+
+    imsm_tokens = greedy(model)
+    base_tokens = greedy(plain)
+    assert not torch.equal(imsm_tokens, base_tokens)
+
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_disabled() -> None:
+        with model.disable_adapter():
+            inside.set()
+            release.wait(timeout=60)
+
+    holder = threading.Thread(target=hold_disabled)
+    holder.start()
+    try:
+        assert inside.wait(timeout=60)
+        assert torch.equal(greedy(model), base_tokens)  # another thread: the base model too
+    finally:
+        release.set()
+        holder.join()
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: greedy(model), range(6)))
+    assert all(torch.equal(tokens, imsm_tokens) for tokens in results)
