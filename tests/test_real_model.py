@@ -195,3 +195,46 @@ def test_real_protocol_end_to_end_at_tiny_size(real, tmp_path):
     assert results["methods"]["LoRA"]["gate_target"] is None
     retrofitted = results["methods"][RETROFIT_METHOD]
     assert 0.0 < retrofitted["gate_target"]["mean"] < 1.0 and retrofitted["train_seconds"]["mean"] > 0
+
+
+def test_hard_routed_generate_is_the_base_model_or_the_lora_alone(real):
+    """A route gate with ``route_threshold`` on SmolLM2: in one left-padded chat batch, the prompts routed to the
+    frozen view get the base model's greedy tokens and the others the LoRA's alone, token for token (router logits
+    +-2, so the soft mix would answer otherwise)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model, tokenizer, _, _, _ = real
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    config = peft_imsm.IMSMConfig(adapter_config=lora, gate_mode="route", anchor=peft_imsm.AnchorConfig())
+    torch.manual_seed(0)
+    imsm = get_peft_model(copy.deepcopy(model), config).eval()
+    texts = ["What is the capital of France?", "Tag: zebra", "Give me three tips for sleeping better.", "Hi!"]
+    frozen = torch.tensor([True, False, True, False])
+    ids, mask = chat_batch(tokenizer, texts)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():  # the router: logit +-2 on each prompt's frozen mean final state, as generate() sees it
+        h = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        q = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        design = torch.cat([q, torch.ones(len(q), 1)], 1).double()
+        target = torch.where(frozen, 2.0, -2.0)[:, None].double()
+        solution = torch.linalg.lstsq(design, target).solution.float()
+        gate = imsm.base_model.gate
+        gate.W_R.weight.copy_(solution[:-1].T / gate.lr_scale)
+        gate.W_R.bias.copy_(solution[-1] / gate.lr_scale)
+    adapter_alone = get_peft_model(copy.deepcopy(model), lora).eval()
+    state = {k: v for k, v in get_peft_model_state_dict(imsm).items() if "imsm_gate" not in k}
+    assert not set_peft_model_state_dict(adapter_alone, state).unexpected_keys
+
+    def greedy(m):
+        return m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=None)  # fmt: skip
+
+    with imsm.base_model.record_gate() as seen:
+        out = greedy(imsm)
+    assert torch.equal(seen[0], frozen.float())
+    base_out, adapter_out = greedy(model), greedy(adapter_alone)
+    for row in range(len(texts)):
+        assert torch.equal(out[row], base_out[row] if frozen[row] else adapter_out[row]), texts[row]
+    assert not torch.equal(base_out[~frozen], adapter_out[~frozen])  # (the two views answer differently)
+    imsm.peft_config["default"].route_threshold = None
+    assert not torch.equal(greedy(imsm), out)  # the soft mix leaks the other view in
