@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import adapter_config, perturb_adapter, plain_adapted_reference, tiny_model
 from peft import PeftModel, get_peft_model
+from transformers import TextStreamer
 from test_generation import greedy, left_padded, positions
 
 import peft_imsm
@@ -119,9 +120,16 @@ def test_sampling_beams_and_return_sequences_follow_each_rows_view():
     expect_rows(out, greedy(base, ids, mask, n=6, **beams), greedy(adapter, ids, mask, n=6, **beams), twice)
 
 
-def test_stop_strings_streamer_and_assisted_decoding():
-    from transformers import TextStreamer
+class Capture(TextStreamer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.texts: list[str] = []
 
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.texts.append(text)
+
+
+def test_stop_strings_streamer_and_assisted_decoding():
     from imsm_bench.skills import build_tokenizer
 
     tok = build_tokenizer()
@@ -134,14 +142,9 @@ def test_stop_strings_streamer_and_assisted_decoding():
         stop = text[2:4]
         stopped = greedy(model, one, one_mask, n=8, stop_strings=[stop], tokenizer=tok)
         assert torch.equal(stopped, greedy(reference, one, one_mask, n=8, stop_strings=[stop], tokenizer=tok))
-        streamed: list[str] = []
-
-        class Capture(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                streamed.append(text)
-
-        greedy(model, one, one_mask, n=5, streamer=Capture(tok, skip_prompt=True))
-        assert "".join(streamed) == tok.decode(greedy(reference, one, one_mask, n=5)[0, 9:])
+        streamer = Capture(tok, skip_prompt=True)
+        greedy(model, one, one_mask, n=5, streamer=streamer)
+        assert "".join(streamer.texts) == tok.decode(greedy(reference, one, one_mask, n=5)[0, 9:])
         assisted = greedy(model, one, one_mask, n=8, assistant_model=tiny_model("llama", seed=3))
         assert torch.equal(assisted, greedy(reference, one, one_mask, n=8))
 
