@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import adapter_config, perturb_adapter, plain_adapted_reference, tiny_model
 from peft import PeftModel, get_peft_model
-from transformers import TextStreamer
 from test_generation import greedy, left_padded, positions
+from transformers import TextStreamer
 
 import peft_imsm
 from peft_imsm import AnchorConfig, IMSMConfig
@@ -221,7 +221,10 @@ def test_route_threshold_is_saved_loaded_and_checked(tmp_path):
     assert torch.equal(greedy(loaded, ids, mask), greedy(model, ids, mask))
     lora = adapter_config("lora")
     assert IMSMConfig(adapter_config=lora, gate_mode="route", anchor=AnchorConfig()).route_threshold == 0.5
-    assert IMSMConfig(adapter_config=lora, gate_mode="route", anchor=AnchorConfig(), route_threshold=None).route_threshold is None
+    assert (
+        IMSMConfig(adapter_config=lora, gate_mode="route", anchor=AnchorConfig(), route_threshold=None).route_threshold
+        is None
+    )
     assert IMSMConfig(adapter_config=lora).route_threshold is None
     with pytest.raises(ValueError, match="gate_mode='query' has none"):
         IMSMConfig(adapter_config=lora, route_threshold=0.5)
