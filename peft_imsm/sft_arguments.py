@@ -39,6 +39,11 @@ class IMSMArguments:
     imsm_gate_lr_scale: float | None = _arg(
         None, "The gate learns this many times as fast (default: 100 for route, else 1)."
     )
+    imsm_route_threshold: str = _arg(
+        "auto",
+        "Route gate at inference: one view per prompt, the frozen one where its router value is above this number "
+        "in (0, 1). auto: 0.5 for route (none for the other gates); none: the soft mix of both views.",
+    )
     imsm_anchor: bool = _arg(False, "Add the anchor KL term (beyond the paper); the other --imsm_anchor_* need it.")
     imsm_anchor_source: Literal["self", "data"] = _arg("self", "Anchors sampled from the frozen model, or data texts.")
     imsm_anchor_weight: float = _arg(1.0, "Factor of the anchor KL term in the loss, >= 0.")
@@ -51,7 +56,9 @@ class IMSMArguments:
     imsm_anchor_sample_length: int = _arg(16, "New tokens per sampled anchor (source self).")
     imsm_anchor_start: Literal["auto", "chat", "bos", "random"] = _arg(
         "auto",
-        "Sampled anchors: whole chat prompts (chat; auto: where the tokenizer has a chat template) or from bos.",
+        "What sampled anchors look like. chat: whole chat prompts, as AnchorConfig.from_tokenizer gives (the user-turn "
+        "start, the sampled text, the end of the turn and the generation prompt; needs a chat template). auto: chat "
+        "where the tokenizer has a chat template, else bos. bos: from the BOS token. random: from random token ids.",
     )
     imsm_anchor_temperature: float = _arg(1.0, "Sampling temperature of sampled anchors, > 0 (source self).")
     imsm_anchor_seed: int | None = _arg(None, "Seed of anchor sampling and batching; default: the training --seed.")
@@ -137,10 +144,24 @@ def wrap_peft_config(adapter_config: PeftConfig | None, imsm_args: IMSMArguments
         return IMSMConfig(
             adapter_config=adapter_config, gate_rank=a.imsm_gate_rank, gate_mode=a.imsm_gate_mode,
             gate_dropout=_float(a.imsm_gate_dropout), gate_lr_scale=_float(a.imsm_gate_lr_scale),
-            anchor=anchor if a.imsm_anchor else None,
+            route_threshold=_route_threshold(a.imsm_route_threshold), anchor=anchor if a.imsm_anchor else None,
         )  # fmt: skip
     except (TypeError, ValueError) as err:
         raise IMSMArgumentError(_flag_message(str(err))) from err
+
+
+def _route_threshold(value: str | None) -> float | str | None:
+    """``--imsm_route_threshold``: "auto", "none" or a number (IMSMConfig checks its range)."""
+    if value is None or str(value).lower() == "none":
+        return None
+    if str(value).lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise IMSMArgumentError(
+            f"--imsm_route_threshold must be auto, none or a number strictly between 0 and 1, got {value!r}."
+        ) from None
 
 
 def load_anchor_texts(imsm_args: IMSMArguments) -> Any:

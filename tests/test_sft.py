@@ -406,6 +406,12 @@ BASE_ARGV = [
         (["--imsm_gate_mode", "route"], "--imsm_gate_mode route learns which prompts are general from the anchors"),
         (["--imsm_anchor", "--imsm_gate_mode", "route", "--imsm_anchor_route_weight", "0"], "route_weight=0 turns"),
         (["--imsm_gate_lr_scale", "0"], "--imsm_gate_lr_scale must be None or a finite number > 0"),
+        (["--imsm_route_threshold", "0.5"], "route_threshold=0.5 picks one view per sequence"),
+        (
+            ["--imsm_anchor", "--imsm_gate_mode", "route", "--imsm_route_threshold", "1.5"],
+            "--imsm_route_threshold must be None (the soft mix) or a number strictly between 0 and 1",
+        ),
+        (["--imsm_route_threshold", "high"], "--imsm_route_threshold must be auto, none or a number"),
     ],
 )
 def test_bad_imsm_argument_is_a_clear_error_before_loading(extra, message, capsys):
@@ -417,6 +423,19 @@ def test_bad_imsm_argument_is_a_clear_error_before_loading(extra, message, capsy
     assert exc.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "imsm-sft: error:" in err and message in err, err
+
+
+@pytest.mark.parametrize(
+    "gate_mode, flag, expected", [("route", "auto", 0.5), ("route", "none", None), ("route", "0.7", 0.7),
+                                  ("query", "auto", None)],
+)  # fmt: skip
+def test_route_threshold_flag(gate_mode, flag, expected):
+    from peft import LoraConfig
+
+    from peft_imsm.sft_arguments import IMSMArguments, wrap_peft_config
+
+    args = IMSMArguments(imsm_gate_mode=gate_mode, imsm_anchor=True, imsm_route_threshold=flag)
+    assert wrap_peft_config(LoraConfig(r=2), args).route_threshold == expected
 
 
 def test_missing_use_peft_is_a_clear_error(capsys):
