@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 import peft_imsm
 from imsm_bench.pretrain import SHIPPED_MODEL_DIR
@@ -240,6 +240,41 @@ def test_query_gate_scores_with_the_context_as_the_query(skills):
     assert max(abs(a - b) for a, b in zip(wrong, expected)) > 1e-2
     non_causal = [direct_loglikelihood(model, *encode_pair(tokenizer, c, x), labels=False) for c, x in PAIRS[:-1]]
     assert max(abs(a - b) for a, b in zip(non_causal, expected)) > 1e-2
+
+
+@needs_lm_eval
+def test_hard_routed_route_gate_scores_each_request_in_the_view_its_context_routes_to(skills, tmp_path):
+    """A route gate with ``route_threshold`` (the default): each loglikelihood request is scored by the base model
+    alone or by the LoRA alone, whichever the router sends its context to, as ``generate()`` would answer it."""
+    base_dir, tokenizer, _ = skills
+    base = load(base_dir, None)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    config = peft_imsm.IMSMConfig(adapter_config=lora, gate_mode="route", anchor=peft_imsm.AnchorConfig())
+    model = perturbed(get_peft_model(copy.deepcopy(base), config), seed=5, scale=0.3, gate_scale=0.0)
+    contexts = sorted({c for c, _ in PAIRS[:-1]})
+    frozen = {c: i % 2 == 0 for i, c in enumerate(contexts)}  # half the contexts to each view
+    with torch.no_grad():  # the router: logit +-3 on each context's frozen mean final state
+        q = torch.stack([base.get_decoder()(input_ids=torch.tensor([tokenizer.encode(c)])).last_hidden_state[0].mean(0)
+                         for c in contexts])  # fmt: skip
+        design = torch.cat([q, torch.ones(len(q), 1)], 1).double()
+        target = torch.tensor([[3.0 if frozen[c] else -3.0] for c in contexts]).double()
+        solution = torch.linalg.lstsq(design, target).solution.float()
+        gate = model.base_model.gate
+        gate.W_R.weight.copy_(solution[:-1].T / gate.lr_scale)
+        gate.W_R.bias.copy_(solution[-1] / gate.lr_scale)
+    model.save_pretrained(tmp_path / "route")
+    adapter_alone = get_peft_model(copy.deepcopy(base), lora)  # the same LoRA weights, no IMSM
+    state = {k: v for k, v in get_peft_model_state_dict(model).items() if "imsm_gate" not in k}
+    assert not set_peft_model_state_dict(adapter_alone, state).unexpected_keys
+    expected = []
+    for context, continuation in PAIRS[:-1]:
+        reference = base if frozen[context] else adapter_alone.eval()
+        expected.append(direct_loglikelihood(reference, *encode_pair(tokenizer, context, continuation), labels=False))
+    lm = harness_lm(base_dir, tmp_path / "route", batch_size=3)
+    assert loglikelihood(lm, PAIRS[:-1]) == pytest.approx(expected, abs=2e-4)
+    soft = harness_lm(base_dir, tmp_path / "route", batch_size=3)
+    soft.model.peft_config["default"].route_threshold = None  # the soft mix (g = sigmoid(+-3)) scores otherwise
+    assert max(abs(a - b) for a, b in zip(loglikelihood(soft, PAIRS[:-1]), expected)) > 1e-2
 
 
 @needs_lm_eval
