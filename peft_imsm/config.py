@@ -11,7 +11,7 @@ from peft.config import PeftConfig
 from peft.utils.peft_types import TaskType
 
 from .anchors import AnchorConfig, is_finite_number
-from .gate import GATE_MODES
+from .gate import GATE_MODES, check_lr_scale
 from .peft_type import IMSM_PEFT_TYPE
 
 ROUTE_GATE_LR_SCALE = 100.0
@@ -59,7 +59,9 @@ class IMSMConfig(PeftConfig):
             times as far per step under Adam-type optimizers, as with a learning rate this many times the training
             one (a reparametrisation, see :class:`~peft_imsm.gate.IMSMGate`; the same gate at initialisation).
             None (default): 100 for ``gate_mode="route"`` (a logistic router learns at about 100x an adapter's
-            learning rate), 1 (the paper's gate) otherwise.
+            learning rate), 1 (the paper's gate) otherwise. At most :data:`~peft_imsm.gate.MAX_LR_SCALE` (1e6). The
+            saved adapter holds the gate's effective weights (see :mod:`peft_imsm.save_load`), so an adapter loads
+            to the same gate whatever ``gate_lr_scale`` it is loaded (or its training resumed) with.
         anchor: an :class:`~peft_imsm.anchors.AnchorConfig` (or its dict) to add the anchor KL term that teaches the
             gate what general, non-target inputs look like; None (default) is the paper's method.
         freeze_adapter: keep the wrapped adapter's weights frozen (never trainable, also when loaded with
@@ -120,10 +122,7 @@ class IMSMConfig(PeftConfig):
             )
         if self.gate_lr_scale is None:
             self.gate_lr_scale = ROUTE_GATE_LR_SCALE if self.gate_mode == "route" else 1.0
-        if not is_finite_number(self.gate_lr_scale) or self.gate_lr_scale <= 0:
-            raise ValueError(
-                f"gate_lr_scale must be None or a finite number > 0 (1: the paper's gate), got {self.gate_lr_scale!r}."
-            )
+        check_lr_scale(self.gate_lr_scale, "gate_lr_scale")
         if not isinstance(self.gate_scalar, bool):
             raise ValueError(f"gate_scalar must be True or False, got {self.gate_scalar!r}.")
         if not isinstance(self.freeze_adapter, bool):

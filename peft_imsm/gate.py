@@ -10,6 +10,8 @@ paper (and ``IMSM-METHOD.md``) writes them ``h_base`` and ``h_tuned``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Literal
 
 import torch
@@ -20,6 +22,26 @@ GateMode = Literal["query", "token", "fixed", "route"]
 GATE_MODES: tuple[str, ...] = ("query", "token", "fixed", "route")
 QUERY_MODES: tuple[str, ...] = ("query", "route")
 """The gate modes that read the query summary (computed at prefill, kept on the KV cache for the decode steps)."""
+MAX_LR_SCALE = 1e6
+"""The largest ``lr_scale`` (``IMSMConfig.gate_lr_scale``). The gate keeps ``W / lr_scale`` and multiplies its output
+by ``lr_scale`` in float32 (largest value 3.4e38: above it both are inf or 0 and every gate is NaN); 1e6 keeps
+both far inside float32's range, and an Adam step 1e6 times the learning rate is already far beyond what a gate
+needs (the route gate's default is 100)."""
+
+
+def check_lr_scale(value: object, name: str) -> None:
+    """Refuse a gate ``lr_scale`` that is not a finite number in ``(0, MAX_LR_SCALE]`` (``name``: how the message
+    calls it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be None or a finite number > 0 (1: the paper's gate), got {value!r}.")
+    if value > MAX_LR_SCALE:
+        raise ValueError(
+            f"{name} must be at most {MAX_LR_SCALE:g}, got {value!r}. The gate keeps its output projection (the "
+            f"route gate's W_R, b_R) divided by {name} and multiplies its output by it, in float32, whose range ends "
+            f"at 3.4e38 (beyond it every gate is NaN); and at {MAX_LR_SCALE:g} an Adam step already moves the gate "
+            f"{MAX_LR_SCALE:g} times as far as the learning rate says. Use e.g. 100 (the route gate's default) or 1 "
+            "(the paper's gate)."
+        )
 
 
 class IMSMGate(nn.Module):
@@ -62,6 +84,7 @@ class IMSMGate(nn.Module):
             raise ValueError(f"Unknown gate mode {mode!r}; choose one of {GATE_MODES}.")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"The gate rank must be an integer >= 1, got {rank!r}.")
+        check_lr_scale(lr_scale, "lr_scale")
         self.hidden_size = hidden_size
         self.rank = rank
         self.mode = mode

@@ -6,18 +6,23 @@ gate is trained on those states alone: each step costs the gate and the output h
 states, not a pass through the model. The head is the model's own, logit post-processing included, for any
 architecture: :func:`_model_logits` runs the causal LM's forward with its backbone swapped for the stored states.
 
-Parts: :func:`train_gate` (checks, anchors, the stored pass, gate training); :func:`_precompute_target` /
-:func:`_precompute_anchors` (the one inference pass, :func:`_capture_views` reading both views at the gate);
-:func:`_optimise_gate` (the gate's AdamW steps on :class:`_Tokens`); :class:`GateTrainingLog` (what it did, timings).
+Parts: :func:`train_gate` (checks, anchors, the stored pass, gate training); :func:`_check_arguments` (every
+argument's type and range); :func:`_encode_target` (the target rows, cut to the position limit);
+:func:`_precompute_target` / :func:`_precompute_anchors` (the one inference pass, :func:`_capture_views` reading both
+views at the gate); :func:`_optimise_gate` (the gate's AdamW steps on :class:`_Tokens`); :class:`GateTrainingLog`
+(what it did, timings).
 
 Training data: a (small) sample of the adapter's own task, plus anchors (the IMSM config's ``anchor`` section; self
 anchors by default). Without target data nothing pulls the gate towards the adapter: the anchors alone teach it to
-copy the frozen model everywhere, which undoes the adapter. :func:`train_gate` refuses to run without target data.
+copy the frozen model everywhere, which undoes the adapter. :func:`train_gate` refuses to run without target data
+(or with target rows that supervise no token), checks every argument first (:func:`_check_arguments`), and cuts rows
+longer than the model's position limit (with a warning).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -31,7 +36,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from .anchors import anchor_kl, gate_route_loss, is_finite_number
-from .backbone import model_device
+from .backbone import model_device, position_limit
 from .gate import IMSMGate
 from .model import IMSMModel, find_imsm_tuner, prepare_anchors, set_anchor_data
 from .padding import left_pad, pad_token_id
@@ -119,8 +124,9 @@ def train_gate(
     3. ``steps`` AdamW steps on the gate alone: ``CE(head(interwoven state), next token)`` on ``batch_tokens``
        random supervised target tokens, plus ``anchor_weight * KL(p_frozen || p_imsm)`` on ``anchor_batch_tokens``
        random anchor tokens (and, with ``anchor.route_weight > 0`` as for ``gate_mode="route"``, the routing term on
-       the same tokens): the loss that Trainer training with this config optimises, per token instead of per
-       sequence. The wrapped adapter is never touched (exact: both views are fixed while only the gate trains).
+       the same tokens; the anchors serve it also at ``anchor_weight=0``, as in Trainer training): the loss that
+       Trainer training with this config optimises, per token instead of per sequence. The wrapped adapter is never
+       touched (exact: both views are fixed while only the gate trains).
 
     Args:
         model: an IMSM ``PeftModel`` (e.g. from :func:`retrofit`).
@@ -136,7 +142,8 @@ def train_gate(
         batch_tokens: target tokens per step; ``anchor_batch_tokens`` anchor tokens per step (default: the same).
         anchor_weight: overrides ``IMSMConfig.anchor.weight``.
         anchor_texts: anchor texts for ``anchor.source="data"``.
-        max_length: truncation of tokenized ``prompt``/``completion`` examples.
+        max_length: truncation of every target row (tokens; rows are also cut, with a warning, to the model's
+            position limit, ``max_position_embeddings`` / ``n_positions``).
         forward_batch_size: sequences per no-grad forward in step 2.
         max_cached_logits: store the frozen view's anchor distribution when it has at most this many entries
             (anchor tokens x vocabulary); else it is recomputed from the stored frozen hidden states at each step.
@@ -146,33 +153,44 @@ def train_gate(
         A :class:`GateTrainingLog` (timings, losses, final mean gate on target and anchor tokens).
 
     Raises:
-        ValueError: without target data (nothing would pull the gate towards the adapter), or when the gate has
-            no parameters (``gate_mode="fixed"``).
+        ValueError: for an argument outside its range (named, with its value and the range), without target data
+            or with target rows that supervise no token (nothing would pull the gate towards the adapter), or when
+            the gate has no parameters (``gate_mode="fixed"``).
     """
     start = time.perf_counter()
     tuner = _imsm_tuner(model)
+    if anchor_texts is not None and not isinstance(anchor_texts, (str, bytes)) and isinstance(anchor_texts, Iterable):
+        anchor_texts = list(anchor_texts)
+    _check_arguments(
+        steps=steps, lr=lr, batch_tokens=batch_tokens, anchor_batch_tokens=anchor_batch_tokens,
+        anchor_weight=anchor_weight, anchor_texts=anchor_texts, max_length=max_length,
+        forward_batch_size=forward_batch_size, max_cached_logits=max_cached_logits, seed=seed,
+    )  # fmt: skip
     gate = tuner.gate
     if gate.mode == "fixed":
         raise ValueError("gate_mode='fixed' has no gate parameters to train (it is the constant 0.5/0.5 average).")
     if lr is None:
         lr = ROUTE_GATE_LR / gate.lr_scale if gate.mode == "route" else GATE_LR
-    if not is_finite_number(lr) or lr <= 0:
-        raise ValueError(f"train_gate() lr must be a finite number > 0 (or None for the default), got {lr!r}.")
-    examples = _encode_target(train_data, tokenizer, max_length)
-    if not examples:
-        raise ValueError(
-            "train_gate() got no target data. A sample of the adapter's own task is what pulls the gate towards the "
-            "adapter; with anchors alone the gate learns to copy the frozen model everywhere and undoes the adapter. "
-            "Pass a few hundred examples of the task the adapter was trained on."
-        )
     config = tuner.anchor_config
+    if anchor_texts is not None and (config is None or config.source != "data"):
+        source = "no anchor section" if config is None else f"anchor source {config.source!r}"
+        raise ValueError(
+            f"train_gate() got anchor_texts, but the model's IMSMConfig has {source}: the texts would be ignored. "
+            "Retrofit with anchor=AnchorConfig(source='data') to train on them as anchors, or leave anchor_texts out."
+        )
+    examples = _encode_target(train_data, tokenizer, max_length, position_limit(model.get_base_model()))
     if anchor_weight is None:
         anchor_weight = config.weight if config is not None else 0.0
-    if config is None or anchor_weight == 0:
+    # The anchors serve the KL (anchor_weight > 0) and the routing term (route_weight > 0; with weight 0 too, as in
+    # Trainer training, where the route gate's routing term reads the anchors whatever their KL weight).
+    route_weight = (config.route_weight or 0.0) if config is not None else 0.0
+    use_anchors = config is not None and (anchor_weight > 0 or route_weight > 0)
+    if not use_anchors:
         warnings.warn(
-            "train_gate() without anchors (IMSMConfig.anchor is None or its weight is 0): the gate learns from target "
-            "data only, where the adapted view is always the better one, so it will lean on the adapter everywhere "
-            "and protect nothing. Retrofit with anchors (the default AnchorConfig()) to keep general skills.",
+            "train_gate() without anchors (IMSMConfig.anchor is None, or its weight and route_weight are 0): the gate "
+            "learns from target data only, where the adapted view is always the better one, so it will lean on the "
+            "adapter everywhere and protect nothing. Retrofit with anchors (the default AnchorConfig()) to keep "
+            "general skills.",
             stacklevel=2,
         )
     was_training = model.training
@@ -181,7 +199,7 @@ def train_gate(
     try:
         t0 = time.perf_counter()
         anchor_ids = anchor_mask = None
-        if config is not None and anchor_weight > 0:
+        if use_anchors:
             if config.source == "data" and anchor_texts is not None:
                 set_anchor_data(model, list(anchor_texts), tokenizer)
             prepare_anchors(model)
@@ -192,7 +210,8 @@ def train_gate(
         target = _precompute_target(model, tuner, examples, forward_batch_size, device, pad_token_id(tokenizer))
         anchor = None
         if anchor_ids is not None:
-            anchor = _precompute_anchors(model, tuner, anchor_ids, anchor_mask, forward_batch_size, max_cached_logits)
+            cached_logits = max_cached_logits if anchor_weight > 0 else 0  # (the frozen distribution: the KL's only)
+            anchor = _precompute_anchors(model, tuner, anchor_ids, anchor_mask, forward_batch_size, cached_logits)
         _sync(device)
         seconds_precompute = time.perf_counter() - t0
 
@@ -208,7 +227,6 @@ def train_gate(
             seconds_total=0.0,
             lr=float(lr),
         )
-        route_weight = (config.route_weight or 0.0) if anchor is not None else 0.0
         _optimise_gate(
             model, gate, target, anchor, log, anchor_weight=anchor_weight, route_weight=route_weight, steps=steps,
             lr=lr, batch_tokens=batch_tokens, anchor_batch_tokens=anchor_batch_tokens or batch_tokens, seed=seed,
@@ -230,11 +248,56 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _encode_target(data: Iterable[Any], tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` per example with at least one supervised next token."""
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_arguments(**arguments: Any) -> None:
+    """Refuse, naming the argument, its value and the allowed range, any :func:`train_gate` argument of the wrong type
+    or out of range (bools are not integers here)."""
+    ranges = {
+        "steps": "an integer >= 1 (gate optimisation steps; e.g. 200)",
+        "batch_tokens": "an integer >= 1 (target tokens per step; e.g. 512)",
+        "anchor_batch_tokens": "None (as batch_tokens) or an integer >= 1 (anchor tokens per step)",
+        "max_length": "an integer >= 2 (tokens kept per target row: a prompt token and a supervised one at least; "
+        "e.g. 512)",
+        "forward_batch_size": "an integer >= 1 (sequences per no-grad forward; e.g. 16)",
+        "max_cached_logits": "an integer >= 0 (0: never store the frozen anchor distribution)",
+        "seed": "an integer >= 0",
+        "lr": "a finite number > 0 (or None for the default)",
+        "anchor_weight": "None (IMSMConfig.anchor.weight) or a finite number >= 0",
+        "anchor_texts": "None or a list of strings (the anchor texts of anchor source 'data')",
+    }
+    for name, value in arguments.items():
+        if name in ("steps", "batch_tokens", "forward_batch_size"):
+            ok = _positive_int(value)
+        elif name == "anchor_batch_tokens":
+            ok = value is None or _positive_int(value)
+        elif name == "max_length":
+            ok = _positive_int(value) and value >= 2
+        elif name in ("max_cached_logits", "seed"):
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+        elif name == "lr":
+            ok = value is None or (is_finite_number(value) and value > 0)
+        elif name == "anchor_weight":
+            ok = value is None or (is_finite_number(value) and value >= 0)
+        else:  # anchor_texts
+            ok = value is None or (isinstance(value, list) and all(isinstance(t, str) for t in value))
+        if not ok:
+            shown = f"the string {value[:40]!r}" if isinstance(value, (str, bytes)) else repr(value)
+            raise ValueError(f"train_gate() {name} must be {ranges[name]}, got {shown}.")
+
+
+def _encode_target(
+    data: Iterable[Any], tokenizer: Any, max_length: int, limit: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` per example with at least one supervised next token, each cut to ``max_length`` and to
+    the model's position limit ``limit`` (with a warning). Raises ``ValueError`` when no row is left: no rows, or
+    rows whose labels are all -100."""
     if data is None:
-        return []
-    encoded = []
+        data = []
+    keep = max_length if limit is None else min(max_length, limit)
+    encoded, rows, cut = [], 0, 0
     for row in data:
         if isinstance(row, dict) and "input_ids" in row:
             ids, labels = list(row["input_ids"]), list(row.get("labels", row["input_ids"]))
@@ -262,9 +325,34 @@ def _encode_target(data: Iterable[Any], tokenizer: Any, max_length: int) -> list
             )
         if len(ids) != len(labels):
             raise ValueError(f"input_ids and labels differ in length ({len(ids)} vs {len(labels)}).")
-        ids, labels = [int(i) for i in ids[:max_length]], [int(i) for i in labels[:max_length]]
+        rows += 1
+        cut += len(ids) > keep and keep < max_length
+        ids, labels = [int(i) for i in ids[:keep]], [int(i) for i in labels[:keep]]
         if any(label != -100 for label in labels[1:]):
             encoded.append((ids, labels))
+    if cut:
+        warnings.warn(
+            f"train_gate(): {cut} of {rows} target rows are longer than this model's position limit ({limit} tokens, "
+            f"its max_position_embeddings / n_positions); they were cut to their first {limit} tokens, and their "
+            f"supervised tokens after that are not trained on. Pass rows of at most {limit} tokens (or "
+            f"max_length={limit}) to train on whole rows.",
+            stacklevel=3,
+        )
+    if not rows:
+        raise ValueError(
+            "train_gate() got no target data. A sample of the adapter's own task is what pulls the gate towards the "
+            "adapter; with anchors alone the gate learns to copy the frozen model everywhere and undoes the adapter. "
+            "Pass a few hundred examples of the task the adapter was trained on."
+        )
+    if not encoded:
+        longer = f"raise max_length (now {max_length})" if keep == max_length else f"the model takes only {keep}"
+        raise ValueError(
+            f"train_gate() got {rows} target rows, but none of them has a supervised token: all their labels are "
+            f"-100 (in the first {keep} tokens of each row; position 0's label does not count, no token predicts "
+            "it), so there is nothing to train the gate on. Put the answer's token ids in labels (-100 only on the "
+            "prompt), or pass {'prompt': ..., 'completion': ...} rows with the tokenizer; for answers that start "
+            f"after token {keep}, {longer}."
+        )
     return encoded
 
 
@@ -438,9 +526,9 @@ def _optimise_gate(
     seed: int,
 ) -> None:
     """``steps`` AdamW steps on the gate alone (warmup, cosine decay): CE on ``batch_tokens`` random target tokens
-    plus ``anchor_weight`` x the anchor KL on ``anchor_batch_tokens`` random anchor tokens, plus ``route_weight`` x
-    the routing term (``-log(1 - g)`` on those target tokens, ``-log g`` on those anchor tokens; 0: off); losses go
-    to ``log``."""
+    plus ``anchor_weight`` x the anchor KL on ``anchor_batch_tokens`` random anchor tokens (0: not computed), plus
+    ``route_weight`` x the routing term (``-log(1 - g)`` on those target tokens, ``-log g`` on those anchor tokens; 0:
+    off); losses go to ``log``."""
     params = [p for p in gate.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -466,14 +554,15 @@ def _optimise_gate(
             a_g, a_mixed = _gate_on(gate, anchor, a_idx)
             if route_weight > 0:
                 loss = loss + route_weight * gate_route_loss([(a_g[None], None)], to_frozen=True)
-            frozen = (
-                anchor.frozen_logp[a_idx]
-                if anchor.frozen_logp is not None
-                else _frozen_logp(model, anchor.h_frozen[a_idx])
-            )
-            ones = torch.ones(a_idx.shape[0], device=device)
-            kl = anchor_kl(frozen, _model_logits(model, a_mixed), ones)
-            loss = loss + anchor_weight * kl
+            if anchor_weight > 0:
+                frozen = (
+                    anchor.frozen_logp[a_idx]
+                    if anchor.frozen_logp is not None
+                    else _frozen_logp(model, anchor.h_frozen[a_idx])
+                )
+                ones = torch.ones(a_idx.shape[0], device=device)
+                kl = anchor_kl(frozen, _model_logits(model, a_mixed), ones)
+                loss = loss + anchor_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

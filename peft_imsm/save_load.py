@@ -6,6 +6,21 @@ saved without the adapter name) and the anchor term's counters (``AnchorRegulari
 ``base_model.imsm_anchor_draws`` / ``base_model.imsm_training_forwards``). Loading takes the counters back
 (``AnchorRegularizer.load_state_dict``), checks the gate's shapes against the model, and warns, naming the keys, about
 weights of the model left unloaded and saved weights nothing uses.
+
+The gate's weights in the file are its EFFECTIVE weights. In memory the gate keeps ``W_B`` (the route gate's ``W_R``,
+``b_R``) divided by its ``lr_scale`` (``IMSMConfig.gate_lr_scale``) and multiplies its output by it (so that Adam
+moves it ``lr_scale`` times faster; the optimizer's state is for that stored parameter). :func:`adapter_state_dict`
+saves those weights times ``lr_scale`` (:data:`SCALED_GATE_WEIGHTS`, in float64, so that loading at the same scale
+gives back the trained float32 weights bit for bit: exact resumes) and the marker :data:`EFFECTIVE_KEY`;
+:func:`remap_state_dict_for_load` divides them by the loading model's ``lr_scale``. The gate is then the same
+function whatever ``gate_lr_scale`` the adapter is loaded with (an edited ``adapter_config.json``, a training resumed
+with another ``--imsm_gate_lr_scale``).
+
+Files without the marker (written before it existed) hold the stored weights, divided by the ``gate_lr_scale`` they
+were trained with; they load unchanged, i.e. read at the ``gate_lr_scale`` of the config they are loaded with. That is
+right with the config they were saved with; whether that config's ``gate_lr_scale`` was edited since cannot be told
+from the file, so such a file loads to another gate (its router's logit times new / old scale). Save it again from a
+model loaded with its original config to get a file in the current format.
 """
 
 from __future__ import annotations
@@ -19,6 +34,11 @@ from torch import nn
 
 from .anchor_term import STATE_KEYS as ANCHOR_STATE_KEYS
 from .config import IMSMConfig
+
+EFFECTIVE_KEY = "base_model.imsm_gate.effective"
+"""The marker saved with the gate's weights (an int64 1): they are the effective weights (``lr_scale`` folded in)."""
+SCALED_GATE_WEIGHTS = ("W_B.weight", "W_R.weight", "W_R.bias")
+"""The gate's weights that it keeps divided by its ``lr_scale`` (names inside the gate)."""
 
 
 def adapter_state_dict(
@@ -37,7 +57,14 @@ def adapter_state_dict(
     if tuner is not None:
         tuner._check_usable()  # (a superseded model's weights are the newer model's: saving them would mislabel)
     gate_prefix = f"imsm_gate.{adapter_name}."
-    to_return.update({k: v for k, v in state_dict.items() if gate_prefix in k})
+    scale = gate_lr_scale(tuner, config, adapter_name)
+    for key, value in state_dict.items():
+        if gate_prefix not in key:
+            continue
+        if key.split(gate_prefix)[-1] in SCALED_GATE_WEIGHTS:
+            value = value.detach().double() * scale  # (the effective weight; float64: exact back at load)
+        to_return[key] = value
+        to_return[EFFECTIVE_KEY] = torch.tensor(1, dtype=torch.int64)
     if tuner is not None:
         to_return.update(tuner.anchor_term.state_dict())  # (the anchor counters, for exact resumes)
     return to_return
@@ -52,12 +79,17 @@ def remap_state_dict_for_load(
     anchor_state = {k: state_dict.pop(k) for k in ANCHOR_STATE_KEYS if k in state_dict}
     if tuner is not None:
         tuner.anchor_term.load_state_dict(anchor_state)
+    effective = state_dict.pop(EFFECTIVE_KEY, None) is not None  # (else the stored weights, as saved before)
+    scale = gate_lr_scale(tuner, config, adapter_name)
     model_state = model.state_dict()
     remapped: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if "imsm_gate." in key and f"imsm_gate.{adapter_name}." not in key:
             key = key.replace("imsm_gate.", f"imsm_gate.{adapter_name}.")
             expected = model_state.get(key)
+            if effective and key.split(f"imsm_gate.{adapter_name}.")[-1] in SCALED_GATE_WEIGHTS:
+                dtype = expected.dtype if expected is not None else torch.float32
+                value = (value.double() / scale).to(dtype)  # (the gate keeps it divided by its lr_scale)
             # (a ZeRO-3-partitioned model reports empty shapes: nothing to compare there)
             if expected is not None and expected.numel() > 0 and expected.shape != value.shape:
                 raise ValueError(
@@ -73,6 +105,14 @@ def remap_state_dict_for_load(
     )
     warn_about_unmatched_keys(model, config, adapter_name, remapped, model_state)
     return remapped
+
+
+def gate_lr_scale(tuner: Any, config: IMSMConfig, adapter_name: str) -> float:
+    """The ``lr_scale`` of the gate of ``adapter_name`` (``tuner``: its ``IMSMModel``, or None: the config's)."""
+    gates = getattr(tuner, "imsm_gate", None) if tuner is not None else None
+    if gates is not None and adapter_name in gates:
+        return float(gates[adapter_name].lr_scale)
+    return float(config.gate_lr_scale)
 
 
 def warn_about_unmatched_keys(

@@ -13,6 +13,8 @@ import copy
 import json
 import math
 import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -278,6 +280,22 @@ def test_train_gate_routes_a_retrofitted_route_gate():
     assert log.gate_mean < 0.3 and log.anchor_gate_mean > 0.8, (log.gate_mean, log.anchor_gate_mean)
 
 
+def test_train_gate_routes_a_route_gate_whose_anchor_kl_is_off():
+    """``AnchorConfig(weight=0)`` turns the anchor KL off, not the anchors: the route gate's routing term reads them
+    (as in Trainer training, see ``AnchorRegularizer.add_to_loss``), so train_gate keeps them and the retrofitted
+    router sends the adapter's prompts to the adapter and the anchors to the frozen view. At the router's zero
+    initialisation (g = 0.5) the first loss is the task loss plus ln 2 on the target tokens and ln 2 on the anchors."""
+    lora = trained_adapter("lora")
+    model = retrofit(lora, gate_mode="route", anchor=AnchorConfig(every=1, num_samples=32, sample_length=8, weight=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log = train_gate(model, adapter_written_rows(lora), steps=100, lr=1e-3, batch_tokens=64)
+    assert not [w for w in caught if "without anchors" in str(w.message)]
+    assert log.anchor_tokens == 32 * (1 + 8) and log.anchor_kl == []
+    assert log.loss[0] - log.task_loss[0] == pytest.approx(2 * math.log(2), abs=1e-5)
+    assert log.gate_mean < 0.3 and log.anchor_gate_mean > 0.8, (log.gate_mean, log.anchor_gate_mean)
+
+
 # --------------------------------------------------------------- an ordinary IMSM model: Trainer, save, reload
 def test_retrofitted_model_trains_with_the_trainer_saves_reloads_and_generates(tmp_path):
     torch.manual_seed(0)
@@ -398,11 +416,89 @@ def test_paths_without_an_adapter(tmp_path):
         retrofit(trained_adapter("lora").get_base_model(), str(tmp_path / "lora"))
 
 
-@pytest.mark.parametrize("data", [[], None, [{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}]])
+@pytest.mark.parametrize("data", [[], None])
 def test_train_gate_refuses_no_target_data(data):
     model = retrofit(trained_adapter("lora"), anchor=SMALL_ANCHORS)
     with pytest.raises(ValueError, match="no target data.*copy the frozen model everywhere"):
         train_gate(model, data)
+
+
+@pytest.mark.parametrize(
+    "data,max_length,fix",
+    [
+        ([{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}] * 2, 512, "the model takes only 128"),
+        ([([5, 6, 7, 8], [5, -100, -100, -100])], 512, "the model takes only 128"),  # (nothing predicts position 0)
+        (target_rows(3), 4, r"raise max_length \(now 4\)"),  # (the answers start after token 4)
+    ],
+)
+def test_train_gate_refuses_rows_that_supervise_no_token(data, max_length, fix):
+    model = retrofit(trained_adapter("lora"), anchor=SMALL_ANCHORS)  # (128 positions)
+    message = (
+        rf"got {len(data)} target rows, but none of them has a supervised token: all their labels are -100 \(in the "
+        rf"first {min(max_length, 128)} tokens.*Put the answer's token ids in labels.*{fix}\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        train_gate(model, data, max_length=max_length)
+
+
+BAD_TRAIN_GATE_ARGUMENTS = [
+    ("steps", value, "an integer >= 1") for value in (0, -1, True, 2.0, "10")
+] + [
+    ("lr", value, r"a finite number > 0 \(or None for the default\)") for value in (0, -1e-3, float("nan"), True)
+] + [
+    ("batch_tokens", value, "an integer >= 1") for value in (0, -5, True, 16.0)
+] + [
+    ("anchor_batch_tokens", value, r"None \(as batch_tokens\) or an integer >= 1") for value in (0, False, 8.0)
+] + [
+    ("anchor_weight", value, r"None \(IMSMConfig.anchor.weight\) or a finite number >= 0")
+    for value in (-1.0, float("inf"), True)
+] + [
+    ("anchor_texts", value, "None or a list of strings") for value in ("one text", [1, 2])
+] + [
+    ("max_length", value, "an integer >= 2") for value in (0, 1, True, 64.0)
+] + [
+    ("forward_batch_size", value, "an integer >= 1") for value in (0, -2, True)
+] + [
+    ("max_cached_logits", value, "an integer >= 0") for value in (-1, True, 1.5)
+] + [
+    ("seed", value, "an integer >= 0") for value in (-1, False, 0.5)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,value,allowed", BAD_TRAIN_GATE_ARGUMENTS)
+def test_train_gate_refuses_a_bad_argument_up_front(name, value, allowed):
+    """Every argument is checked before anything runs: the message names it, its value and its range."""
+    model = retrofit(trained_adapter("lora"), anchor=SMALL_ANCHORS)
+    gate_before = [p.detach().clone() for p in find_imsm_tuner(model).gate.parameters()]
+    shown = f"the string {value!r}" if isinstance(value, str) else repr(value)
+    with pytest.raises(ValueError, match=rf"^train_gate\(\) {name} must be {allowed}.*, got {re.escape(shown)}\.$"):
+        train_gate(model, target_rows(4), **{"steps": 2, name: value})
+    assert find_imsm_tuner(model).anchor_term._anchors is None  # (refused before the anchors were sampled)
+    assert all(torch.equal(a, b) for a, b in zip(gate_before, find_imsm_tuner(model).gate.parameters()))
+
+
+def test_train_gate_refuses_anchor_texts_that_the_anchor_section_would_ignore():
+    model = retrofit(trained_adapter("lora"), anchor=SMALL_ANCHORS)
+    with pytest.raises(ValueError, match="got anchor_texts, but the model's IMSMConfig has anchor source 'self'"):
+        train_gate(model, target_rows(4), anchor_texts=["a general text"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_train_gate_cuts_rows_to_the_models_position_limit(arch):
+    """Rows longer than the model's 128 positions (Llama's max_position_embeddings, GPT-2's n_positions, whose learned
+    positions would fail with an IndexError) are cut to 128 tokens, with a warning; shorter cuts warn nothing."""
+    model = retrofit(trained_adapter("lora", arch), anchor=SMALL_ANCHORS)
+    gen = torch.Generator().manual_seed(0)
+    rows = [(ids, [-100] * 4 + ids[4:]) for ids in torch.randint(3, VOCAB, (3, 150), generator=gen).tolist()]
+    rows.append((rows[0][0][:20], rows[0][1][:20]))  # (one row within the limit)
+    with pytest.warns(UserWarning, match=r"3 of 4 target rows are longer than this model's position limit \(128 "):
+        log = train_gate(model, rows, steps=2, batch_tokens=16)
+    assert log.target_tokens == 3 * (128 - 4) + (20 - 4)  # (position t predicts token t + 1: from token 4 on)
+    assert math.isfinite(log.loss[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log = train_gate(model, rows, steps=2, batch_tokens=16, max_length=100)
+    assert log.target_tokens == 3 * (100 - 4) + (20 - 4)
 
 
 def test_train_gate_warns_without_anchors_and_refuses_a_fixed_gate():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ADAPTERS, adapter_config, batch, perturb_adapter, tiny_model
-from peft import get_peft_model
-from safetensors.torch import load_file
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
-from peft_imsm import IMSMConfig
+from peft_imsm import AnchorConfig, IMSMConfig
+from peft_imsm.gate import IMSMGate
+from peft_imsm.save_load import EFFECTIVE_KEY
 
 TESTS = Path(__file__).resolve().parent
 
@@ -228,3 +231,138 @@ def test_freeze_adapter_trains_only_the_gate_also_after_loading_for_training(tmp
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == names
     loaded.base_model.set_requires_grad("default", True)
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == names
+
+
+# ------------------------------------------------------------------------------------ gate_lr_scale and saved gates
+GATE_WEIGHTS = {"route": ("W_R.weight", "W_R.bias"), "query": ("W_A.weight", "W_B.weight")}
+
+
+def scaled_gate_model(gate_mode: str, gate_lr_scale: float = 100.0):
+    """A model with ``gate_lr_scale`` and a gate far from its initialisation (as if trained): effective weights
+    ``N(0, 4)``, kept divided by the scale where the gate keeps them so."""
+    anchor = AnchorConfig(num_samples=4, sample_length=4) if gate_mode == "route" else None
+    config = IMSMConfig(adapter_config=adapter_config("lora", identity=False), gate_mode=gate_mode,
+                        gate_lr_scale=gate_lr_scale, anchor=anchor)  # fmt: skip
+    model = get_peft_model(tiny_model("llama"), config)
+    perturb_adapter(model)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.base_model.gate.named_parameters():
+            scaled = name in ("W_B.weight", "W_R.weight", "W_R.bias")
+            param.copy_(torch.randn(param.shape, generator=gen) * 2.0 / (gate_lr_scale if scaled else 1.0))
+    return model.eval()
+
+
+def gate_outputs(model) -> dict[str, torch.Tensor]:
+    """``gate``: the gate module on fixed random inputs (the router value itself, also where the route gate runs one
+    view per prompt at inference); ``recorded``: the ``[batch, seq]`` gate of the model's forward on :func:`batch`;
+    ``logits``: its logits."""
+    views = torch.randn(4, 2, 3, 32, generator=torch.Generator().manual_seed(4))
+    ids, mask = batch()
+    with torch.no_grad(), model.base_model.record_gate(per_token=True) as log:
+        gate = model.base_model.gate(views[0], views[1], views[2], views[3])
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return {"gate": gate, "recorded": log[0], "logits": logits}
+
+
+def set_saved_gate_lr_scale(adapter_dir: Path, scale: float) -> None:
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["gate_lr_scale"] = scale
+    path.write_text(json.dumps(config))
+
+
+def assert_same_outputs(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], exact: bool) -> None:
+    for name in want:
+        if exact:
+            assert torch.equal(got[name], want[name]), name
+        else:
+            torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("gate_mode", ["route", "query"])
+@pytest.mark.parametrize("load_scale", [100.0, 7.0, 1.0])
+def test_a_saved_gate_is_the_same_gate_whatever_gate_lr_scale_it_is_loaded_with(tmp_path, gate_mode, load_scale):
+    """Saved with gate_lr_scale=100, loaded with an edited adapter_config.json: the file holds the effective weights
+    (and the marker), so the loaded gate and logits are the trained model's; at the same scale the stored weights
+    come back bit for bit (exact resumes)."""
+    model = scaled_gate_model(gate_mode)
+    outputs = gate_outputs(model)
+    assert (outputs["gate"] - 0.5).abs().max() > 0.3  # (a gate that a wrong scale would move towards 0.5)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert weights[EFFECTIVE_KEY].item() == 1
+    effective = model.base_model.gate.router() or model.base_model.gate.projections()
+    for name, value in zip(GATE_WEIGHTS[gate_mode], effective, strict=True):
+        assert torch.equal(weights[f"base_model.imsm_gate.{name}"].float(), value), name
+
+    set_saved_gate_lr_scale(tmp_path, load_scale)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    assert loaded.base_model.gate.lr_scale == load_scale
+    loaded_effective = loaded.base_model.gate.router() or loaded.base_model.gate.projections()
+    for name, got, want in zip(GATE_WEIGHTS[gate_mode], loaded_effective, effective, strict=True):
+        torch.testing.assert_close(got, want, msg=name)
+    if load_scale == 100.0:
+        stored = dict(model.base_model.gate.named_parameters())
+        for name, param in loaded.base_model.gate.named_parameters():
+            assert param.dtype == torch.float32 and torch.equal(param, stored[name]), name
+    assert_same_outputs(gate_outputs(loaded), outputs, exact=load_scale == 100.0)
+
+
+def test_an_edited_gate_lr_scale_loads_the_same_gate_in_a_fresh_process(tmp_path):
+    model = scaled_gate_model("route")
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    set_saved_gate_lr_scale(tmp_path / "adapter", 7.0)
+    torch.save(gate_outputs(model), tmp_path / "expected.pt")
+    run_fresh(
+        f"""
+        import torch, peft_imsm
+        from peft import PeftModel
+        from test_save_load import assert_same_outputs, gate_outputs
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()
+        assert model.base_model.gate.lr_scale == 7.0
+        assert_same_outputs(gate_outputs(model), torch.load({str(tmp_path / "expected.pt")!r}), exact=False)
+        """
+    )
+
+
+@pytest.mark.parametrize("gate_mode", ["route", "query"])
+def test_an_adapter_saved_with_the_stored_gate_weights_loads_to_its_gate(tmp_path, gate_mode):
+    """A file without the marker (written before the effective weights were saved) holds the gate's stored weights
+    (divided by gate_lr_scale): loaded with the config it was saved with, it gives the same gate."""
+    model = scaled_gate_model(gate_mode)
+    outputs = gate_outputs(model)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    weights = {k: v for k, v in load_file(path).items() if k != EFFECTIVE_KEY}
+    for name, param in model.base_model.gate.named_parameters():
+        weights[f"base_model.imsm_gate.{name}"] = param.detach().clone()
+    save_file(weights, path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    stored = dict(model.base_model.gate.named_parameters())
+    for name, param in loaded.base_model.gate.named_parameters():
+        assert torch.equal(param, stored[name]), name
+    assert_same_outputs(gate_outputs(loaded), outputs, exact=True)
+
+
+@pytest.mark.parametrize("scale", [1e39, 2e6])
+def test_a_gate_lr_scale_beyond_the_bound_is_refused(scale):
+    """Above float32's range the gate is NaN from the first forward; the bound is 1e6."""
+    match = rf"gate_lr_scale must be at most 1e\+06, got {re.escape(repr(scale))}\..*float32.*NaN"
+    with pytest.raises(ValueError, match=match):
+        IMSMConfig(adapter_config=LoraConfig(), gate_lr_scale=scale)
+    with pytest.raises(ValueError, match=rf"lr_scale must be at most 1e\+06, got {re.escape(repr(scale))}\."):
+        IMSMGate(16, lr_scale=scale)
+    with pytest.raises(ValueError, match="gate_lr_scale must be None or a finite number > 0"):
+        IMSMConfig(adapter_config=LoraConfig(), gate_lr_scale=float("inf"))
+
+
+def test_the_largest_gate_lr_scale_gives_a_finite_gate_that_saves_and_loads(tmp_path):
+    model = scaled_gate_model("query", gate_lr_scale=1e6)
+    outputs = gate_outputs(model)
+    assert all(torch.isfinite(v).all() for v in outputs.values()) and (outputs["gate"] - 0.5).abs().max() > 0.3
+    model.save_pretrained(tmp_path)
+    assert_same_outputs(gate_outputs(PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()), outputs, True)

@@ -263,7 +263,7 @@ def test_cli_run_saves_an_imsm_adapter_that_reloads(workdir, cli_run, reloaded):
 
     weights = _saved_weights(cli_run)
     lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
-    gate = {k: v for k, v in weights.items() if "imsm_gate" in k}
+    gate = {k: v for k, v in weights.items() if "imsm_gate.W_" in k}  # (beside them: the marker imsm_gate.effective)
     assert len(lora_b) == 4 and len(gate) == 2, sorted(weights)
     assert all(v.abs().max() > 0 for v in lora_b.values()), "LoRA B is still at its zero init: nothing was trained"
 
