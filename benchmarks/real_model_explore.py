@@ -50,7 +50,10 @@ def main() -> None:
     p.add_argument("--alpha", type=int, default=32)
     p.add_argument("--targets", default="all-linear")
     p.add_argument("--anchor-weight", type=float, default=1.0)
-    p.add_argument("--anchor-start", default="chat", choices=["chat", "bos"])
+    p.add_argument(
+        "--anchor-start", default="user-turn", choices=["user-turn", "bos"],
+        help="self anchors continue the chat template's user-turn start (imsm-bench's user-turn), or start from BOS",
+    )  # fmt: skip
     p.add_argument("--general-per-set", type=int, default=16)
     p.add_argument("--answer-tokens", type=int, default=24)
     p.add_argument("--data-dir", default="../shared/data/imsm-benchmarks")
@@ -97,7 +100,7 @@ def main() -> None:
     kind = "lora" if a.method.startswith("lora") else "imsm"
     weight = a.anchor_weight if "anchor" in a.method or a.method == "lora-kl" else None
     method = Method(a.method, kind, anchor_weight=weight, anchor_train_adapter=a.method == "imsm-anchor-adapter")
-    if a.anchor_start == "chat":
+    if a.anchor_start == "user-turn":
         method.extra["start_tokens"] = chat_start_tokens(tok)
     model = build_model(base, method, settings, a.seed)
     model.train()

@@ -14,7 +14,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from peft_imsm.anchors import AnchorConfig, chat_start_tokens
+
 from .runner import ADAPTERS, FinetuneSettings, Method
+
+# --anchor-start: the names and meanings of imsm-sft's --imsm_anchor_start (chat: AnchorConfig.from_tokenizer's whole
+# chat prompts), plus user-turn (the user-turn start and the sampled text only).
+ANCHOR_STARTS = ("auto", "chat", "user-turn", "bos")
 
 DESCRIPTION = """``imsm-bench``: does IMSM learn the target task like LoRA and forget less? Measure it.
 
@@ -119,10 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "retention prompts (default $IMSM_BENCHMARKS_DIR; without: the built-in chat prompts only)",
     )  # fmt: skip
     c.add_argument(
-        "--anchor-start", choices=["prompt", "chat", "bos"], default="prompt",
-        help="--protocol real: self anchors are whole chat prompts (prompt: the chat template's user-turn start, "
-        "sampled text, the end of the turn and the generation prompt, as AnchorConfig.from_tokenizer gives), "
-        "continue the user-turn start only (chat), or start from the BOS token (bos)",
+        "--anchor-start", choices=ANCHOR_STARTS, default="auto",
+        help="--protocol real: what self anchors look like, as imsm-sft's --imsm_anchor_start. chat: whole chat "
+        "prompts, as AnchorConfig.from_tokenizer gives (the chat template's user-turn start, the sampled text, the "
+        "end of the turn and the generation prompt; needs a chat template). auto (default): chat where the "
+        "prompts go through a chat template, else bos. user-turn: the user-turn start and the sampled text only "
+        "(AnchorConfig(start_tokens=chat_start_tokens(tokenizer)); needs a chat template). bos: from the BOS token",
     )  # fmt: skip
     c.add_argument(
         "--max-new-tokens", type=int, default=None,
@@ -188,3 +196,27 @@ def anchor_weights(args: argparse.Namespace, default: str) -> tuple[float, ...]:
     if not weights or min(weights) < 0:
         raise SystemExit(f"error: --anchor-weights needs numbers >= 0, got {text!r}.")
     return weights
+
+
+def anchor_tokens(anchor_start: str, tokenizer: Any, chat: bool) -> tuple[list[int] | None, list[int] | None]:
+    """``--anchor-start`` as the self anchors' ``(start_tokens, end_tokens)`` (``(None, None)``: from BOS, nothing
+    appended). ``chat`` is whether the run's prompts go through the tokenizer's chat template.
+
+    ``chat``: ``AnchorConfig.from_tokenizer(tokenizer)``'s tokens, whole chat prompts (what ``imsm-sft
+    --imsm_anchor_start chat`` sets); ``auto``: those with a chat template, else from BOS; ``user-turn``: the
+    user-turn start only; ``bos``: from BOS. ``chat`` and ``user-turn`` without a chat template exit with a message.
+    """
+    if anchor_start not in ANCHOR_STARTS:
+        raise SystemExit(f"error: --anchor-start {anchor_start!r} is not one of {', '.join(ANCHOR_STARTS)}.")
+    if anchor_start == "bos" or (anchor_start == "auto" and not chat):
+        return None, None
+    if not chat:
+        raise SystemExit(
+            f"error: --anchor-start {anchor_start} builds anchors from the chat template, but this run's prompts do "
+            "not use one (--no-chat-template, or a tokenizer without a chat template). Use --anchor-start bos (or "
+            "auto)."
+        )
+    if anchor_start == "user-turn":
+        return chat_start_tokens(tokenizer), None
+    config = AnchorConfig.from_tokenizer(tokenizer)
+    return config.start_tokens, config.end_tokens

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from peft_imsm.anchors import chat_end_tokens, chat_start_tokens
 from peft_imsm.backbone import model_device
 from peft_imsm.padding import left_pad
 
@@ -44,7 +43,7 @@ from .batching import encode_examples, prompt_ids
 from .data import load_jsonl
 from .engine import Evaluation, run
 from .loading import load_model, use_chat_template
-from .options import anchor_weights, select, settings_from
+from .options import anchor_tokens, anchor_weights, select, settings_from
 from .runner import Method, anchored_methods, retrofit_methods, routed_methods
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -410,8 +409,7 @@ def run_real(args: Any) -> dict[str, Any]:
             out["gates"][f"agree {name}"] = gates
         return out
 
-    start_tokens = chat_start_tokens(tokenizer) if chat and args.anchor_start in ("prompt", "chat") else None
-    end_tokens = chat_end_tokens(tokenizer) if chat and args.anchor_start == "prompt" else None
+    start_tokens, end_tokens = anchor_tokens(args.anchor_start, tokenizer, chat)
     weights = anchor_weights(args, "1")
     routed = start_anchors_at(routed_methods(weights), start_tokens, end_tokens)
     methods = select(real_methods(start_tokens, weights, end_tokens), args.methods, optional=routed)
