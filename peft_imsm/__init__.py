@@ -25,7 +25,7 @@ from .gate_maps import GateMap, gate_map
 from .gate_training import GateTrainingLog, train_gate
 from .model import IMSMModel, prepare_anchors, set_anchor_data
 from .registration import register
-from .retrofitting import retrofit
+from .retrofitting import load_library, retrofit
 
 register()
 
@@ -39,6 +39,7 @@ __all__ = [
     "set_anchor_data",
     "prepare_anchors",
     "retrofit",
+    "load_library",
     "train_gate",
     "GateTrainingLog",
     "gate_map",

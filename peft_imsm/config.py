@@ -20,6 +20,8 @@ ANCHOR_BATCH_SIZE = 4
 """``AnchorConfig.batch_size`` when none is given (the route gate: :data:`ROUTE_ANCHOR_BATCH_SIZE`)."""
 ROUTE_ANCHOR_BATCH_SIZE = 2
 """``AnchorConfig.batch_size`` of the route gate when none is given."""
+ROUTE_THRESHOLD = 0.5
+"""``route_threshold`` of the route gate when none is given: one view per prompt at inference."""
 
 # Adapters that run a second model pass of their own or replace the forward; IMSM cannot wrap them.
 # AdaMSS reads peft's per-layer switch directly instead of through `disable_adapters`, so the frozen view (see
@@ -66,6 +68,13 @@ class IMSMConfig(PeftConfig):
             gate what general, non-target inputs look like; None (default) is the paper's method.
         freeze_adapter: keep the wrapped adapter's weights frozen (never trainable, also when loaded with
             ``is_trainable=True``): only the gate trains. Used to retrofit a gate onto an adapter trained before.
+        route_threshold: the route gate only. At inference (every forward without autograd: ``generate()``,
+            evaluation, the vLLM export) each sequence runs ONE view, chosen at prefill from its router value ``g``
+            (the frozen view's weight): the frozen view alone where ``g > route_threshold``, the adapted view alone
+            otherwise. The model then costs what the base model or plain LoRA costs (one KV cache, one pass per
+            step); training forwards keep the soft gate, which the router learns through. ``"auto"`` (default):
+            0.5 for ``gate_mode="route"``, None otherwise. None: the soft mix ``g * h_frozen + (1 - g) * h_adapted``
+            at inference too (both views at every step).
 
     Attributes that TRL and peft read or set on a config (``target_modules``, ``modules_to_save``,
     ``trainable_token_indices``) read and write the wrapped adapter's config. ``task_type`` must be
@@ -98,6 +107,10 @@ class IMSMConfig(PeftConfig):
     )
     freeze_adapter: bool = field(
         default=False, metadata={"help": "Keep the wrapped adapter frozen: only the gate trains."}
+    )
+    route_threshold: float | str | None = field(
+        default="auto",
+        metadata={"help": "Route gate: one view per sequence at inference, the frozen one where g > this (None: soft)."},
     )
 
     def __post_init__(self) -> None:
@@ -150,6 +163,21 @@ class IMSMConfig(PeftConfig):
                 f"anchor route_weight={self.anchor.route_weight!r} trains the gate to route, but gate_mode='fixed' "
                 "has no gate to train. Use gate_mode='route' (or 'query', 'token') with routing, or route_weight=0."
             )
+        if self.route_threshold == "auto":
+            self.route_threshold = ROUTE_THRESHOLD if self.gate_mode == "route" else None
+        if self.route_threshold is not None:
+            if self.gate_mode != "route":
+                raise ValueError(
+                    f"route_threshold={self.route_threshold!r} picks one view per sequence from the route gate's "
+                    f"router, but gate_mode={self.gate_mode!r} has none. Use gate_mode='route', or leave "
+                    "route_threshold unset."
+                )
+            if not is_finite_number(self.route_threshold) or not 0.0 < self.route_threshold < 1.0:
+                raise ValueError(
+                    f"route_threshold must be None (the soft mix) or a number strictly between 0 and 1 (0.5: the "
+                    f"view with the larger weight), got {self.route_threshold!r}."
+                )
+            self.route_threshold = float(self.route_threshold)
         if self.gate_mode == "route" and self.anchor.route_weight == 0:
             raise ValueError(
                 "gate_mode='route' learns from the routing term, but anchor route_weight=0 turns it off. Leave "

@@ -17,13 +17,15 @@ term's pass (:class:`AnchorPass`, ``_anchor_step``) skips step 1: it brings the 
 
 Hard routing (a route gate with ``route_threshold``, without autograd, plain LoRA; see :meth:`DualPass.can_route`)
 runs ONE view per sequence instead. At prefill (``_open_routed_prefill``) the backbone runs the frozen view on every
-row; the post-hook (``_finish_routed_prefill``) routes each row from its frozen query summary, runs the adapted view
-again on the rows routed to the adapter only, and writes their states and key/values over the frozen ones, so the
-one KV cache holds each row's own view. Every later pass (``_open_routed_step``) is one pass of the batch: the
-frozen view when every row is routed there, the adapted view when none is, else the adapted view with the LoRA
-update zeroed on the frozen-routed rows (``_zero_frozen_rows``, as for stacking). Elsewhere (other adapters, packed
-sequences, other cache classes) the route gate is rounded to 0 or 1 at the end of the usual two-view pass, which
-gives the same outputs at the cost of both views.
+row; the post-hook (``_finish_routed_pass``) routes each row from its frozen query summary
+(:func:`~peft_imsm.gate.choose_routes`: the frozen view, or one of the active adapters when several route gates are
+active, a LoRA library), runs the adapted view again on the rows routed to an adapter only, and writes their states
+and key/values over the frozen ones, so the one KV cache holds each row's own view. Every later pass
+(``_open_routed_step``) is one pass of the batch: the frozen view when every row is routed there, else the adapted
+view with each LoRA update zeroed on the rows not routed to that adapter (``_zero_unrouted_rows``, a hook on every
+``lora_A``; the row routes travel in a ``ContextVar``). Elsewhere (other adapters, packed sequences, other cache
+classes) the route gate is rounded to 0 or 1 at the end of the usual two-view pass, which gives the same outputs at
+the cost of both views (one adapter only).
 
 Per-call state, safe when several threads share one model:
 
@@ -42,6 +44,7 @@ Per-call state, safe when several threads share one model:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -63,7 +66,7 @@ from .backbone import (
     supports_stacked_views,
 )
 from .cache import as_imsm_cache, copy_rows, is_imsm_cache
-from .gate import IMSMGate
+from .gate import IMSMGate, choose_routes
 from .query import QueryIndex, build_query_index, check_attention_mask, per_token_queries
 
 # Backbone inputs with a batch dimension, doubled when both views run as one batch.
@@ -72,6 +75,31 @@ _BATCHED_KWARGS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids
 _HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "return_dict")
 
 _FROZEN_VIEW: ContextVar[bool] = ContextVar("imsm_frozen_view", default=False)
+
+
+@dataclass(frozen=True)
+class RowRoutes:
+    """The routes of a one-view routed pass, read by the ``lora_A`` hooks: ``routes`` (``[rows]`` long, -1 for the
+    frozen view, k for ``names[k]``) and ``tokens`` (``rows * seq``, for layers that flatten the batch)."""
+
+    routes: torch.Tensor
+    names: tuple[str, ...]
+    tokens: int
+
+
+_ROW_ROUTES: ContextVar[RowRoutes | None] = ContextVar("imsm_row_routes", default=None)
+_SOFT_GATE: ContextVar[bool] = ContextVar("imsm_soft_gate", default=False)
+
+
+@contextmanager
+def soft_gate() -> Iterator[None]:
+    """Run the route gate's soft mix (both views) in this thread even where it would be hard-routed (for code that
+    needs both views' states without autograd, e.g. :func:`~peft_imsm.train_gate`'s stored pass)."""
+    token = _SOFT_GATE.set(True)
+    try:
+        yield
+    finally:
+        _SOFT_GATE.reset(token)
 
 
 def in_frozen_view() -> bool:
@@ -102,9 +130,9 @@ class BackbonePass:
     prefix_hidden: torch.Tensor | None = None  # [1, prefix, d] adapted view of a shared prefix (run once)
     hard_route: bool = False  # round the route gate to 0 / 1 (route_threshold, without autograd)
     routed_prefill: dict | None = None  # one-view routing at prefill: the backbone's kwargs for the adapted rerun
-    routes: torch.Tensor | None = None  # [batch] bool, True where the row runs the frozen view (one-view routing)
-    frozen_rows: torch.Tensor | None = None  # [batch] bool: rows whose LoRA update is zeroed (mixed routed batch)
+    routes: torch.Tensor | None = None  # [batch] long: -1 frozen view, k >= 0 the k-th routed adapter
     frozen_view_token: Any = None  # the frozen-view switch set for this whole pass (reset by the post-hook)
+    row_routes_token: Any = None  # the row routes set for this whole pass (reset by the post-hook)
 
 
 @dataclass
@@ -174,6 +202,8 @@ class DualPass:
         adapter_tuner: peft's tuner of the wrapped adapter (decides whether both views can share one batch).
         get_gate: returns the gate to use (the active adapter's).
         get_route_threshold: returns the active adapter's ``route_threshold`` (None: no hard routing).
+        get_route_gates: returns ``(adapter name, gate)`` of every active adapter, in routing order (several: a LoRA
+            library behind route gates, always hard-routed).
 
     Attributes:
         backbone: the hooked module (e.g. ``LlamaModel``).
@@ -192,6 +222,7 @@ class DualPass:
         adapter_tuner: nn.Module,
         get_gate: Callable[[], IMSMGate],
         get_route_threshold: Callable[[], float | None] = lambda: None,
+        get_route_gates: Callable[[], list[tuple[str, IMSMGate]]] | None = None,
     ) -> None:
         self.backbone = find_backbone(model)
         self.adapter_tuner = adapter_tuner
@@ -202,6 +233,8 @@ class DualPass:
         self.supports_stacking = supports_stacked_views(adapter_tuner, model)
         self._get_gate = get_gate
         self._get_route_threshold = get_route_threshold
+        self._get_route_gates = get_route_gates or (lambda: [("default", get_gate())])
+        self._hooked_lora_A: set[int] = set()
         self._positional_names = bound_parameter_names(self.backbone)
         self._cache_name = cache_parameter_name(self.backbone)
         self._hooks = [
@@ -209,12 +242,21 @@ class DualPass:
             self.backbone.register_forward_hook(self._post_hook, with_kwargs=True),
         ]
         if self.supports_stacking:
-            self._hooks += [
-                lora_A.register_forward_hook(_zero_frozen_rows)
-                for m in model.modules()
-                if isinstance(m, LoraLayer)
-                for lora_A in m.lora_A.values()
-            ]
+            self.hook_lora_layers(model)
+
+    def hook_lora_layers(self, model: nn.Module) -> None:
+        """Put the row-zeroing hooks (stacking, one-view routing) on every ``lora_A`` of ``model`` not hooked yet
+        (also those of adapters added later)."""
+        for module in model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for name, lora_A in module.lora_A.items():
+                if id(lora_A) not in self._hooked_lora_A:
+                    self._hooked_lora_A.add(id(lora_A))
+                    self._hooks += [
+                        lora_A.register_forward_hook(_zero_frozen_rows),
+                        lora_A.register_forward_hook(functools.partial(_zero_unrouted_rows, name)),
+                    ]
 
     def remove(self) -> None:
         """Remove every hook (``unload()``); later IMSM calls raise."""
@@ -231,7 +273,9 @@ class DualPass:
         try:
             yield context
         finally:
-            for step in reversed(context.passes):  # (passes left open by an error: switch their frozen view off)
+            for step in reversed(context.passes):  # (passes left open by an error: reset what they set)
+                if step.row_routes_token is not None:
+                    _ROW_ROUTES.reset(step.row_routes_token)
                 if step.frozen_view_token is not None:
                     _FROZEN_VIEW.reset(step.frozen_view_token)
             _CALL.reset(token)
@@ -386,6 +430,8 @@ class DualPass:
         if not call.passes:
             return None
         step = call.passes.pop()
+        if step.row_routes_token is not None:
+            _ROW_ROUTES.reset(step.row_routes_token)
         if step.frozen_view_token is not None:
             _FROZEN_VIEW.reset(step.frozen_view_token)
         if step.grad_enabled is not None:
@@ -431,7 +477,9 @@ class DualPass:
     def _hard_routing(self, call: CallContext) -> bool:
         """Whether this pass rounds the route gate to one view per sequence: a route gate with a
         ``route_threshold``, without autograd (inference), outside the anchor term, no forced gate value."""
-        if call.anchor is not None or torch.is_grad_enabled() or self._get_route_threshold() is None:
+        if call.anchor is not None or torch.is_grad_enabled() or _SOFT_GATE.get():
+            return False
+        if self._get_route_threshold() is None:
             return False
         gate = self._get_gate()
         return gate.mode == "route" and gate.forced_value is None
@@ -462,11 +510,11 @@ class DualPass:
     def _open_routed_step(self, step: BackbonePass, routes: torch.Tensor, seq_len: int) -> None:
         """A pass after a one-view routed prefill: one pass of the batch, each row in its view."""
         step.routes = routes
-        if bool(routes.all()):
+        names = tuple(name for name, _ in self._get_route_gates())
+        if bool((routes < 0).all()):
             step.frozen_view_token = _FROZEN_VIEW.set(True)  # (the base model alone: no adapter layer runs)
-        elif bool(routes.any()):
-            step.frozen_rows = routes
-            step.stacked_tokens = routes.numel() * seq_len
+        elif len(names) > 1 or bool((routes < 0).any()):  # (else every row runs the one adapter: nothing to zero)
+            step.row_routes_token = _ROW_ROUTES.set(RowRoutes(routes, names, routes.numel() * seq_len))
 
     def _finish_routed_pass(
         self, module: nn.Module, call: CallContext, step: BackbonePass, kwargs: dict, output: Any
@@ -475,34 +523,40 @@ class DualPass:
         hidden = last_hidden_state(output)
         routes = step.routes
         if step.routed_prefill is not None:
-            gate = self._get_gate()
             q_frozen, _ = per_token_queries(hidden, hidden, step.index, step.cache, adapted=False)
-            g = gate(hidden, hidden, q_frozen, None)
-            routes = g[:, 0, 0] > self._get_route_threshold()  # (one value per row: a query summary per row)
+            gates = [gate for _, gate in self._get_route_gates()]
+            routes = choose_routes(gates, q_frozen[:, 0], self._get_route_threshold())  # (one summary per row)
             if step.cache is not None:
                 step.cache.imsm_routes = routes
-            rows = (~routes).nonzero().flatten()
+            rows = (routes >= 0).nonzero().flatten()
             if rows.numel() > 0:  # (in place, without autograd: the frozen rows stay bit for bit the base model's)
-                hidden[rows] = self._rerun_adapted_rows(module, step, rows).to(hidden.dtype)
+                hidden[rows] = self._rerun_adapted_rows(module, step, rows, routes[rows]).to(hidden.dtype)
         call.interwoven += 1
         if call.on_gate is not None:
-            g_hard = routes.float()[:, None, None].expand(*hidden.shape[:2], hidden.shape[-1])
+            g_hard = (routes < 0).float()[:, None, None].expand(*hidden.shape[:2], hidden.shape[-1])
             mask = kwargs.get("attention_mask")
             mask = mask[:, -hidden.shape[1] :] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
             call.on_gate(g_hard, mask, call)
         return output
 
-    def _rerun_adapted_rows(self, module: nn.Module, step: BackbonePass, rows: torch.Tensor) -> torch.Tensor:
-        """The adapted view's final hidden states of the prefill's rows ``rows`` (``[len(rows), seq, d]``); their
-        key/values are written over the frozen view's in the pass's cache."""
+    def _rerun_adapted_rows(
+        self, module: nn.Module, step: BackbonePass, rows: torch.Tensor, routes: torch.Tensor
+    ) -> torch.Tensor:
+        """The adapted view's final hidden states of the prefill's rows ``rows`` (``[len(rows), seq, d]``), each row
+        with the adapter of its route (``routes``, ``[len(rows)]``); their key/values are written over the frozen
+        view's in the pass's cache."""
         rerun, cache_key = step.routed_prefill["kwargs"], step.routed_prefill["cache_key"]
         batch_size = step.index.segment.shape[0]
         sub = dict(rerun)
         _map_batched(sub, batch_size, lambda value: value[rows])
-        token = _CALL.set(None)  # a plain adapted-view pass: the hooks stay out of it
+        names = tuple(name for name, _ in self._get_route_gates())
+        seq_len = step.index.segment.shape[1]
+        token = _CALL.set(None)  # a plain adapted-view pass: the backbone hooks stay out of it
+        routes_token = _ROW_ROUTES.set(RowRoutes(routes, names, routes.numel() * seq_len) if len(names) > 1 else None)
         try:
             out = module(**sub)
         finally:
+            _ROW_ROUTES.reset(routes_token)
             _CALL.reset(token)
         if step.cache is not None:
             copy_rows(step.cache, sub[cache_key], rows)
@@ -616,13 +670,6 @@ def _zero_frozen_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> N
     if call is None or not call.passes:
         return
     step = call.passes[-1]
-    if step.frozen_rows is not None:  # a mixed one-view routed batch: zero the frozen-routed rows
-        rows = output.shape[0]
-        mask = step.frozen_rows
-        if rows == step.stacked_tokens and rows != mask.numel():
-            mask = mask.repeat_interleave(rows // mask.numel())
-        output.masked_fill_(mask.to(output.device).view(-1, *([1] * (output.dim() - 1))), 0.0)
-        return
     if step.stacked_rows is None:
         return
     rows = output.shape[0]
@@ -633,3 +680,19 @@ def _zero_frozen_rows(module: nn.Module, args: tuple, output: torch.Tensor) -> N
             "experts?). Set `model.base_model.stacked_views = False` to run the two views as separate passes."
         )
     output[: rows // 2].zero_()
+
+
+def _zero_unrouted_rows(adapter_name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Forward hook on each ``lora_A`` of adapter ``adapter_name``: in a one-view routed pass (:class:`RowRoutes` set),
+    zero its LoRA activations on every row not routed to that adapter (the frozen-routed rows, and in a LoRA library
+    the rows of the other adapters), so those rows get exactly what their own view computes. Zeroed in place: routed
+    passes run without autograd. Rows flattened to ``[rows * seq, ...]`` (e.g. OPT's MLP) are handled."""
+    row_routes = _ROW_ROUTES.get()
+    if row_routes is None:
+        return
+    routes = row_routes.routes
+    index = row_routes.names.index(adapter_name) if adapter_name in row_routes.names else -2
+    drop = routes.to(output.device) != index
+    if output.shape[0] == row_routes.tokens and output.shape[0] != drop.numel():
+        drop = drop.repeat_interleave(output.shape[0] // drop.numel())
+    output.masked_fill_(drop.view(-1, *([1] * (output.dim() - 1))), 0.0)

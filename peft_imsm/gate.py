@@ -180,3 +180,26 @@ class IMSMGate(nn.Module):
     def extra_repr(self) -> str:
         scale = f", lr_scale={self.lr_scale:g}" if self.lr_scale != 1.0 else ""
         return f"hidden_size={self.hidden_size}, rank={self.rank}, mode={self.mode!r}, scalar={self.scalar}{scale}"
+
+
+def choose_routes(gates: list[IMSMGate], q_frozen: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The one view each query runs under hard routing (``IMSMConfig.route_threshold``).
+
+    Args:
+        gates: the route gates of the active adapters (one, or several for a LoRA library), in routing order.
+        q_frozen: ``[n, d]`` the frozen view's query summaries.
+        threshold: ``route_threshold``.
+
+    Returns:
+        ``[n]`` long: -1 where every gate's router value ``g`` (the frozen view's weight against its adapter) is above
+        ``threshold`` (the frozen view answers), else the index of the gate with the smallest ``g`` (the adapter its
+        router leans to most). With one gate: -1 where ``g > threshold``, else 0.
+    """
+    values = []
+    for gate in gates:
+        W_R, b_R = gate.router()
+        with torch.autocast(device_type=q_frozen.device.type, enabled=False):
+            values.append(torch.sigmoid(F.linear(q_frozen.float(), W_R.to(q_frozen.device), b_R.to(q_frozen.device))))
+    g = torch.cat(values, dim=-1)  # [n, K]
+    frozen = (g > threshold).all(dim=-1)
+    return torch.where(frozen, torch.full_like(frozen, -1, dtype=torch.long), g.argmin(dim=-1))

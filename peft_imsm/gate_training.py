@@ -37,6 +37,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 
 from .anchors import anchor_kl, gate_route_loss, is_finite_number
 from .backbone import model_device, position_limit
+from .dual_pass import soft_gate
 from .gate import IMSMGate
 from .model import IMSMModel, find_imsm_tuner, prepare_anchors, set_anchor_data
 from .padding import left_pad, pad_token_id
@@ -368,7 +369,8 @@ def _capture_views(model: PeftModel, tuner: IMSMModel, **inputs: torch.Tensor) -
 
     handle = tuner.gate.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model(**inputs, use_cache=False, logits_to_keep=1)
+        with soft_gate():  # (both views, also for a hard-routed route gate)
+            model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
     if len(captured) != 1:

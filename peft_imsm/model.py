@@ -42,9 +42,12 @@ from .anchors import AnchorConfig, AnchorSet, tokenize_anchor_data
 from .backbone import hidden_size, model_device
 from .config import IMSMConfig
 from .dual_pass import CallContext, DualPass, installed_dual_pass
-from .gate import IMSMGate
-from .query import check_attention_mask
+from .gate import IMSMGate, choose_routes
+from .query import build_query_index, check_attention_mask, query_summary
 from .tuner_interface import STACKING_ALLOWED, IMSMTunerInterface
+
+BASE_ROUTE = "__base__"
+"""The route name of the frozen base model (as peft's mixed batches name it in ``adapter_names``)."""
 
 
 class IMSMModel(IMSMTunerInterface):
@@ -119,7 +122,7 @@ class IMSMModel(IMSMTunerInterface):
         self._apply_freeze_adapter()
 
         self.__dict__["dual_pass"] = DualPass(
-            model, adapter_tuner, self._active_gate, lambda: self._active_config().route_threshold
+            model, adapter_tuner, self._active_gate, lambda: self._active_config().route_threshold, self._route_gates
         )
         self._unloaded = False
         self._gate_dtype_checked = False
@@ -139,6 +142,35 @@ class IMSMModel(IMSMTunerInterface):
 
     def _active_config(self) -> IMSMConfig:
         return self.peft_config[self._active_name]
+
+    def _route_gates(self) -> list[tuple[str, IMSMGate]]:
+        """``(name, gate)`` of every active adapter, in routing order (several: a LoRA library)."""
+        return [(name, self.imsm_gate[name]) for name in self._active_names]
+
+    @property
+    def route_names(self) -> list[str]:
+        """What a hard-routed sequence can run, in route order: ``"__base__"`` (the frozen base model), then each
+        active adapter (one, or several for a LoRA library)."""
+        return [BASE_ROUTE, *self._active_names]
+
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
+        """The route each prompt takes under hard routing (``route_threshold``): ``"__base__"`` or an adapter name
+        per row of ``input_ids`` (``[batch, seq]``, left- or right-padded, with its ``attention_mask``). One no-grad
+        pass of the frozen view over the prompts."""
+        self._check_usable()
+        threshold = self._active_config().route_threshold
+        if self.gate.mode != "route" or threshold is None:
+            raise ValueError(
+                f"route() needs a hard-routed route gate (gate_mode='route' with a route_threshold); this adapter has "
+                f"gate_mode={self.gate.mode!r}, route_threshold={threshold!r}."
+            )
+        with torch.no_grad():
+            h_frozen = self.dual_pass.frozen_states(self.model, input_ids=input_ids, attention_mask=attention_mask)
+            index = build_query_index(*input_ids.shape[:2], h_frozen.device, attention_mask=attention_mask)
+            q_frozen = query_summary(h_frozen, index)
+        routes = choose_routes([gate for _, gate in self._route_gates()], q_frozen, threshold)
+        names = self.route_names
+        return [names[int(r) + 1] for r in routes]
 
     @property
     def stacked_views(self) -> bool:
@@ -166,6 +198,13 @@ class IMSMModel(IMSMTunerInterface):
         if self.training and not self._gate_dtype_checked:
             self._keep_gate_float32()
         training = self.training and torch.is_grad_enabled()
+        if torch.is_grad_enabled() and len(self._active_names) > 1:
+            raise ValueError(
+                f"Several IMSM adapters are active ({self._active_names}): a LoRA library routes each sequence to one "
+                "of them at inference (without autograd), but it does not train as one. Train each adapter alone "
+                "(model.base_model.set_adapter(name), or peft_imsm.train_gate(model, {name: rows, ...}) for the "
+                "routers), then activate them together with model.base_model.set_adapter([...])."
+            )
         on_gate = functools.partial(self._stats.observe_gate, labels=labels if training else None)
         gates = [] if training and self.anchor_term.routes else None  # (the routing term's input)
         if gates is not None:

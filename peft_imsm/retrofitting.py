@@ -15,6 +15,7 @@ import copy
 import os
 import types
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # --------------------------------------------------------------------------------------------------- building
 def retrofit(
     model: nn.Module,
-    adapter: str | os.PathLike | PeftModel | None = None,
+    adapter: str | os.PathLike | PeftModel | Mapping[str, str | os.PathLike] | None = None,
     *,
     gate_rank: int = 8,
     gate_mode: str = "query",
@@ -51,7 +52,10 @@ def retrofit(
             or an in-memory ``PeftModel`` holding the adapter (then leave ``adapter`` out).
         adapter: a folder written by ``PeftModel.save_pretrained`` (``adapter_config.json`` and
             ``adapter_model.safetensors``) or a hub id; or a ``PeftModel`` of that adapter. The adapter may be of
-            any type IMSM can wrap (LoRA, DoRA, (IA)3, AdaLoRA, LoHa, LoKr, VeRA, ...).
+            any type IMSM can wrap (LoRA, DoRA, (IA)3, AdaLoRA, LoHa, LoKr, VeRA, ...). Or a LoRA library: a dict
+            ``{name: folder}`` of plain LoRA adapters, each loaded frozen as an IMSM adapter of that name with its own
+            route gate (``gate_mode="route"`` is then required), all active together: at inference each sequence
+            runs the base model or one of them (see :func:`train_gate` with a dict, and :func:`load_library`).
         gate_rank, gate_mode, gate_dropout: the gate's settings (see :class:`~peft_imsm.IMSMConfig`).
         anchor: the anchor section; default ``AnchorConfig()`` (self anchors, weight 1): they teach the gate what
             "not the adapter's task" looks like. ``None`` trains the gate on target data only (the paper's gate,
@@ -77,6 +81,9 @@ def retrofit(
     """
     if anchor is _DEFAULT:
         anchor = AnchorConfig()
+    if isinstance(adapter, Mapping):
+        return _retrofit_library(model, dict(adapter), gate_rank=gate_rank, gate_mode=gate_mode,
+                                 gate_dropout=gate_dropout, anchor=anchor, **config_kwargs)  # fmt: skip
     if isinstance(model, PeftModel):
         if adapter is not None:
             raise ValueError(
@@ -143,23 +150,105 @@ def retrofit(
     return peft_model
 
 
+def _retrofit_library(model: nn.Module, adapters: dict, **kwargs: Any) -> PeftModel:
+    """:func:`retrofit` of a LoRA library ``{name: folder}``: the first adapter as usual, the others added to it."""
+    if not adapters or not all(isinstance(k, str) and k for k in adapters):
+        raise ValueError(
+            f"retrofit() got a LoRA library with no adapters or a name that is not a string: {adapters!r}."
+        )
+    if kwargs.get("gate_mode") != "route":
+        raise ValueError(
+            f"retrofit() of a LoRA library ({', '.join(adapters)}) routes each sequence to the base model or one "
+            f"adapter, which is what the route gate does; got gate_mode={kwargs.get('gate_mode')!r}. Pass "
+            "gate_mode='route' (and anchor=AnchorConfig.from_tokenizer(tokenizer) on instruct models)."
+        )
+    if "__base__" in adapters:
+        raise ValueError("'__base__' names the base model's route; give the adapter another name.")
+    if isinstance(model, PeftModel):
+        raise ValueError("retrofit() of a LoRA library needs the plain base model and a dict of adapter folders.")
+    names = list(adapters)
+    peft_model = retrofit(model, adapters[names[0]], adapter_name=names[0], **kwargs)
+    sources = [os.path.abspath(adapters[names[0]])] if os.path.isdir(adapters[names[0]]) else []
+    first = peft_model.peft_config[names[0]]
+    for name in names[1:]:
+        path = os.fspath(adapters[name])
+        adapter_config, weights = _read_saved_adapter(path)
+        adapter_config = copy.deepcopy(adapter_config)
+        adapter_config.inference_mode = False
+        config = IMSMConfig(
+            adapter_config=adapter_config, gate_rank=first.gate_rank, gate_mode=first.gate_mode,
+            gate_dropout=first.gate_dropout, gate_scalar=first.gate_scalar, gate_lr_scale=first.gate_lr_scale,
+            anchor=copy.deepcopy(first.anchor), freeze_adapter=True, route_threshold=first.route_threshold,
+            base_model_name_or_path=first.base_model_name_or_path,
+        )  # fmt: skip
+        peft_model.add_adapter(name, config)
+        _load_adapter_weights(peft_model, weights, name, f"the adapter at {path!r}", adapter_config)
+        if os.path.isdir(path):
+            sources.append(os.path.abspath(path))
+    peft_model.base_model.set_adapter(names)
+    if sources:
+        peft_model._imsm_retrofitted_from = sources
+        peft_model.save_pretrained = types.MethodType(save_pretrained, peft_model)
+    return peft_model
+
+
+def load_library(model: nn.Module, folder: str | os.PathLike, is_trainable: bool = False) -> PeftModel:
+    """Load a LoRA library that ``save_pretrained`` of a model from :func:`retrofit` with a dict wrote: peft's
+    multi-adapter layout (one sub-folder per adapter name, ``default`` in the folder itself), loaded the peft way
+    (``PeftModel.from_pretrained`` for the first adapter, ``load_adapter`` for each other one) and made active
+    together (``set_adapter([...])``), in the order of the sub-folders' names.
+
+    Args:
+        model: the base model the adapters were trained on.
+        folder: the folder ``save_pretrained`` wrote.
+        is_trainable: load the gates trainable (then train one adapter at a time: ``set_adapter(name)``).
+    """
+    folder = os.fspath(folder)
+    found = []
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        found.append(("default", folder))
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            found.append((name, path))
+    if not found:
+        raise ValueError(
+            f"{folder!r} holds no saved adapter (no adapter_config.json in it or in a sub-folder). Pass the folder that "
+            "save_pretrained of the LoRA library wrote."
+        )
+    for _, path in found:
+        config = PeftConfig.from_pretrained(path)
+        if str(getattr(config.peft_type, "value", config.peft_type)) != "IMSM":
+            raise ValueError(
+                f"{path!r} holds a {config.peft_type} adapter, not an IMSM one: not a LoRA library member."
+            )
+    (first, first_path), rest = found[0], found[1:]
+    peft_model = PeftModel.from_pretrained(model, first_path, adapter_name=first, is_trainable=is_trainable)
+    for name, path in rest:
+        peft_model.load_adapter(path, adapter_name=name, is_trainable=is_trainable)
+    peft_model.base_model.set_adapter([name for name, _ in found])
+    return peft_model
+
+
 def save_pretrained(self: PeftModel, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
     """``PeftModel.save_pretrained`` of a model retrofitted from an adapter folder (:func:`retrofit` binds it to the
     model), refusing that folder: saving there would replace the original adapter's ``adapter_config.json`` and
     weights with the IMSM adapter's. Raises ``OutputDirError`` (a ``ValueError``) before anything is written."""
-    source = self.__dict__.get("_imsm_retrofitted_from")
+    sources = self.__dict__.get("_imsm_retrofitted_from")
+    sources = [sources] if isinstance(sources, str) else list(sources or [])
     for name in kwargs.get("selected_adapters") or list(self.peft_config):
         target = save_directory if name == "default" else os.path.join(save_directory, name)  # (where peft saves)
-        try:
-            check_not_protected(target, {"adapter folder": source}, name="save_directory", nested=False,
-                                working_dirs=False)  # fmt: skip
-        except OutputDirError:
-            raise OutputDirError(
-                f"save_pretrained({os.fspath(save_directory)!r}) would write the IMSM adapter {name!r} into "
-                f"{source}, the folder of the adapter this model was retrofitted from, replacing that adapter's "
-                "adapter_config.json and weights. Save the retrofitted model to a new folder, e.g. "
-                f"model.save_pretrained({(source.rstrip(os.sep) + '-imsm')!r})."
-            ) from None
+        for source in sources:
+            try:
+                check_not_protected(target, {"adapter folder": source}, name="save_directory", nested=False,
+                                    working_dirs=False)  # fmt: skip
+            except OutputDirError:
+                raise OutputDirError(
+                    f"save_pretrained({os.fspath(save_directory)!r}) would write the IMSM adapter {name!r} into "
+                    f"{source}, the folder of an adapter this model was retrofitted from, replacing that adapter's "
+                    "adapter_config.json and weights. Save the retrofitted model to a new folder, e.g. "
+                    f"model.save_pretrained({(source.rstrip(os.sep) + '-imsm')!r})."
+                ) from None
     return type(self).save_pretrained(self, save_directory, *args, **kwargs)
 
 

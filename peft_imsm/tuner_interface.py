@@ -1,9 +1,12 @@
 """peft's tuner interface of IMSM: what IMSM supports of ``BaseTuner`` and of the wrapped tuner, method by method.
 
 :class:`IMSMTunerInterface` is the base class of :class:`~peft_imsm.model.IMSMModel`; it holds no state of its own.
-IMSM holds exactly one adapter (a wrapped peft adapter and its gate): switching it on and off, its gradients and its
-dtype are passed on to the wrapped tuner (plus the gate and the dual pass); adding, merging, combining or deleting
-adapters is refused with an error that says why and what to do instead; ``__getattr__`` reaches the transformers
+An IMSM model holds one adapter (a wrapped peft adapter and its gate), or a LoRA library: several route-gate adapters
+(``add_adapter`` / ``load_adapter``, or :func:`~peft_imsm.retrofit` with a dict), which ``set_adapter([...])`` makes
+active together, each sequence then running the base model or one of them (:meth:`IMSMTunerInterface.inject_adapter`
+says what a library member must be). Switching adapters on and off, their gradients and dtype are passed on to the
+wrapped tuner (plus the gates and the dual pass); merging, combining or deleting adapters is refused with an error
+that says why and what to do instead; ``__getattr__`` reaches the transformers
 model's attributes, as peft's tuners do, but refuses the wrapped tuner's other methods.
 
 The attributes it relies on are set by ``IMSMModel.__init__``: ``model``, ``adapter_tuner``, ``imsm_gate``,
@@ -19,6 +22,9 @@ from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+
+from .backbone import hidden_size, model_device
+from .gate import IMSMGate
 
 # Methods of the wrapped tuner that IMSM passes on unchanged.
 _PASSED_TO_ADAPTER_TUNER = frozenset({"update_and_allocate"})  # AdaLoRA's rank-budget step
@@ -39,6 +45,10 @@ class IMSMTunerInterface(BaseTuner):
     @property
     def _active_name(self) -> str:
         return self.active_adapter if isinstance(self.active_adapter, str) else self.active_adapter[0]
+
+    @property
+    def _active_names(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
     def _check_usable(self) -> None:
         if self.dual_pass.superseded:
@@ -95,11 +105,57 @@ class IMSMTunerInterface(BaseTuner):
             if token is not None:
                 STACKING_ALLOWED.reset(token)
 
-    def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(
-            "An IMSM model holds exactly one IMSM adapter (one wrapped adapter and its gate); adding a second adapter "
-            "is not supported. Create a new model with get_peft_model for another IMSM adapter."
-        )
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool = False, **kwargs: Any
+    ) -> None:
+        """Add a second (third, ...) IMSM adapter: a member of a LoRA library (``PeftModel.add_adapter`` /
+        ``load_adapter`` call this after putting its config in ``peft_config``).
+
+        Every member is a hard-routed route gate (``gate_mode="route"`` with a ``route_threshold``) around plain LoRA
+        (no DoRA, no LoRA bias), as the first adapter: at inference each sequence runs the base model or one adapter,
+        the others' updates zeroed on its row. It is added inactive; ``set_adapter([...])`` routes over several.
+        """
+        first = self.peft_config[next(iter(self.imsm_gate))]
+        config = self.peft_config[adapter_name]
+        problems = [
+            f"{name} has gate_mode={c.gate_mode!r}"
+            for name, c in ((next(iter(self.imsm_gate)), first), (adapter_name, config))
+            if c.gate_mode != "route"
+        ] + [
+            f"{name} has route_threshold=None (the soft mix)"
+            for name, c in ((next(iter(self.imsm_gate)), first), (adapter_name, config))
+            if c.gate_mode == "route" and c.route_threshold is None
+        ]
+        if str(config.adapter_config.peft_type.value) != "LORA" or not self.dual_pass.supports_stacking:
+            problems.append("each must wrap plain LoRA (no DoRA, no LoRA bias, no other adapter type)")
+        if problems:
+            self.peft_config.pop(adapter_name, None)
+            raise ValueError(
+                f"Cannot add the IMSM adapter {adapter_name!r}: several IMSM adapters in one model form a LoRA library, "
+                "where each sequence runs the base model or ONE adapter, chosen by the adapters' route gates; "
+                f"{'; '.join(problems)}. Build each with IMSMConfig(adapter_config=LoraConfig(...), gate_mode='route', "
+                "anchor=...) (route_threshold 0.5 by default), or serve other adapters as separate models."
+            )
+        adapter_config = config.adapter_config
+        adapter_config.inference_mode = config.inference_mode
+        adapter_config.base_model_name_or_path = config.base_model_name_or_path
+        active = self.active_adapter
+        self.adapter_tuner.peft_config[adapter_name] = adapter_config
+        before = {n for n, _ in self.model.named_parameters()}
+        self.adapter_tuner.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        added = [n for n, _ in self.model.named_parameters() if n not in before or f".{adapter_name}." in n]
+        self._adapter_param_names = sorted(set(self._adapter_param_names) | set(added))
+        gate = IMSMGate(hidden_size(self.model), config.gate_rank, config.gate_mode, config.gate_dropout,
+                        scalar=config.gate_scalar, lr_scale=config.gate_lr_scale)  # fmt: skip
+        gate.to(model_device(self.model))
+        gate.requires_grad_(False)
+        self.imsm_gate[adapter_name] = gate
+        self.model.peft_config = self.peft_config
+        self.dual_pass.hook_lora_layers(self.model)
+        self.adapter_tuner.set_adapter(active)  # (the new adapter stays inactive until set_adapter names it)
+        for name, param in self.model.named_parameters():
+            if f".{adapter_name}." in name:
+                param.requires_grad_(False)
 
     def enable_adapter_layers(self) -> None:
         """Turn IMSM back on (both the wrapped adapter and the gate), for every thread.
@@ -122,13 +178,16 @@ class IMSMTunerInterface(BaseTuner):
         self.dual_pass.enabled = False
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make one IMSM adapter active (``"name"``), or several of a LoRA library (``["a", "b", ...]``), over
+        which each sequence is routed (to the base model or one of them) at inference."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.imsm_gate]
-        if unknown or len(names) != 1:
-            raise ValueError(f"Unknown or several IMSM adapters {names}; this model has {list(self.imsm_gate)}.")
-        self.adapter_tuner.set_adapter(adapter_name, inference_mode=inference_mode)
-        self.imsm_gate[names[0]].requires_grad_(not inference_mode)
-        self.active_adapter = names[0]
+        if unknown or not names or len(set(names)) != len(names):
+            raise ValueError(f"Unknown or repeated IMSM adapters {names}; this model has {list(self.imsm_gate)}.")
+        self.adapter_tuner.set_adapter(names[0] if len(names) == 1 else names, inference_mode=inference_mode)
+        for name in names:
+            self.imsm_gate[name].requires_grad_(not inference_mode and len(names) == 1)
+        self.active_adapter = names[0] if len(names) == 1 else names
         self._apply_freeze_adapter()
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:

@@ -12,6 +12,7 @@ from peft import PeftModel, get_peft_model
 
 import peft_imsm
 from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, prepare_anchors, set_anchor_data
+from peft_imsm.dual_pass import soft_gate
 
 
 def anchored(seed: int = 0, arch: str = "llama", gate_mode: str = "query", **anchor_kwargs):
@@ -511,8 +512,8 @@ def test_anchor_weight_0_runs_no_anchor_pass_unless_routing_needs_its_gates(gate
     term, passes = tuner.anchor_term.term, []
     tuner.anchor_term.term = lambda *args: passes.append(1) or term(*args)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    model.eval()  # (eval mode: the forward alone, no anchor term)
-    with torch.no_grad():
+    model.eval()  # (eval mode: the forward alone, no anchor term; the soft gate, as in training)
+    with torch.no_grad(), soft_gate():
         task_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     anchor_passes = 0 if gate_mode == "route" else 1
     assert len(passes) == anchor_passes
@@ -521,7 +522,7 @@ def test_anchor_weight_0_runs_no_anchor_pass_unless_routing_needs_its_gates(gate
     # the gate of a plain forward of the anchors the term used (all of them, or the anchor pass's batch)
     anchors = tuner.anchor_set()
     rows = list(range(len(anchors))) if gate_mode == "route" else anchors.rows(0, tuner.anchor_term.config.batch_size)
-    with torch.no_grad(), tuner.record_gate() as gates:
+    with torch.no_grad(), soft_gate(), tuner.record_gate() as gates:  # (the soft gate, as in training)
         model(input_ids=anchors.input_ids[rows], attention_mask=anchors.attention_mask[rows])
     tokens = anchors.attention_mask[rows].sum(dim=1).double()
     want = float((gates[0].double() * tokens).sum() / tokens.sum())
