@@ -13,11 +13,15 @@ Modules:
 * ``gate``: the gate (``fixed`` / ``token`` / ``query`` / ``route``) and the query summary read from vLLM's paged
   cache.
 * ``prompt_lengths``: tags vLLM's attention metadata with each request's prompt length (query and route gates).
+* ``export_format``: the exported folders' names (files, tensor keys, versions), shared with ``peft_imsm.export``.
+* ``router``: ``imsm-serve``, the hard-routed route gate on vLLM's own multi-LoRA (a base + LoRA server, a pooling
+  server for the routing pass, and an OpenAI-compatible front that routes each request).
+* ``client``: start ``vllm serve`` in another environment and send it requests (tests, benchmarks).
 """
 
 from __future__ import annotations
 
-ARCHITECTURE = "IMSMLlamaForCausalLM"
+from .export_format import ARCHITECTURE
 
 
 def register() -> None:

@@ -2,7 +2,8 @@
 
 Used by the serving test (``tests/test_vllm_serving.py``) and the throughput benchmark
 (``benchmarks/vllm_throughput.py``), which run in the training environment while vLLM lives in its own virtual
-environment (``docs/serving.md``): :func:`start_server` / :func:`stop_server`, :func:`chat` (one request) and
+environment (``docs/serving.md``): :func:`start_server` / :func:`stop_server` (:func:`launch_server` and
+:func:`wait_until_healthy` apart, as ``imsm-serve`` starts its two servers), :func:`chat` (one request) and
 :func:`chat_concurrently` (several at once, one thread each). Imports neither vLLM nor torch.
 """
 
@@ -19,6 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from .export_format import GATE_HEADER, PROMPT_TOKENS_HEADER, ROUTE_HEADER
 
 # Settings for a small model on a few CPU cores (the issue's recipe): float32, short context, no graph capture.
 DEFAULT_SERVE_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--enforce-eager")
@@ -49,29 +52,56 @@ def start_server(python: str, model_dir: str | os.PathLike, port: int, extra_arg
 
     The server's output goes to ``log_path`` (its tail is in the error when it dies or does not come up).
     """
-    cmd = [*vllm_command(python, model_dir), "--port", str(port), "--host", "127.0.0.1", *DEFAULT_SERVE_ARGS,
-           *extra_args]  # fmt: skip
-    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                **(env or {})}  # fmt: skip
+    full_env = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", **(env or {})}
     log_path = Path(log_path) if log_path is not None else Path(model_dir).parent / f"vllm-serve-{port}.log"
+    args = ("--port", str(port), "--host", "127.0.0.1", *DEFAULT_SERVE_ARGS, *extra_args)
+    proc = launch_server(vllm_command(python, model_dir) + list(args), log_path, full_env)
+    wait_until_healthy(proc, port, timeout_s)
+    return proc
+
+
+def launch_server(cmd: list[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
+                  die_with_parent: bool = False) -> subprocess.Popen:  # fmt: skip
+    """Start ``cmd`` (a server) in its own process group, its output to ``log_path``, with ``env`` added to this
+    process's environment. ``die_with_parent``: the kernel sends it SIGTERM when this process dies, however it dies
+    (Linux; elsewhere only an orderly exit of this process stops it)."""
     log = open(log_path, "w")  # noqa: SIM115  (closed with the process)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    preexec = _terminate_with_parent if die_with_parent and sys.platform.startswith("linux") else None
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True, preexec_fn=preexec)  # fmt: skip
     proc.imsm_log = log  # type: ignore[attr-defined]
+    proc.imsm_log_path = Path(log_path)  # type: ignore[attr-defined]
+    return proc
+
+
+def _terminate_with_parent() -> None:
+    """(In the child, before exec) ask Linux for SIGTERM when the parent dies: ``prctl(PR_SET_PDEATHSIG, SIGTERM)``."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def wait_until_healthy(proc: subprocess.Popen, port: int, timeout_s: float = 900.0, what: str = "vllm serve") -> None:
+    """Wait until the server ``proc`` from :func:`launch_server` answers ``/health`` on ``port``; stop it and raise
+    (``RuntimeError`` when it exits, ``TimeoutError`` after ``timeout_s``) with its log's tail otherwise."""
+    log_path = proc.imsm_log_path  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            log.flush()
-            raise RuntimeError(f"vllm serve exited with code {proc.returncode}:\n{_tail(log_path)}")
+            proc.imsm_log.flush()  # type: ignore[attr-defined]
+            stop_server(proc)
+            raise RuntimeError(f"{what} exited with code {proc.returncode}; the end of {log_path}:\n{_tail(log_path)}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("GET", "/health")
             if conn.getresponse().status == 200:
-                return proc
+                return
         except OSError:
             pass
-        time.sleep(2.0)
+        time.sleep(1.0)
     stop_server(proc)
-    raise TimeoutError(f"vllm serve did not answer /health within {timeout_s:.0f} s:\n{_tail(log_path)}")
+    raise TimeoutError(f"{what} did not answer /health within {timeout_s:.0f} s; the end of {log_path}:\n"
+                       f"{_tail(log_path)}")  # fmt: skip
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -91,9 +121,9 @@ def stop_server(proc: subprocess.Popen) -> None:
         log.close()
 
 
-def _tail(path: Path, n: int = 60) -> str:
+def _tail(path: str | os.PathLike, n: int = 60) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return "(no log)"
 
@@ -102,8 +132,10 @@ def chat(port: int, messages: list[dict], max_tokens: int, model: str, timeout_s
          **params: Any) -> dict:  # fmt: skip
     """One ``/v1/chat/completions`` request (greedy unless ``params`` say otherwise), with the token ids.
 
-    Returns ``{"text", "logprobs", "token_ids", "prompt_token_ids", "completion_tokens", "seconds"}`` (``logprobs``:
-    the generated tokens' log-probabilities when the request asked for ``logprobs=True``, else None).
+    Returns ``{"text", "logprobs", "token_ids", "prompt_token_ids", "completion_tokens", "seconds", "model",
+    "route", "gate", "routed_prompt_tokens"}`` (``logprobs``: the generated tokens' log-probabilities when the
+    request asked for ``logprobs=True``, else None; ``model``: the model that answered; ``route`` / ``gate`` /
+    ``routed_prompt_tokens``: ``imsm-serve``'s route headers, None from another server).
     """
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
             "return_token_ids": True, **params}  # fmt: skip
@@ -123,6 +155,12 @@ def chat(port: int, messages: list[dict], max_tokens: int, model: str, timeout_s
         "prompt_token_ids": data.get("prompt_token_ids") or choice.get("prompt_token_ids"),
         "completion_tokens": data["usage"]["completion_tokens"],
         "seconds": time.perf_counter() - start,
+        "model": data.get("model"),
+        "route": response.getheader(ROUTE_HEADER),
+        "gate": None if response.getheader(GATE_HEADER) is None else float(response.getheader(GATE_HEADER)),
+        "routed_prompt_tokens": None
+        if response.getheader(PROMPT_TOKENS_HEADER) is None
+        else int(response.getheader(PROMPT_TOKENS_HEADER)),
     }
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GATE_MODES = ("fixed", "token", "query", "route")
+from .export_format import ADAPTER_FILE, GATE_MODES, GATE_TENSORS
+
 QUERY_VIEWS = {"query": ("frozen", "adapted"), "route": ("frozen",)}
 """The views whose query summary each gate mode reads."""
 _GENERATED_KEY = -1.0e4  # the score of a generated token: exp(-1e4) is exactly 0 in float32 and bfloat16
@@ -47,24 +48,24 @@ class Gate(nn.Module):
         self.register_buffer("b_R", None, persistent=False)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{key: shape}`` of this gate's tensors in the adapter file (the keys of ``GATE_TENSORS[mode]``)."""
         if self.mode == "fixed":
-            return {}
-        if self.mode == "route":
-            return {"imsm.gate.W_R": (1, self.hidden_size), "imsm.gate.b_R": (1,)}
-        width = (4 if self.mode == "query" else 2) * self.hidden_size
-        return {
-            "imsm.gate.W_A": (self.rank, width),
-            "imsm.gate.W_B": (1 if self.scalar else self.hidden_size, self.rank),
-        }
+            shapes = ()
+        elif self.mode == "route":
+            shapes = ((1, self.hidden_size), (1,))
+        else:
+            width = (4 if self.mode == "query" else 2) * self.hidden_size
+            shapes = ((self.rank, width), (1 if self.scalar else self.hidden_size, self.rank))
+        return dict(zip(GATE_TENSORS[self.mode], shapes, strict=True))
 
     def load(self, tensors: dict[str, torch.Tensor], device: torch.device) -> set[str]:
-        """Take ``imsm.gate.W_A`` / ``W_B`` from ``tensors``; returns the names used."""
+        """Take the gate's tensors (``GATE_TENSORS[mode]``) from ``tensors``; returns the names used."""
         for key, shape in self.expected_shapes().items():
             value = tensors.get(key)
             if value is None or tuple(value.shape) != shape:
                 got = "missing" if value is None else f"shape {tuple(value.shape)}"
                 raise ValueError(
-                    f"imsm_adapter.safetensors: {key} is {got}, but gate_mode={self.mode!r}, gate_rank={self.rank}, "
+                    f"{ADAPTER_FILE}: {key} is {got}, but gate_mode={self.mode!r}, gate_rank={self.rank}, "
                     f"gate_scalar={self.scalar} on hidden size {self.hidden_size} needs {shape}. The folder's "
                     "config.json and adapter file do not belong together: run imsm-export again."
                 )

@@ -39,16 +39,16 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from . import prompt_lengths
+from .export_format import ADAPTER_FILE, CONFIG_SECTION, FORMAT_VERSION, SUPPORTED_ARCHITECTURES, TENSOR_PREFIX
 from .gate import QUERY_VIEWS, Gate, QuerySummary
 from .lora import LayerLoRA, attach_lora, check_base_biases
 
-FORMAT_VERSION = 1
-BASE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+BASE_ARCHITECTURES = tuple(SUPPORTED_ARCHITECTURES)
 
 
 def imsm_section(config) -> dict:
     """The ``imsm`` section of the served folder's config.json, checked."""
-    section = getattr(config, "imsm", None)
+    section = getattr(config, CONFIG_SECTION, None)
     if not isinstance(section, dict):
         raise ValueError(
             "IMSMLlamaForCausalLM needs the `imsm` section that imsm-export writes into config.json; this folder's "
@@ -197,14 +197,15 @@ class IMSMLlamaForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The base weights from vLLM's loader (``imsm.*`` tensors skipped there), then the adapter file."""
+        """The base weights from vLLM's loader (the adapter file's ``imsm.*`` tensors skipped there), then the
+        adapter file."""
         from safetensors.torch import load_file
 
         biases: list[str] = []
 
         def base():
             for name, w in weights:
-                if not name.startswith("imsm."):
+                if not name.startswith(TENSOR_PREFIX):
                     if name.endswith(".bias"):
                         biases.append(name)
                     yield name, w
@@ -212,7 +213,7 @@ class IMSMLlamaForCausalLM(nn.Module):
         ignore = ["lm_head."] if self.config.tie_word_embeddings else []
         loaded = AutoWeightsLoader(self, ignore_unexpected_prefixes=ignore).load_weights(base())
         check_base_biases(biases, {name for name, _ in self.named_parameters()})
-        path = os.path.join(self.model_path, self.imsm.get("adapter_file", "imsm_adapter.safetensors"))
+        path = os.path.join(self.model_path, self.imsm.get("adapter_file", ADAPTER_FILE))
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"The IMSM adapter file {path} is missing (config.json names it); the folder was not written by "
@@ -230,7 +231,7 @@ class IMSMLlamaForCausalLM(nn.Module):
         unused = sorted(set(tensors) - used)
         if unused:
             raise ValueError(
-                f"imsm_adapter.safetensors holds {len(unused)} tensor(s) this model does not use "
+                f"{ADAPTER_FILE} holds {len(unused)} tensor(s) this model does not use "
                 f"({', '.join(unused[:5])}"
                 f"{', ...' if len(unused) > 5 else ''}): the adapter file and config.json do not belong together. "
                 "Run imsm-export again."

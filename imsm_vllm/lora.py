@@ -6,9 +6,9 @@ linear layer runs once over all rows, so the base weights are read once per step
 ``n``) of each Hugging Face layer inside vLLM's fused one (``qkv_proj`` = q, k, v; ``gate_up_proj`` = gate, up), in
 two matmuls per fused layer (the parts' ``A`` stacked, their ``B * scaling`` block-diagonal).
 
-The tensors come from ``imsm_adapter.safetensors`` (written by ``imsm-export``): ``imsm.lora.<hf module>.lora_A``
-``[r, in]``, ``.lora_B`` ``[out, r]`` and ``.scaling`` ``[1]``, with ``<hf module>`` e.g.
-``model.layers.3.self_attn.q_proj``. :func:`attach_lora` installs them on the model. :func:`check_base_biases` maps
+The tensors come from ``imsm_adapter.safetensors`` (written by ``imsm-export``; the names are
+:mod:`imsm_vllm.export_format`'s): ``imsm.lora.<hf module>.lora_A`` ``[r, in]``, ``.lora_B`` ``[out, r]`` and
+``.scaling`` ``[1]``, with ``<hf module>`` e.g. ``model.layers.3.self_attn.q_proj``. :func:`attach_lora` installs them on the model. :func:`check_base_biases` maps
 the base checkpoint's biases onto the same fused layers and refuses those the built model lacks.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .export_format import ADAPTER_FILE, LORA_PARTS, lora_key, split_lora_key
 
 # vLLM's fused linear layer -> the Hugging Face layers inside it, in their output order.
 FUSED = {
@@ -121,7 +123,8 @@ def attach_lora(
     device: torch.device,
     dtype: torch.dtype,
 ) -> set[str]:
-    """Install the adapter's LoRA tensors (``imsm.lora.*`` of ``tensors``) on ``loras`` (one per decoder layer).
+    """Install the adapter's LoRA tensors (the ``lora_key`` entries of ``tensors``) on ``loras`` (one per decoder
+    layer).
 
     Args:
         layers: the decoder layers (only their count is used, to check layer indices).
@@ -133,14 +136,14 @@ def attach_lora(
     used: set[str] = set()
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if key.startswith("imsm.lora."):
-            module, _, kind = key.removeprefix("imsm.lora.").rpartition(".")
-            by_module.setdefault(module, {})[kind] = value
+        parsed = split_lora_key(key)
+        if parsed is not None:
+            by_module.setdefault(parsed[0], {})[parsed[1]] = value
     for module in by_module:
         parts = module.split(".")
         if len(parts) < 4 or parts[-4] != "layers" or not parts[-3].isdigit() or int(parts[-3]) >= len(layers):
             raise ValueError(
-                f"imsm_adapter.safetensors holds LoRA weights for `{module}`, which is not a decoder layer's linear "
+                f"{ADAPTER_FILE} holds LoRA weights for `{module}`, which is not a decoder layer's linear "
                 f"layer of this {len(layers)}-layer model: the adapter was exported for another base model. Export "
                 "it again with imsm-export --base <the base it was trained on>."
             )
@@ -152,9 +155,9 @@ def attach_lora(
                 module = f"model.layers.{index}.{hf_name}"
                 found = by_module.get(module)
                 if found is not None:
-                    missing = {"lora_A", "lora_B", "scaling"} - set(found)
+                    missing = set(LORA_PARTS) - set(found)
                     if missing:
-                        raise ValueError(f"imsm_adapter.safetensors lacks {sorted(missing)} of `{module}`.")
+                        raise ValueError(f"{ADAPTER_FILE} lacks {sorted(missing)} of `{module}`.")
                     lora_a, lora_b = found["lora_A"], found["lora_B"]
                     if lora_b.shape[0] != size or lora_b.shape[1] != lora_a.shape[0]:
                         raise ValueError(
@@ -163,7 +166,7 @@ def attach_lora(
                             "exported for another base model."
                         )
                     collected.append((col, col + size, lora_a, lora_b, float(found["scaling"].item())))
-                    used.update(f"imsm.lora.{module}.{k}" for k in ("lora_A", "lora_B", "scaling"))
+                    used.update(lora_key(module, part) for part in LORA_PARTS)
                 col += size
             lora.by_fused_name()[fused].set_parts(collected, col, device, dtype)
     return used

