@@ -110,7 +110,9 @@ class IMSMConfig(PeftConfig):
     )
     route_threshold: float | str | None = field(
         default="auto",
-        metadata={"help": "Route gate: one view per sequence at inference, the frozen one where g > this (None: soft)."},
+        metadata={
+            "help": "Route gate: one view per sequence at inference, the frozen one where g > this (None: soft)."
+        },
     )
 
     def __post_init__(self) -> None:
