@@ -25,7 +25,7 @@ import math
 import numbers
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +101,7 @@ class _Tokens:
 
 def train_gate(
     model: PeftModel,
-    train_data: Iterable[Any],
+    train_data: Iterable[Any] | Mapping[str, Iterable[Any]],
     tokenizer: Any = None,
     *,
     steps: int = 200,
@@ -114,7 +114,8 @@ def train_gate(
     forward_batch_size: int = 16,
     max_cached_logits: int = 2**26,
     seed: int = 0,
-) -> GateTrainingLog:
+    _negative_prompts: list[list[int]] | None = None,
+) -> GateTrainingLog | dict[str, GateTrainingLog]:
     """Train only the gate of an IMSM model, on stored hidden states: about one inference pass plus seconds.
 
     1. Anchors: the model's ``IMSMConfig.anchor`` section (self anchors are sampled from the frozen view, as in
@@ -129,11 +130,18 @@ def train_gate(
        Trainer training with this config optimises, per token instead of per sequence. The wrapped adapter is never
        touched (exact: both views are fixed while only the gate trains).
 
+    A LoRA library (several route-gate adapters active, e.g. from :func:`retrofit` with a dict) takes a dict
+    ``{adapter name: its task's rows}`` with every active adapter: each adapter's router is trained in turn as above,
+    on its own rows, with the other adapters' prompts added to its anchors (so it sends them to the base model, and
+    the library's router, :func:`~peft_imsm.gate.choose_routes`, to their own adapter); the library is active again
+    afterwards, and a dict of logs is returned.
+
     Args:
         model: an IMSM ``PeftModel`` (e.g. from :func:`retrofit`).
         train_data: a sample of the adapter's own task: dicts with ``input_ids`` and ``labels`` (``-100`` on the
             prompt), or with ``prompt`` and ``completion`` strings (needs ``tokenizer``; the completion and an eos
-            token are supervised), or ``(input_ids, labels)`` pairs.
+            token are supervised), or ``(input_ids, labels)`` pairs. For a LoRA library, a dict of such samples by
+            adapter name.
         tokenizer: the model's tokenizer (for ``prompt``/``completion`` data and ``anchor_texts``).
         steps, lr: gate optimisation steps and AdamW learning rate. ``lr=None`` (the default):
             :data:`GATE_LR` (5e-3) for the query and token gates; for the route gate :data:`ROUTE_GATE_LR` (1e-2)
@@ -158,8 +166,20 @@ def train_gate(
             or with target rows that supervise no token (nothing would pull the gate towards the adapter), or when
             the gate has no parameters (``gate_mode="fixed"``).
     """
+    if isinstance(train_data, Mapping):
+        return _train_library_gates(
+            model, train_data, tokenizer, steps=steps, lr=lr, batch_tokens=batch_tokens,
+            anchor_batch_tokens=anchor_batch_tokens, anchor_weight=anchor_weight, anchor_texts=anchor_texts,
+            max_length=max_length, forward_batch_size=forward_batch_size, max_cached_logits=max_cached_logits,
+            seed=seed,
+        )  # fmt: skip
     start = time.perf_counter()
     tuner = _imsm_tuner(model)
+    if len(tuner._active_names) > 1:
+        raise ValueError(
+            f"This model routes over a LoRA library ({tuner._active_names}): pass train_data as a dict "
+            "{adapter name: rows of its task} with every one of them, so each router also learns the others' prompts."
+        )
     if anchor_texts is not None and not isinstance(anchor_texts, (str, bytes)) and isinstance(anchor_texts, Iterable):
         anchor_texts = list(anchor_texts)
     _check_arguments(
@@ -206,6 +226,9 @@ def train_gate(
             prepare_anchors(model)
             anchors = tuner.anchor_set()
             anchor_ids, anchor_mask = anchors.input_ids, anchors.attention_mask
+            if _negative_prompts:  # (a library member: the other adapters' prompts are anchors too)
+                rows = [ids[m.bool()].tolist() for ids, m in zip(anchor_ids, anchor_mask)] + list(_negative_prompts)
+                anchor_ids, anchor_mask = left_pad(rows, pad_token_id(tokenizer))
         seconds_anchors = time.perf_counter() - t0
         t0 = time.perf_counter()
         target = _precompute_target(model, tuner, examples, forward_batch_size, device, pad_token_id(tokenizer))
@@ -242,6 +265,39 @@ def train_gate(
         model.train(was_training)
     log.seconds_total = time.perf_counter() - start
     return log
+
+
+def _train_library_gates(
+    model: PeftModel, train_data: Mapping[str, Iterable[Any]], tokenizer: Any, **kwargs: Any
+) -> dict[str, GateTrainingLog]:
+    """:func:`train_gate` of a LoRA library: each adapter's router in turn, the others' prompts as its anchors."""
+    tuner = _imsm_tuner(model)
+    library = tuner._active_names
+    names = list(train_data)
+    unknown = [n for n in names if n not in tuner.imsm_gate]
+    missing = [n for n in library if n not in train_data]
+    if unknown or missing or len(library) < 2:
+        raise ValueError(
+            f"train_gate() got rows for {names}, but the active IMSM adapters are {library}"
+            + (f" (unknown: {unknown})" if unknown else "")
+            + (f" (no rows for: {missing})" if missing else "")
+            + ". A dict of rows trains a LoRA library: give the rows of every active adapter's task, keyed by "
+            "adapter name (retrofit(base, {name: folder, ...}, gate_mode='route') activates them all)."
+        )
+    limit = position_limit(model.get_base_model())
+    prompts = {}
+    for name in names:
+        encoded = _encode_target(train_data[name], tokenizer, kwargs["max_length"], limit)
+        prompts[name] = [ids[: next(i for i, lab in enumerate(labels) if lab != -100)] for ids, labels in encoded]
+    logs = {}
+    try:
+        for name in names:
+            tuner.set_adapter(name)
+            negatives = [p for other in names if other != name for p in prompts[other] if p]
+            logs[name] = train_gate(model, train_data[name], tokenizer, _negative_prompts=negatives, **kwargs)
+    finally:
+        tuner.set_adapter(library)
+    return logs
 
 
 def _sync(device: torch.device) -> None:

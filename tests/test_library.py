@@ -166,3 +166,39 @@ def test_what_a_library_refuses(tmp_path):
         model.add_adapter("other", soft)
     with pytest.raises(ValueError, match="Unknown or repeated IMSM adapters"):
         model.base_model.set_adapter(["sql", "nope"])
+
+
+def task_rows(low: int, high: int, n: int = 24, seed: int = 0):
+    """``(input_ids, labels)`` rows whose prompts draw tokens from ``[low, high)``: one task's surface."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        prompt = torch.randint(low, high, (6,), generator=gen).tolist()
+        answer = torch.randint(3, 96, (3,), generator=gen).tolist()
+        rows.append((prompt + answer, [-100] * 6 + answer))
+    return rows
+
+
+def test_train_gate_trains_every_router_of_the_library(tmp_path):
+    folders = save_loras(tmp_path)
+    anchor = AnchorConfig(num_samples=16, sample_length=6, seed=1)
+    model = peft_imsm.retrofit(tiny_model("llama"), folders, gate_mode="route", anchor=anchor)
+    data = {"sql": task_rows(10, 30), "extract": task_rows(60, 90, seed=1)}
+    logs = peft_imsm.train_gate(model, data, steps=200, seed=0)
+    assert set(logs) == set(NAMES) and all(log.steps == 200 for log in logs.values())
+    assert model.base_model.active_adapter == NAMES  # the library is active again
+    # each router's anchors are the self anchors plus the other task's prompts (6 tokens each)
+    alone = peft_imsm.retrofit(tiny_model("llama"), folders["sql"], gate_mode="route", anchor=anchor)
+    single = peft_imsm.train_gate(alone, data["sql"], steps=1, seed=0)
+    assert logs["sql"].anchor_tokens > single.anchor_tokens
+    held_out = {"sql": task_rows(10, 30, n=8, seed=5), "extract": task_rows(60, 90, n=8, seed=6)}
+    for name, rows in held_out.items():  # (a tiny random model: weak features, so most rather than all)
+        routes = model.base_model.route(torch.tensor([r[0][:6] for r in rows]))
+        assert routes.count(name) >= 7, (name, routes)
+    anchors = model.base_model.anchor_set()
+    routes = model.base_model.route(anchors.input_ids, anchors.attention_mask)
+    assert routes.count("__base__") >= 0.75 * len(routes), routes
+    with pytest.raises(ValueError, match="no rows for: \\['extract'\\]"):
+        peft_imsm.train_gate(model, {"sql": data["sql"]}, steps=1)
+    with pytest.raises(ValueError, match="pass train_data as a dict"):
+        peft_imsm.train_gate(model, data["sql"], steps=1)
