@@ -3,7 +3,8 @@
 :func:`main` checks the options (:mod:`.options`), prepares ``--out`` (:func:`prepare_out_dir`), runs the protocol
 (:mod:`.default` without ``--model``, :mod:`.custom` with your ``--train`` / ``--eval`` sets, :mod:`.real` for
 ``--protocol real``; each on the shared run loop of :mod:`.engine`), prints the table and writes ``results.json``
-and ``results.png`` (:mod:`.report`).
+and ``results.png`` (:mod:`.report`). ``--protocol library`` has options of its own (:mod:`.library`, parsed there):
+:func:`main_library` runs it and writes ``results.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from . import report
 from .custom import run_custom
 from .default import run_default
+from .library import library_requested, library_tables, parse_library_args, run_library
 from .options import parse_args
 from .parallel import default_jobs
 from .real import run_real
@@ -37,6 +39,9 @@ def prepare_out_dir(path: str, overwrite: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``imsm-bench`` command: parse, run the protocol, print the table, write results.json and results.png."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if library_requested(argv):
+        return main_library(argv)
     args = parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         raise SystemExit(f"error: --jobs must be >= 1 (got {args.jobs}).")
@@ -79,6 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     json_path = report.write_json(results, args.out)
     png_path = report.plot(results, args.out)
     print(f"\nwrote {json_path} and {png_path} in {results['wall_seconds']:.0f} s")
+    return 0
+
+
+def main_library(argv: list[str]) -> int:
+    """``imsm-bench --protocol library``: its own options, one torch thread per run (as the real protocol), the
+    tables printed and ``results.json`` written (the LoRAs it trains are saved in ``--out``/adapters)."""
+    args = parse_library_args(argv)
+    prepare_out_dir(args.out, args.overwrite)
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = run_library(args)
+    finally:
+        torch.set_num_threads(threads)
+    results["wall_seconds"] = time.perf_counter() - start
+    print(f"\n{results['title']}  ({args.seeds} seed(s))\n")
+    print(library_tables(results))
+    json_path = report.write_json(results, args.out)
+    print(f"\nwrote {json_path} in {results['wall_seconds']:.0f} s")
     return 0
 
 
