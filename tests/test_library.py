@@ -8,6 +8,7 @@ changes the tokens.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -202,3 +203,37 @@ def test_train_gate_trains_every_router_of_the_library(tmp_path):
         peft_imsm.train_gate(model, {"sql": data["sql"]}, steps=1)
     with pytest.raises(ValueError, match="pass train_data as a dict"):
         peft_imsm.train_gate(model, data["sql"], steps=1)
+
+
+def test_adapters_added_with_add_adapter_train_one_at_a_time_then_route_together():
+    """``get_peft_model`` + ``add_adapter``: each IMSM adapter trains alone (``set_adapter(name)``: only its LoRA
+    and gate get gradients), then ``set_adapter([...])`` routes over all of them."""
+
+    def config(targets):
+        return IMSMConfig(adapter_config=LoraConfig(r=2, target_modules=targets, init_lora_weights=False),
+                          gate_mode="route", anchor=AnchorConfig(num_samples=4, sample_length=4, every=1))  # fmt: skip
+
+    model = get_peft_model(tiny_model("llama"), config(["q_proj", "v_proj"]))
+    model.add_adapter("second", config(["o_proj"]))
+    assert model.base_model.active_adapter == "default"
+    ids, mask = left_padded(LENGTHS)
+    labels = torch.where(mask.bool(), ids, -100)
+    for name in ("default", "second"):
+        model.base_model.set_adapter(name)
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert with_grad and all(f".{name}." in n or n.endswith(f".{name}") for n in with_grad), with_grad
+    model.eval()
+    model.base_model.set_adapter(["default", "second"])
+    set_routers(model, "llama", routes=["default", "__base__", "second", "second", "__base__"])
+    refs = {"__base__": tiny_model("llama")}
+    for name in ("default", "second"):
+        alone = copy.deepcopy(model)
+        alone.base_model.set_adapter(name)
+        alone.peft_config[name].route_threshold = None
+        alone.base_model.imsm_gate[name].forced_value = 0.0  # that adapter's view alone
+        refs[name] = alone
+    expect_routes(greedy(model, ids, mask, n=6), refs, ids, mask, n=6,
+                  routes=["default", "__base__", "second", "second", "__base__"])  # fmt: skip
