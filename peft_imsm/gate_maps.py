@@ -35,6 +35,8 @@ class GateMap:
         gate: per row, a ``[len(tokens)]`` float32 tensor: the gate (weight of the frozen view, mean over hidden
             dimensions) at each position, i.e. in the mix that predicts the token AFTER it.
         prompt_lengths: per row, how many of the tokens are the prompt (the rest is the completion).
+        routes: for a hard-routed route gate (``route_threshold`` set), the route each prompt took: ``"__base__"`` or
+            the adapter's name (a LoRA library names which adapter); else None.
     """
 
     prompts: list[str]
@@ -42,6 +44,7 @@ class GateMap:
     token_ids: list[list[int]]
     gate: list[torch.Tensor]
     prompt_lengths: list[int]
+    routes: list[str] | None = None
 
     def prompt_mean(self, row: int) -> float:
         """Mean gate over the prompt tokens of ``row``."""
@@ -93,6 +96,8 @@ class GateMap:
             if 0 <= boundary < width:
                 ax.plot([boundary, boundary], [r - 0.5, r + 0.5], color="black", lw=2.5)
         labels = list(row_labels) if row_labels is not None else [_short(p) for p in self.prompts]
+        if self.routes is not None:
+            labels = [f"{label} -> {route}" for label, route in zip(labels, self.routes)]
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_xticks([])
         ax.set_xlabel("tokens (left of the black bar: prompt; right: completion)", fontsize=8)
@@ -186,9 +191,15 @@ def gate_map(
                 gates.append(per_position[r, width - len(ids) :].clone())
     finally:
         model.train(was_training)
+    routes = None
+    if tuner.gate.mode == "route" and tuner.peft_config[tuner._active_name].route_threshold is not None:
+        routes = []
+        for start in range(0, len(rows), batch_size):
+            input_ids, mask = left_pad([ids[:n] for ids, n in rows[start : start + batch_size]], pad_id)
+            routes += tuner.route(input_ids.to(device), mask.to(device))
     token_ids = [ids for ids, _ in rows]
     tokens = [[tokenizer.decode([t]) for t in ids] for ids in token_ids]
-    return GateMap(prompts, tokens, token_ids, gates, [n for _, n in rows])
+    return GateMap(prompts, tokens, token_ids, gates, [n for _, n in rows], routes)
 
 
 def _generate(model, rows, max_new_tokens, batch_size, pad_id, eos_id, device) -> list[tuple[list[int], int]]:

@@ -237,3 +237,29 @@ def test_adapters_added_with_add_adapter_train_one_at_a_time_then_route_together
         refs[name] = alone
     expect_routes(greedy(model, ids, mask, n=6), refs, ids, mask, n=6,
                   routes=["default", "__base__", "second", "second", "__base__"])  # fmt: skip
+
+
+def test_gate_map_names_the_route_each_prompt_took(tmp_path):
+    from imsm_bench.skills import build_tokenizer
+
+    model, _ = library(tmp_path)
+    tok = build_tokenizer()
+    prompts = ["add 2+3=", "reverse kobe=", "is 17>9?", "capital of Rulaia?"]
+    rows = [tok(p)["input_ids"] for p in prompts]
+    ids, mask = left_padded([len(r) for r in rows])
+    for i, r in enumerate(rows):
+        ids[i, ids.shape[1] - len(r) :] = torch.tensor(r)
+    with torch.no_grad():  # the routers: logits +-3 on these prompts (as set_routers does for random ones)
+        h = tiny_model("llama").get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask))
+        q = (h.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        design = torch.cat([q, torch.ones(len(q), 1)], 1).double()
+        for name, gate in model.base_model.imsm_gate.items():
+            target = torch.tensor([[-3.0 if r == name else 3.0] for r in ["sql", "__base__", "extract", "__base__"]])
+            solution = torch.linalg.lstsq(design, target.double()).solution.float()
+            gate.W_R.weight.copy_(solution[:-1].T / gate.lr_scale)
+            gate.W_R.bias.copy_(solution[-1] / gate.lr_scale)
+    gmap = peft_imsm.gate_map(model, tok, prompts, max_new_tokens=3)
+    assert gmap.routes == ["sql", "__base__", "extract", "__base__"]
+    for row, route in enumerate(gmap.routes):
+        assert set(gmap.gate[row].tolist()) == {1.0 if route == "__base__" else 0.0}
+    assert [t.get_text() for t in gmap.plot().axes[0].get_yticklabels()][0].endswith("-> sql")
