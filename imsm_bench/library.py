@@ -455,7 +455,7 @@ def run_library(args: argparse.Namespace) -> dict[str, Any]:
 
     for seed in seeds:
         lora_logs.append(train_library(base, tokenizer, train, settings, seed, args.out, jobs, progress))
-        keys = [f"adapter:{t}" for t in tasks] + list(args.rows)
+        keys = sorted([f"adapter:{t}" for t in tasks] + list(args.rows), key=lambda k: k != "imsm")  # (longest first)
         results = {r["key"]: r for r in map_runs(evaluate, [(seed, k) for k in keys], jobs)}
         table = {BASE_ROUTE: base_scored, **{t: results[f"adapter:{t}"]["scored"] for t in tasks}}
         rows: dict[str, dict[str, Any]] = {"base model": entry_of(base_scored, reference, tasks, golds)}
