@@ -12,7 +12,18 @@ training step = forward (with labels) + backward + ``optimizer.step()`` + ``zero
   4-bit path can be slow, so on CPU it runs fewer steps (``--qlora-steps``, 8 by default on CPU).
 
     python benchmarks/training_cost.py [--steps 15] [--qlora-steps 8] [--threads 1] [--device cpu|cuda] [--profile]
-        [--json out.json]
+        [--json out.json] [--model PATH] [--imsm plain|route] [--generate]
+
+``--model``: a real model instead of the random ~60M Llama (a Hugging Face folder, hub id, or a GGUF file or a
+folder holding one, converted once as ``imsm-bench --model`` does), in float32; the batch draws random ids from its
+vocabulary. ``--imsm``: ``plain`` (default), ``IMSMConfig(adapter_config=lora)``, the paper's gate without anchors;
+``route``, the recommended setting, ``IMSMConfig(adapter_config=lora, gate_mode="route",
+anchor=AnchorConfig.from_tokenizer(tokenizer))`` (self anchors that are whole chat prompts; from BOS without a
+tokenizer), its anchors sampled before the first step as ``prepare_anchors`` does. With ``route`` both models' memory
+is traced over one anchor period (``AnchorConfig.every`` steps, the first of them anchored) instead of one step, so
+that the anchor term and its cached frozen states are inside the trace. ``--generate`` also measures ``generate()``
+(``--gen-batch`` prompts of ``--gen-prompt`` random tokens, ``--gen-new`` new tokens, greedy, no early stop): the
+parameters and buffers plus the high-water mark of what ``generate()`` allocates.
 
 CPU threads: 1 by default on CPU. When other processes compete for the cores, two OpenMP threads made single steps
 vary up to 8x (a thread spins at each barrier while its sibling is descheduled), in process CPU time as well as wall
@@ -42,7 +53,9 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler's start/stop log lines out of the table
 
@@ -50,11 +63,17 @@ import torch  # noqa: E402
 from bench_model import CONFIG  # noqa: E402  (benchmarks/bench_model.py)
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import peft_imsm  # noqa: E402
 
+PLAIN, ROUTE = "plain", "route"
 SETTINGS = {
     "fp32": "fp32",
     "gc": "fp32 + grad ckpt",
@@ -68,21 +87,25 @@ warnings.filterwarnings("ignore", message=".*is deprecated and will be removed i
 
 
 # ----------------------------------------------------------------------------------------------------- models
-def build_base(setting: str, device: str, workdir: Path) -> LlamaForCausalLM:
+def build_base(setting: str, device: str, workdir: Path, model_path: str | None = None) -> PreTrainedModel:
+    """The base model of ``setting``: the random ~60M Llama, or ``model_path`` (a converted folder) in float32."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    if model_path is None:
+        model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    elif setting != "qlora":
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     if setting == "qlora":
         from transformers import BitsAndBytesConfig
 
-        path = workdir / "base-fp32"
+        path = Path(model_path) if model_path is not None else workdir / "base-fp32"
         if not path.exists():
             model.save_pretrained(path)
-        del model
+            del model
         bnb = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )  # fmt: skip
-        model = LlamaForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=bnb, dtype=torch.float32, device_map={"": device}
         )
         model.config.use_cache = False
@@ -97,14 +120,47 @@ def build_base(setting: str, device: str, workdir: Path) -> LlamaForCausalLM:
     return model
 
 
-class Trainee:
-    """A peft model (LoRA or IMSM-wrapped LoRA) and its AdamW optimizer."""
+@dataclass
+class Source:
+    """What the models are built from: ``model_path`` (None: the random ~60M Llama) and its tokenizer, and which
+    IMSM setting (``imsm``: :data:`PLAIN` or :data:`ROUTE`)."""
 
-    def __init__(self, kind: str, setting: str, device: str, workdir: Path, lr: float) -> None:
+    model_path: str | None = None
+    tokenizer: Any = None
+    imsm: str = PLAIN
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer) if self.tokenizer is not None else CONFIG["vocab_size"]
+
+
+def imsm_config(lora: LoraConfig, source: Source) -> peft_imsm.IMSMConfig:
+    """The paper's IMSM around ``lora`` (``plain``), or the recommended setting (``route``): the route gate with self
+    anchors that are whole chat prompts (from BOS without a tokenizer)."""
+    if source.imsm == PLAIN:
+        return peft_imsm.IMSMConfig(adapter_config=lora)
+    tokenizer = source.tokenizer
+    anchor = peft_imsm.AnchorConfig.from_tokenizer(tokenizer) if tokenizer is not None else peft_imsm.AnchorConfig()
+    return peft_imsm.IMSMConfig(adapter_config=lora, gate_mode="route", anchor=anchor)
+
+
+class Trainee:
+    """A peft model (LoRA or IMSM-wrapped LoRA) and its AdamW optimizer. ``period``: the steps of one anchor period
+    of the IMSM setting (``AnchorConfig.every`` with anchors, else 1), which the memory trace covers for both kinds."""
+
+    def __init__(
+        self, kind: str, setting: str, device: str, workdir: Path, lr: float, source: Source | None = None
+    ) -> None:
         self.kind = kind
+        source = source or Source()
         lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear")
-        config = peft_imsm.IMSMConfig(adapter_config=lora) if kind == "imsm" else lora
-        self.model = get_peft_model(build_base(setting, device, workdir), config)
+        imsm = imsm_config(lora, source)
+        self.model = get_peft_model(
+            build_base(setting, device, workdir, source.model_path), imsm if kind == "imsm" else lora
+        )
+        self.period = imsm.anchor.every if imsm.anchor is not None else 1  # (the same for LoRA, for a like trace)
+        if kind == "imsm" and imsm.anchor is not None:
+            peft_imsm.prepare_anchors(self.model)  # sampled now, outside the traced and timed steps
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)
@@ -140,9 +196,9 @@ class Trainee:
         return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def make_batch(batch: int, seq: int, device: str) -> dict:
+def make_batch(batch: int, seq: int, device: str, vocab_size: int = CONFIG["vocab_size"]) -> dict:
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, CONFIG["vocab_size"], (batch, seq), generator=gen)
+    ids = torch.randint(3, vocab_size, (batch, seq), generator=gen)
     labels = ids.clone()
     labels[:, : seq // 2] = -100  # the prompt: unsupervised, IMSM's query
     return {
@@ -164,6 +220,15 @@ def static_bytes(trainee: Trainee) -> int:
     Counted once per storage (tied or shared tensors are not counted twice). Gradients are not here: they are None
     between steps (``zero_grad(set_to_none=True)``) and are counted as they are allocated during the step.
     """
+    return sum(_storages(trainee.model, trainee.optimizer).values())
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters, buffers and bitsandbytes quantization state (no optimizer)."""
+    return sum(_storages(model, None).values())
+
+
+def _storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[tuple[str, int], int]:
     seen: dict[tuple[str, int], int] = {}
 
     def add(t: object) -> None:
@@ -171,7 +236,6 @@ def static_bytes(trainee: Trainee) -> int:
             storage = t.untyped_storage()
             seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
 
-    model = trainee.model
     for t in (*model.parameters(), *model.buffers()):
         add(t)
     for p in model.parameters():
@@ -185,14 +249,15 @@ def static_bytes(trainee: Trainee) -> int:
                 add(value)
                 if type(value).__name__ == "QuantState":
                     stack.append(value)
-    for state in trainee.optimizer.state.values():
+    for state in optimizer.state.values() if optimizer is not None else ():
         for value in state.values():
             add(value)
-    return sum(seen.values())
+    return seen
 
 
 def step_peak_bytes(trainee: Trainee, batch: dict) -> int:
-    """High-water mark of the bytes allocated during one training step, above what was live when it began.
+    """High-water mark of the bytes allocated during one training step (``trainee.period`` steps: one anchor period),
+    above what was live when it began.
 
     CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus ``memory_allocated()`` at
     the start. CPU: the same quantity from the CPU allocator's own trace: ``torch.profiler`` with
@@ -202,16 +267,44 @@ def step_peak_bytes(trainee: Trainee, batch: dict) -> int:
     GPU allocator would see: saved activations, transient intermediates (also the frozen view's, and recomputation
     under gradient checkpointing), logits, gradients, AdamW's temporaries.
     """
-    device = batch["input_ids"].device
+
+    def steps() -> None:
+        for _ in range(trainee.period):
+            trainee.step(batch)
+
+    return traced_peak_bytes(steps, batch["input_ids"].device)
+
+
+def generate_peak_bytes(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[int, int]:
+    """(parameters + buffers, that + the high-water mark of what one greedy ``generate()`` of ``new_tokens`` tokens
+    on the prompts ``ids`` allocates), in eval mode."""
+    model.eval()
+    mask = torch.ones_like(ids)
+
+    def run() -> None:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=0)  # fmt: skip
+
+    run()  # warm-up (lazy initialisations are not the step's)
+    peak = traced_peak_bytes(run, ids.device)
+    model.train()
+    static = model_bytes(model)
+    return static, static + peak
+
+
+def traced_peak_bytes(fn: Any, device: torch.device) -> int:
+    """High-water mark of the bytes allocated while ``fn()`` runs, above what was live when it began (CUDA: the
+    allocator's peak; CPU: the CPU allocator's trace, see :func:`step_peak_bytes`)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
-        trainee.step(batch)
+        fn()
         return torch.cuda.max_memory_allocated(device) - start
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainee.step(batch)
+        fn()
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
@@ -396,6 +489,21 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=15, help="rows of the profiler's op table")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--model", default=None,
+        help="a real model (HF folder, hub id, or GGUF file / folder, converted once as imsm-bench --model does) "
+        "instead of the random ~60M Llama",
+    )  # fmt: skip
+    parser.add_argument("--cache-dir", default=None, help="where converted GGUF models are cached (as imsm-bench)")
+    parser.add_argument(
+        "--imsm", choices=[PLAIN, ROUTE], default=PLAIN,
+        help="plain: IMSMConfig(adapter_config=lora), the paper's gate; route: the recommended setting (the route "
+        "gate, self anchors from AnchorConfig.from_tokenizer)",
+    )  # fmt: skip
+    parser.add_argument("--generate", action="store_true", help="also measure generate()'s peak memory")
+    parser.add_argument("--gen-batch", type=int, default=4, help="prompts per generate() call")
+    parser.add_argument("--gen-prompt", type=int, default=64, help="tokens per prompt")
+    parser.add_argument("--gen-new", type=int, default=64, help="new tokens per prompt")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     settings = [s for s in args.settings.split(",") if s]
@@ -407,22 +515,38 @@ def main() -> None:
     threads = args.threads if args.threads is not None else (1 if on_cpu else 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    batch = make_batch(args.batch, args.seq, args.device)
-    print(f"model: Llama ~60M params ({CONFIG['num_hidden_layers']} layers, d={CONFIG['hidden_size']}), LoRA r=16 "
-          f"all-linear, AdamW, batch {args.batch} x {args.seq} (first half prompt), device={args.device}, "
-          f"threads={torch.get_num_threads()}")  # fmt: skip
+    source = Source(imsm=args.imsm)
+    if args.model:
+        from transformers import AutoTokenizer
+
+        from imsm_bench.gguf import resolve_model_path
+
+        source.model_path = resolve_model_path(args.model, cache_root=args.cache_dir, progress=False)
+        source.tokenizer = AutoTokenizer.from_pretrained(source.model_path)
+        described = f"{args.model} (float32)"
+    else:
+        described = f"Llama ~60M params ({CONFIG['num_hidden_layers']} layers, d={CONFIG['hidden_size']})"
+    batch = make_batch(args.batch, args.seq, args.device, source.vocab_size)
+    imsm = "IMSMConfig(adapter_config=lora)" if args.imsm == PLAIN else "the route gate with self anchors"
+    print(f"model: {described}, LoRA r=16 all-linear, IMSM: {imsm}, AdamW, batch {args.batch} x {args.seq} (first "
+          f"half prompt), device={args.device}, threads={torch.get_num_threads()}")  # fmt: skip
     mem_method = "CPU allocator trace (torch.profiler)" if on_cpu else "torch.cuda.max_memory_allocated"
+    traced = "one step" if args.imsm == PLAIN else "one anchor period (AnchorConfig.every steps, the first anchored)"
     print(f"peak memory = parameters + buffers + quant state + AdamW state + high-water mark of the bytes allocated "
-          f"during one step [{mem_method}]", flush=True)  # fmt: skip
+          f"during {traced} [{mem_method}]", flush=True)  # fmt: skip
     results: dict = {"device": args.device, "threads": torch.get_num_threads(), "batch": args.batch,
-                     "seq": args.seq, "rows": []}  # fmt: skip
+                     "seq": args.seq, "model": args.model, "imsm": args.imsm, "rows": []}  # fmt: skip
+    prompts = make_batch(args.gen_batch, args.gen_prompt, args.device, source.vocab_size)["input_ids"]
     keep = None
     with tempfile.TemporaryDirectory() as tmp:
         for setting in settings:
             steps = qlora_steps if setting == "qlora" else args.steps
-            trainees = {kind: Trainee(kind, setting, args.device, Path(tmp), args.lr) for kind in KINDS}
-            # The first step of each model is traced for memory and is also its warm-up (not timed).
+            trainees = {kind: Trainee(kind, setting, args.device, Path(tmp), args.lr, source) for kind in KINDS}
+            # The first step (anchor period) of each model is traced for memory and is also its warm-up (not timed).
             memory = {kind: peak_bytes(t, batch) for kind, t in trainees.items()}
+            generate = {}
+            if args.generate:
+                generate = {kind: generate_peak_bytes(t.model, prompts, args.gen_new) for kind, t in trainees.items()}
             for _ in range(args.warmup):
                 for t in trainees.values():
                     t.step(batch)
@@ -443,7 +567,15 @@ def main() -> None:
                 "lora_cpu_ms": cpu_ms["lora"], "imsm_cpu_ms": cpu_ms["imsm"],
                 "cpu_ratio": cpu_ms["imsm"] / cpu_ms["lora"],
                 "trainable": {k: trainees[k].trainable for k in KINDS}, "wall_s": wall, "cpu_s": cpu,
+                "traced_steps": {k: trainees[k].period for k in KINDS},
             })  # fmt: skip
+            if generate:
+                results["rows"][-1].update({
+                    "generate": {"batch": args.gen_batch, "prompt": args.gen_prompt, "new": args.gen_new},
+                    "lora_generate_peak_mb": generate["lora"][1] / MB, "imsm_generate_peak_mb": generate["imsm"][1] / MB,
+                    "generate_memory_ratio": generate["imsm"][1] / generate["lora"][1],
+                    "generate_static_mb": {k: generate[k][0] / MB for k in KINDS},
+                })  # fmt: skip
             print(f"  done {SETTINGS[setting]}: static MB (params, buffers, quant state, AdamW state) LoRA "
                   f"{memory['lora'][0] / MB:.1f} / IMSM {memory['imsm'][0] / MB:.1f}; trainable params LoRA "
                   f"{trainees['lora'].trainable:,} / IMSM {trainees['imsm'].trainable:,}", flush=True)  # fmt: skip
@@ -466,6 +598,12 @@ def main() -> None:
             print(f"{SETTINGS[r['setting']]:<23}{r['steps']:>6}{r['lora_ms']:>10.1f}{r['imsm_ms']:>10.1f}"
                   f"{r['time_ratio']:>7.2f}x{t_ok:>3}{r['lora_peak_mb']:>9.1f}{r['imsm_peak_mb']:>9.1f}"
                   f"{r['memory_ratio']:>7.3f}x{m_ok:>3}")  # fmt: skip
+        for r in results["rows"]:
+            if "generate" in r:
+                g = r["generate"]
+                print(f"generate() ({SETTINGS[r['setting']]}; {g['batch']} prompts x {g['prompt']} tokens, {g['new']} "
+                      f"new): peak MB LoRA {r['lora_generate_peak_mb']:.1f} / IMSM {r['imsm_generate_peak_mb']:.1f} "
+                      f"= {r['generate_memory_ratio']:.3f}x")  # fmt: skip
         if on_cpu:
             print("IMSM/LoRA by median process CPU time per step (all threads; less sensitive to other load on a "
                   "shared machine): " + ", ".join(f"{SETTINGS[r['setting']]} {r['cpu_ratio']:.2f}x"
