@@ -33,7 +33,8 @@ from imsm_bench.real import (
     token_agreement,
 )
 from imsm_bench.runner import FinetuneSettings, Method, build_model
-from peft_imsm.anchors import AnchorConfig, anchor_kl, chat_start_tokens, sample_self_anchors
+from peft_imsm.anchors import AnchorConfig, chat_start_tokens, sample_self_anchors
+from peft_imsm.losses import anchor_kl
 
 
 def main() -> None:

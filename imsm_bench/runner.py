@@ -23,8 +23,9 @@ from peft import AdaLoraConfig, IA3Config, LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from peft_imsm import IMSMConfig, retrofit, set_anchor_data, train_gate
-from peft_imsm.anchors import AnchorConfig, anchor_kl, sample_self_anchors, tokenize_anchor_data
+from peft_imsm.anchors import AnchorConfig, sample_self_anchors, tokenize_anchor_data
 from peft_imsm.backbone import model_device
+from peft_imsm.losses import anchor_kl
 
 from .batching import collate
 

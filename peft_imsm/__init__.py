@@ -8,14 +8,15 @@ What users call is listed in ``__all__``; internals stay importable from their m
 
 Modules, in import order (each imports only those before it): ``peft_type`` (the enum member), ``extras`` (optional
 dependencies, or an ImportError that names the extra to install), ``gate``, ``query``, ``cache``, ``padding``,
-``backbone`` (what IMSM reads of a causal LM), ``gate_stats`` (``record_gate``, the logged sums), ``anchors`` (anchor
-config, sampling, KL), ``config`` (``IMSMConfig``), ``dual_pass`` (the two views), ``anchor_term``
-(``AnchorRegularizer``: the anchor term added to the loss), ``save_load`` (peft's save/load hooks), ``tuner_interface``
-(what IMSM supports of peft's ``BaseTuner``), ``model`` (``IMSMModel``, the peft tuner), ``callbacks`` (Trainer
-callbacks), ``registration`` (peft registration); then the tools built on them: ``retrofitting`` (:func:`retrofit`: a
-gate for an adapter you already have), ``gate_training`` (:func:`train_gate`: that gate trained on stored states),
-``gate_maps`` (:func:`gate_map`: per-token gate values and their picture), ``sft`` (``imsm-sft``). The benchmark,
-``imsm_bench``, is a separate package that builds on these.
+``backbone`` (what IMSM reads of a causal LM), ``losses`` (the loss terms: anchor KL, routing term; torch only),
+``gate_stats`` (``record_gate``, the logged sums), ``anchors`` (anchor config, sampling), ``config`` (``IMSMConfig``),
+``dual_pass`` (the two views), ``anchor_term`` (``AnchorRegularizer``: the anchor and routing terms added to the
+loss), ``save_load`` (peft's save/load hooks), ``tuner_interface`` (what IMSM supports of peft's ``BaseTuner``),
+``model`` (``IMSMModel``, the peft tuner), ``callbacks`` (Trainer callbacks), ``registration`` (peft registration);
+then the tools built on them: ``retrofitting`` (:func:`retrofit`: a gate for an adapter you already have),
+``gate_training`` (:func:`train_gate`: that gate trained on stored states), ``gate_maps`` (:func:`gate_map`: per-token
+gate values and their picture), ``sft`` (``imsm-sft``). The benchmark, ``imsm_bench``, is a separate package that
+builds on these.
 """
 
 from .anchors import AnchorConfig, chat_end_tokens, chat_start_tokens

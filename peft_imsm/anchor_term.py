@@ -1,7 +1,10 @@
 """The anchor term, IMSM's regulariser: ``weight * every * KL(p_frozen || p_imsm)`` on an anchor batch, added to the
 loss of the training forwards it is due on (as peft's AdaLoRA adds its orthogonality penalty to ``outputs.loss``).
 
-:class:`AnchorRegularizer` (``IMSMModel.anchor_term``) owns everything of it:
+:class:`AnchorRegularizer` (``IMSMModel.anchor_term``) owns everything of it but the formulas, which are in
+:mod:`peft_imsm.losses` (:func:`~peft_imsm.losses.anchor_kl` and its packed form, the routing term
+:func:`~peft_imsm.losses.gate_route_loss` with its weights :func:`~peft_imsm.losses.supervised_gates`, the
+accumulation factor :func:`~peft_imsm.losses.micro_batch_share`):
 
 * the anchor set (:mod:`peft_imsm.anchors`: sampled from the frozen view on first use, or given with
   :meth:`~AnchorRegularizer.set_anchors`);
@@ -28,20 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .anchors import (
-    AnchorConfig,
-    AnchorSet,
-    anchor_kl,
-    anchor_kl_packed,
-    check_anchor_length,
-    gate_route_loss,
-    sample_self_anchors,
-)
+from .anchors import AnchorConfig, AnchorSet, check_anchor_length, sample_self_anchors
 from .backbone import model_device, position_limit
 from .config import IMSMConfig
 from .dual_pass import AnchorPass, DualPass, frozen_view
 from .gate import IMSMGate
-from .gate_stats import TrainingStats, predicts_supervised
+from .gate_stats import TrainingStats
+from .losses import anchor_kl, anchor_kl_packed, gate_route_loss, micro_batch_share, supervised_gates
 from .query import build_query_index, query_summary
 
 # Key under which the number of anchor batches drawn so far is saved with the adapter (exact resumes).
@@ -111,10 +107,10 @@ class AnchorRegularizer:
         if config is None:
             return loss
         if gates:
-            route = gate_route_loss(_supervised(gates, labels), to_frozen=False)
+            route = gate_route_loss(supervised_gates(gates, labels), to_frozen=False)
             if self._routes_from_queries:
                 route = route + self.anchor_route_loss()
-            loss = loss + config.route_weight * route * _share(labels, num_items_in_batch, route.device)
+            loss = loss + config.route_weight * route * micro_batch_share(labels, num_items_in_batch, route.device)
         forward_number, self.forwards = self.forwards, self.forwards + 1
         if forward_number % config.every != 0:
             return loss
@@ -257,7 +253,7 @@ class AnchorRegularizer:
         term = config.weight * kl
         if gates is not None:
             term = term + config.route_weight * gate_route_loss(gates, to_frozen=True)
-        return config.every * term * _share(labels, num_items_in_batch, kl.device)
+        return config.every * term * micro_batch_share(labels, num_items_in_batch, kl.device)
 
     # ------------------------------------------------------------------------------------------------ save / load
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -292,24 +288,3 @@ def collecting(on_gate: Callable, into: list) -> Callable:
         into.append((gate, attention_mask))
 
     return on_gate_and_keep
-
-
-def _supervised(gates: list, labels: torch.Tensor | None) -> list:
-    """The training batch's gates weighted by the positions that predict a supervised token (``labels[t + 1] !=
-    -100``; the attention mask where labels do not fit)."""
-    weighted = []
-    for gate, mask in gates:
-        weights = mask
-        if labels is not None and labels.shape == gate.shape[:2]:
-            weights = predicts_supervised(labels)
-        weighted.append((gate, weights))
-    return weighted
-
-
-def _share(labels: torch.Tensor | None, num_items_in_batch: Any, device: torch.device) -> Any:
-    """This micro-batch's share of the supervised tokens of the Trainer's accumulated batch (1 without
-    ``num_items_in_batch``), so that a per-micro-batch term is carried once by the accumulated total."""
-    if num_items_in_batch is None or labels is None:
-        return 1.0
-    supervised = (labels[..., 1:] != -100).sum()
-    return supervised.to(device).float() / torch.as_tensor(num_items_in_batch, device=device).float()

@@ -4,7 +4,8 @@ The paper trains the gate on target-task data only, where the adapted view is al
 learns to favour it everywhere. Anchors are token sequences that stand for the base model's general behaviour; on a
 small anchor batch in every training forward (or every ``every``-th, weighted ``every`` times there) IMSM adds
 ``anchor_weight * KL(p_frozen || p_imsm)`` (mean over anchor tokens) to the loss the forward returns, so the Trainer
-and TRL optimise it with no code change.
+and TRL optimise it with no code change. This module holds the anchors (config, sets, sampling); the KL and the
+routing term are defined in :mod:`peft_imsm.losses`, and added to the loss in :mod:`peft_imsm.anchor_term`.
 
 * ``source="self"`` (default): anchors are sampled from the frozen view itself (the base model) before the first
   training step: ``num_samples`` sequences of ``sample_length`` new tokens, from the BOS token (or ``start_tokens``,
@@ -34,7 +35,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .padding import left_pad, pad_token_id
 
@@ -388,78 +388,3 @@ def tokenize_anchor_data(
         raise ValueError("Every anchor text tokenized to nothing.")
     ids, mask = left_pad(rows, pad_id)
     return AnchorSet(ids, mask, seed + process_rank())
-
-
-def anchor_kl(frozen_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``KL(p_frozen || p)`` per token, averaged over the tokens where ``mask`` is 1.
-
-    Args:
-        frozen_logits, logits: ``[batch, seq, vocab]``.
-        mask: ``[batch, seq]``.
-    """
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    log_q = F.log_softmax(frozen_logits.float(), dim=-1)
-    per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
-    weights = mask.to(per_token.dtype)
-    return (per_token * weights).sum() / weights.sum().clamp(min=1)
-
-
-def pack_rows(h_frozen: torch.Tensor, mixed: torch.Tensor, prefix: int, imsm_rows_alike: bool) -> torch.Tensor:
-    """The anchor pass's output when its rows share their first ``prefix`` tokens: ``[1, F + M, d]``, the frozen
-    half (``h_frozen``, ``[rows, seq, d]``) packed as ``[prefix of row 0, rest of row 0, rest of row 1, ...]``
-    (``F = prefix + rows * (seq - prefix)`` tokens), then IMSM's half (``mixed``), packed the same way when
-    ``imsm_rows_alike`` (``M = F``), else every row in full (``M = rows * seq``). The head is position-wise, so its
-    logits keep this layout, which :func:`anchor_kl_packed` reads."""
-
-    def packed(h: torch.Tensor) -> torch.Tensor:
-        return torch.cat([h[0, :prefix], h[:, prefix:].reshape(-1, h.shape[-1])])
-
-    imsm = packed(mixed) if imsm_rows_alike else mixed.reshape(-1, mixed.shape[-1])
-    return torch.cat([packed(h_frozen).to(mixed.dtype), imsm]).unsqueeze(0)
-
-
-def anchor_kl_packed(logits: torch.Tensor, mask: torch.Tensor, prefix: int, imsm_packed: bool) -> torch.Tensor:
-    """:func:`anchor_kl` of an anchor pass whose rows share their first ``prefix`` tokens, from the head's logits of
-    the packed row (:func:`pack_rows`): the frozen half ``[prefix, rest of each row]``
-    (``F = prefix + rows * (seq - prefix)`` tokens), then IMSM's half, packed the same way (``imsm_packed``) or every
-    row in full. Equal to :func:`anchor_kl` of the unpacked rows up to float rounding: a packed prefix token counts
-    once per row.
-
-    Args:
-        logits: ``[F + M, vocab]`` (the frozen half is detached here).
-        mask: ``[rows, seq]``, the anchors' attention mask (all ones over the prefix).
-        prefix: the shared prefix's length.
-        imsm_packed: whether IMSM's half is packed (``M = F``) or full (``M = rows * seq``).
-    """
-    rows, seq = mask.shape
-    packed = prefix + rows * (seq - prefix)
-    log_q = F.log_softmax(logits[:packed].detach().float(), dim=-1)
-    log_p = F.log_softmax(logits[packed:].float(), dim=-1)
-    weights = mask.to(log_q.dtype)
-    if imsm_packed:
-        weights = torch.cat([weights[:, :prefix].sum(dim=0), weights[:, prefix:].reshape(-1)])
-    else:
-        vocab = log_q.shape[-1]
-        log_q = torch.cat([log_q[:prefix].expand(rows, prefix, vocab), log_q[prefix:].view(rows, -1, vocab)], dim=1)
-        log_p = log_p.view(rows, seq, vocab)
-    per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
-    return (per_token * weights).sum() / weights.sum().clamp(min=1)
-
-
-def gate_route_loss(gates: list[tuple[torch.Tensor, torch.Tensor | None]], to_frozen: bool) -> torch.Tensor:
-    """The routing term's part of one call: ``-log g`` (``to_frozen``: towards the frozen view) or ``-log(1 - g)``
-    (towards the adapted view) of each token's mean gate, averaged over the weighted tokens.
-
-    Args:
-        gates: per interwoven pass, ``(gate, weights)``: the gate ``[batch, seq, d]`` (or ``[batch, seq, 1]``) with
-            autograd, and ``[batch, seq]`` token weights (None: every token counts).
-        to_frozen: the direction (True on anchors, False on the training batch).
-    """
-    total = count = 0.0
-    for gate, weights in gates:
-        per_token = gate.float().mean(dim=-1).clamp(1e-6, 1 - 1e-6)
-        nll = -(per_token.log() if to_frozen else (1 - per_token).log())
-        weights = torch.ones_like(nll) if weights is None else weights.to(nll.dtype)
-        total = total + (nll * weights).sum()
-        count = count + weights.sum()
-    return total / torch.as_tensor(count).clamp(min=1)

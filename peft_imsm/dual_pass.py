@@ -13,7 +13,8 @@ dual pass runs the same way for ``forward``, the HF ``Trainer``, TRL and ``gener
 Without autograd (generation, evaluation) and with plain LoRA, steps 1 and 2 are ONE pass instead (``_stack_views``):
 the batch doubled (rows ``[frozen; adapted]``), ``_zero_frozen_rows`` (a hook on every ``lora_A``) cancels the LoRA
 update on the frozen rows, and the post-hook splits the two halves (see :meth:`DualPass.can_stack`). The anchor
-term's pass (:class:`AnchorPass`, ``_anchor_step``) skips step 1: it brings the frozen states, computed once.
+term's pass (:class:`AnchorPass`, ``_anchor_step``) skips step 1: it brings the frozen states, computed once (with a
+shared prefix its output is one packed row, :func:`~peft_imsm.losses.pack_rows`, the layout the anchor KL reads).
 
 Hard routing (a route gate with ``route_threshold``, without autograd, plain LoRA; see :meth:`DualPass.can_route`)
 runs ONE view per sequence instead. At prefill (``_open_routed_prefill``) the backbone runs the frozen view on every
@@ -56,7 +57,6 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from .anchors import pack_rows
 from .backbone import (
     bound_parameter_names,
     cache_parameter_name,
@@ -67,6 +67,7 @@ from .backbone import (
 )
 from .cache import as_imsm_cache, copy_rows, is_imsm_cache
 from .gate import IMSMGate, choose_routes
+from .losses import pack_rows
 from .query import QueryIndex, build_query_index, check_attention_mask, per_token_queries
 
 # Backbone inputs with a batch dimension, doubled when both views run as one batch.
@@ -153,7 +154,7 @@ class AnchorPass:
             from a chat template's user turn). The adapted view runs them once, on one row, and the other rows
             continue from that row's KV cache; the post-hook puts the prefix's states back in front of every row, so
             what follows is unchanged (up to float rounding) at a fraction of the cost. The head then runs on the
-            prefix once too: the backbone's output becomes ONE packed row (:func:`~peft_imsm.anchors.pack_rows`).
+            prefix once too: the backbone's output becomes ONE packed row (:func:`~peft_imsm.losses.pack_rows`).
         packed_imsm: set by the post-hook when it packed the output: whether IMSM's half is packed like the frozen
             half (its prefix states are the same in every row: fixed gate, or a gate without dropout or query).
     """

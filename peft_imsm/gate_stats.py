@@ -7,7 +7,8 @@
   ``IMSMModel.pop_training_stats`` returns, and ``IMSMLogCallback`` logs).
 
 :meth:`TrainingStats.observe_gate` is the dual pass's ``on_gate`` callback (see ``CallContext.on_gate``): it runs
-after every interwoven backbone pass and feeds both.
+after every interwoven backbone pass and feeds both. The supervised tokens are
+:func:`peft_imsm.losses.predicts_supervised`'s, the same as the routing term's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+
+from .losses import predicts_supervised
 
 _GATE_RECORDERS: ContextVar[tuple] = ContextVar("imsm_gate_recorders", default=())
 
@@ -125,11 +128,3 @@ def _row_means(per_position: torch.Tensor, attention_mask: torch.Tensor | None) 
         return per_position.float().mean(dim=1).cpu()
     mask = attention_mask.to(per_position.dtype)
     return ((per_position * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).float().cpu()
-
-
-def predicts_supervised(labels: torch.Tensor) -> torch.Tensor:
-    """``[batch, seq]`` bool: the positions whose logits predict a supervised token (``labels[t + 1] != -100``), the
-    tokens the loss is made of."""
-    weights = torch.zeros_like(labels, dtype=torch.bool)
-    weights[:, :-1] = labels[:, 1:] != -100
-    return weights

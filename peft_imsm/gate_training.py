@@ -9,8 +9,8 @@ architecture: :func:`_model_logits` runs the causal LM's forward with its backbo
 Parts: :func:`train_gate` (checks, anchors, the stored pass, gate training); :func:`_check_arguments` (every
 argument's type and range); :func:`_encode_target` (the target rows, cut to the position limit);
 :func:`_precompute_target` / :func:`_precompute_anchors` (the one inference pass, :func:`_capture_views` reading both
-views at the gate); :func:`_optimise_gate` (the gate's AdamW steps on :class:`_Tokens`); :class:`GateTrainingLog`
-(what it did, timings).
+views at the gate); :func:`_optimise_gate` (the gate's AdamW steps on :class:`_Tokens`, its loss terms from
+:mod:`peft_imsm.losses`); :class:`GateTrainingLog` (what it did, timings).
 
 Training data: a (small) sample of the adapter's own task, plus anchors (the IMSM config's ``anchor`` section; self
 anchors by default). Without target data nothing pulls the gate towards the adapter: the anchors alone teach it to
@@ -35,10 +35,11 @@ from peft import PeftModel
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from .anchors import anchor_kl, gate_route_loss, is_finite_number
+from .anchors import is_finite_number
 from .backbone import model_device, position_limit
 from .dual_pass import soft_gate
 from .gate import IMSMGate
+from .losses import anchor_kl, gate_route_loss
 from .model import IMSMModel, find_imsm_tuner, prepare_anchors, set_anchor_data
 from .padding import left_pad, pad_token_id
 from .query import build_query_index, query_summary

@@ -37,7 +37,7 @@ def labelled_batch():
 
 def plain_anchor_term(model, rows: list[int], weight: float) -> torch.Tensor:
     """``weight * KL(p_frozen || p_imsm)`` on anchor rows ``rows``, by plain calls of the model (the definition)."""
-    from peft_imsm.anchors import anchor_kl
+    from peft_imsm.losses import anchor_kl
 
     anchors = model.base_model.anchor_set()
     ids, mask = anchors.input_ids[rows], anchors.attention_mask[rows]

@@ -33,8 +33,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, Traini
 
 from imsm_bench.skills import TARGET_TASK, build_tokenizer, make_examples
 from peft_imsm import AnchorConfig, IMSMConfig, IMSMLogCallback, retrofit, train_gate
-from peft_imsm.anchors import anchor_kl
 from peft_imsm.gate_training import _gate_on, _model_logits, _precompute_anchors, _precompute_target
+from peft_imsm.losses import anchor_kl
 from peft_imsm.model import find_imsm_tuner
 
 SMALL_ANCHORS = AnchorConfig(every=1, num_samples=8, sample_length=6, batch_size=4)
