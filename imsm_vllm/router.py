@@ -7,8 +7,9 @@ names in :mod:`imsm_vllm.export_format`). This module serves it with three proce
 front stops both servers when it stops; Linux also stops them when the front is killed):
 
 * the generation server: vLLM's OpenAI server on ``OUT_DIR`` with ``--enable-lora --lora-modules NAME=OUT_DIR/lora
-  --max-lora-rank R`` and vLLM's defaults otherwise: prefix caching on, chunked prefill, one KV cache of the base
-  model's size. Both routes are ordinary vLLM requests (the base model, or the LoRA by its name);
+  --max-lora-rank R --max-loras 2`` (:data:`MAX_LORAS`) and vLLM's defaults otherwise: prefix caching on, chunked
+  prefill, one KV cache of the base model's size. Both routes are ordinary vLLM requests (the base model, or the
+  LoRA by its name);
 * the routing server: vLLM's pooling runner on the same folder (``--runner pooling --convert embed``, MEAN pooling
   without normalisation), whose embedding of a prompt is the mean of the base model's final (normed) hidden states
   over its tokens: ``q_frozen``, the router's input. (vLLM's generate runner returns no hidden states, and one vLLM
@@ -68,7 +69,11 @@ from .export_format import (
 GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
 # Options that imsm-serve gives the servers itself (a second value would contradict it).
 OWN_OPTIONS = ("--model", "--host", "--port", "--served-model-name", "--enable-lora", "--lora-modules",
-               "--max-lora-rank", "--runner", "--convert", "--pooler-config")  # fmt: skip
+               "--max-lora-rank", "--max-loras", "--runner", "--convert", "--pooler-config")  # fmt: skip
+# Two LoRA slots for the one LoRA: vLLM's CPU LoRA ops (vllm/lora/ops/torch_ops, vLLM 0.32) read a base-model token's
+# "no LoRA" index -1 as the LAST slot, so with one slot (the default --max-loras 1) a base-model request batched with
+# LoRA requests got the LoRA's update (vllm-project/vllm#48421). The second slot is never filled: its zeros add nothing.
+MAX_LORAS = 2
 POOLER_CONFIG = {"pooling_type": "MEAN", "use_activation": False}
 # TokenizeChatRequest's fields (vLLM 0.32): the chat request's settings that decide its prompt tokens.
 CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
@@ -205,10 +210,12 @@ def check_vllm_args(args: list[str], where: str) -> None:
 
 def generation_command(route: RouteExport, port: int, served_name: str, common: list[str],
                        extra: list[str]) -> list[str]:  # fmt: skip
-    """The generation server: the base model with the LoRA (vLLM's multi-LoRA), vLLM's defaults otherwise."""
+    """The generation server: the base model with the LoRA (vLLM's multi-LoRA, :data:`MAX_LORAS` slots), vLLM's
+    defaults otherwise."""
     return [*client.vllm_command(sys.executable, route.folder), "--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", served_name, "--enable-lora", "--lora-modules",
-            f"{route.lora_name}={route.lora_dir}", "--max-lora-rank", str(route.max_lora_rank), *common, *extra]  # fmt: skip
+            f"{route.lora_name}={route.lora_dir}", "--max-lora-rank", str(route.max_lora_rank), "--max-loras",
+            str(MAX_LORAS), *common, *extra]  # fmt: skip
 
 
 def pooling_command(route: RouteExport, port: int, served_name: str, common: list[str],

@@ -1,6 +1,8 @@
 """``imsm-export`` + ``vllm serve`` on the real SmolLM2-135M-Instruct: the same greedy answers as peft_imsm's
-``generate()``, for 4 concurrent OpenAI chat requests, with the fixed, query and route gates (the latter two with
-chunked prefill forced); and small random Mistral and Qwen2 bases served alike.
+``generate()``, for 4 concurrent OpenAI chat requests, with the fixed, query and (soft) route gates (the latter two
+with chunked prefill forced); and small random Mistral and Qwen2 bases served alike. The hard-routed route gate's
+export served by ``imsm-serve`` (vLLM's own multi-LoRA, prefix caching on): each request answered by the base model
+or the plain LoRA, as peft_imsm routes it, token for token.
 
 vLLM runs in its own virtual environment (its CPU build pins transformers below this project's range; see
 ``docs/serving.md``): set ``IMSM_VLLM_PYTHON`` to that environment's python, in which this project is installed with
@@ -238,3 +240,141 @@ def test_vllm_serves_mistral_and_qwen2_bases(smollm, tmp_path, arch):
     finally:
         client.stop_server(server)
     assert [a["token_ids"] for a in answers] == expected
+
+
+# The hard-routed route gate served by imsm-serve. A long shared system message: the prompts (about 190 tokens) fill
+# more than one KV-cache block (vLLM's CPU default: 128 tokens), so that the prefix cache serves repeated prompts.
+PREAMBLE = (
+    "You are a careful assistant for a small public library. Readers ask about books, opening hours, the reading "
+    "room, school projects and everyday facts. Answer in plain words, briefly, and stay friendly. When a question is "
+    "about a fact, give the fact first and one sentence of context after it. When a reader asks for advice, give two "
+    "or three short points. Never invent titles or opening hours; say what you do not know. The library opens at "
+    "nine and closes at six on weekdays, and it is closed on Sundays. Children under twelve read in the east room "
+    "with a parent nearby. Printing costs ten cents a page, and the scanner by the entrance is free for everyone."
+)
+ROUTES = ["adapted", "frozen", "frozen", "adapted"]  # the route the router is fitted to give each of QUESTIONS
+
+
+def route_messages(question: str) -> list[dict]:
+    return [{"role": "system", "content": PREAMBLE}, {"role": "user", "content": question}]
+
+
+def fit_router(model, base, prompts: list[list[int]], routes: list[str]) -> torch.Tensor:
+    """Set the route gate's router so that its logit is +2 (frozen) / -2 (adapted) on each prompt as ``routes`` says
+    (least squares on the base model's mean final state over each prompt; exact for fewer prompts than dimensions),
+    far from the threshold; returns those ``[n, d]`` mean states."""
+    with torch.no_grad():
+        q = torch.stack([base(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states[-1][0].float()
+                         .mean(0) for p in prompts])  # fmt: skip
+        target = torch.tensor([[2.0 if r == "frozen" else -2.0] for r in routes], dtype=torch.float64)
+        design = torch.cat([q, torch.ones(len(q), 1)], 1).double()
+        solution = torch.linalg.lstsq(design, target).solution.float()
+        gate = model.base_model.gate
+        gate.W_R.weight.copy_(solution[:-1].T / gate.lr_scale)
+        gate.W_R.bias.copy_(solution[-1] / gate.lr_scale)
+    return q
+
+
+def stream_chat(port: int, messages: list[dict], max_tokens: int, model: str) -> tuple[str, dict]:
+    """A streaming chat request: the streamed text and the response headers."""
+    import http.client
+    import json
+
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+    events = [line[len("data: ") :] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+    return text, {k.lower(): v for k, v in response.getheaders()}
+
+
+def metric(port: int, name: str) -> float:
+    """The sum of a Prometheus counter of the server on ``port`` (its /metrics)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["default-flags", "chunked-prefill"])
+def test_imsm_serve_routes_each_request_to_the_base_model_or_the_lora(smollm, tmp_path, chunked):
+    """imsm-serve on the route export, vLLM's default flags (prefix caching on): 4 concurrent chat requests, two
+    routed each way, then the same 4 again (their first KV block from the prefix cache): every answer is, token for
+    token, the greedy answer of the base model's generate() (frozen route) or of the plain peft LoRA's
+    (PeftModel.from_pretrained(base, OUT/lora)), which is the hard-routed IMSM model's; each request's route is the one
+    peft_imsm computes. ``chunked``: prompts prefilled 32 tokens a step beside other requests' decode steps."""
+    converted, base, tokenizer = smollm
+    prompts = [tokenizer.apply_chat_template(route_messages(q), add_generation_prompt=True, tokenize=True,
+                                             return_dict=False) for q in QUESTIONS]  # fmt: skip
+    assert min(len(p) for p in prompts) > 128  # (more than one block of vLLM's CPU KV cache)
+    model = imsm_model(base, "route", lora_scale=0.02, prompts=prompts, route_threshold=0.5)
+    q = fit_router(model, base, prompts, ROUTES)  # (replaces imsm_model's router: far from the threshold)
+    gate = model.base_model.gate
+    with torch.no_grad():  # peft_imsm's route for each prompt: its gate on the frozen view's mean state
+        g_torch = gate(q[:, None], q[:, None], q[:, None])[:, 0, 0]
+    assert ["frozen" if g > 0.5 else "adapted" for g in g_torch.tolist()] == ROUTES
+    adapter_dir, out_dir = tmp_path / "adapter", tmp_path / "served"
+    model.save_pretrained(adapter_dir)
+    proc = subprocess.run([sys.executable, "-m", "peft_imsm.export", str(adapter_dir), str(out_dir), "--base",
+                           str(converted)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == (
+        f"VLLM_CPU_KVCACHE_SPACE=2 imsm-serve {out_dir} --port 8000 --dtype float32 --max-model-len 512 --enforce-eager"
+    )
+
+    from peft import PeftModel
+
+    plain = PeftModel.from_pretrained(copy.deepcopy(base), str(out_dir / "lora")).eval()
+    expected, imsm_answers = [], []
+    for prompt, route in zip(prompts, ROUTES):
+        expected.append(greedy((base if route == "frozen" else plain).generate, tokenizer, prompt))
+        with model.base_model.record_gate() as seen:
+            imsm_answers.append(greedy(model.generate, tokenizer, prompt))
+        assert seen[0].flatten().tolist() == [1.0 if route == "frozen" else 0.0]  # the route peft_imsm took
+    assert imsm_answers == expected  # the hard-routed IMSM model is the base model or the plain LoRA, per prompt
+    assert [greedy(plain.generate, tokenizer, p) for p in prompts] != [greedy(base.generate, tokenizer, p)
+                                                                      for p in prompts]  # fmt: skip
+
+    # The command that imsm-export printed, as `python -m imsm_vllm.router` (the same command as imsm-serve).
+    port, log_dir = client.free_port(), tmp_path / "logs"
+    extra = ("--generate-args", "--max-num-batched-tokens 32 --max-num-seqs 4") if chunked else ()
+    cmd = [VLLM_PYTHON, "-m", "imsm_vllm.router", str(out_dir), "--port", str(port), "--log-dir", str(log_dir),
+           *client.DEFAULT_SERVE_ARGS, *extra]  # fmt: skip
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}  # fmt: skip
+    front = client.launch_server(cmd, tmp_path / "imsm-serve.log", env)
+    try:
+        client.wait_until_healthy(front, port, what="imsm-serve")
+        conversations = [route_messages(question) for question in QUESTIONS]
+        first, _ = client.chat_concurrently(port, conversations, MAX_TOKENS, model=str(out_dir))
+        hits = metric(port, "vllm:prefix_cache_hits_total")
+        again, _ = client.chat_concurrently(port, conversations, MAX_TOKENS, model=str(out_dir))
+        hits_again = metric(port, "vllm:prefix_cache_hits_total")
+        streamed = [stream_chat(port, conversations[i], MAX_TOKENS, str(out_dir)) for i in (0, 1)]  # one each way
+    finally:
+        client.stop_server(front)  # (SIGTERM to imsm-serve: it stops both vLLM servers)
+    log = (tmp_path / "imsm-serve.log").read_text()
+    for answers in (first, again):
+        for question, prompt, route, g, answer, want in zip(QUESTIONS, prompts, ROUTES, g_torch, answers, expected):
+            assert answer["route"] == route, (question, answer["gate"])
+            assert answer["gate"] == pytest.approx(g.item(), abs=1e-4)
+            assert answer["model"] == ("imsm-adapted" if route == "adapted" else str(out_dir))
+            assert answer["prompt_token_ids"] == prompt and answer["routed_prompt_tokens"] == len(prompt)
+            assert answer["token_ids"] == want, (question, route, tokenizer.decode(answer["token_ids"]))
+    for (text, headers), answer, route in zip(streamed, first, ROUTES):  # streaming passes through, routed alike
+        assert text == answer["text"] and headers["x-imsm-route"] == route
+    # The repeated prompts were served from the prefix cache: at least their first 128-token block each.
+    assert hits_again - hits >= 128 * len(QUESTIONS), (hits, hits_again)
+    lines = [line for line in log.splitlines() if line.startswith("imsm-serve: POST /v1/chat/completions")]
+    assert sorted(line.split()[3] for line in lines) == sorted(f"route={r}" for r in ROUTES * 2 + ROUTES[:2])
+    # The servers' lifetime is the front's: stopping imsm-serve stopped both of them.
+    pids = [int(line.split(" pid ")[1].split()[0]) for line in log.splitlines() if " server pid " in line]
+    assert len(pids) == 2 and "imsm-serve: stopped both vLLM servers" in log
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
