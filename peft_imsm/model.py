@@ -214,7 +214,11 @@ class IMSMModel(IMSMTunerInterface):
                 kwargs["labels"] = labels
             output = self.adapter_tuner(*args, **kwargs)
         self._check_hooks_ran(call, "forward")
-        if training and self.dual_pass.enabled and getattr(output, "loss", None) is not None:
+        if training and self.dual_pass.enabled and _is_fused_output(output):
+            _fold_into_log_probs(
+                output, self.anchor_term.add_to_loss(output.log_probs.new_zeros(()), labels, None, gates)
+            )
+        elif training and self.dual_pass.enabled and getattr(output, "loss", None) is not None:
             num_items = kwargs.get("num_items_in_batch")
             output.loss = self.anchor_term.add_to_loss(output.loss, labels, num_items, gates)
         return output
@@ -325,6 +329,29 @@ class IMSMModel(IMSMTunerInterface):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         tuner = find_imsm_tuner(model, required=False)
         return save_load.remap_state_dict_for_load(tuner, model, config, adapter_name, state_dict)
+
+
+def _is_fused_output(output: Any) -> bool:
+    """Whether ``output`` is TRL's fused-head output (``model(..., fused_lm_head=True)``: per-token ``log_probs`` and
+    a ``label_mask``, no logits), from which TRL's ``SFTTrainer`` builds the loss itself, ignoring ``output.loss``."""
+    return getattr(output, "log_probs", None) is not None and getattr(output, "label_mask", None) is not None
+
+
+def _fold_into_log_probs(output: Any, extra: torch.Tensor) -> None:
+    """Carry IMSM's extra loss terms (anchor KL, routing term: ``extra``, this micro-batch's full term) into TRL's
+    fused-head loss, ``-sum(log_probs) / N`` (N: the Trainer's supervised-token count of the accumulated batch, or this
+    micro-batch's).
+
+    The one place IMSM adapts to TRL's ``SFTTrainer.compute_loss`` (TRL >= 1.16 computes the loss from
+    ``outputs.log_probs`` of its fused LM head and never reads ``outputs.loss``, where IMSM adds its terms): each
+    supervised position's log-probability gets ``-(extra - extra.detach())``, zero in value (the logged loss, entropy
+    and accuracy are unchanged) and ``-d extra`` in gradient, so TRL's sum over this micro-batch's ``n`` supervised
+    positions, divided by N, carries ``(n / N) * d extra``: the term weighted by the micro-batch's share of the
+    accumulated batch, exactly as ``peft_imsm`` adds it to ``output.loss`` for the HF ``Trainer``."""
+    mask = output.label_mask.to(output.log_probs.dtype)
+    output.log_probs = output.log_probs - (extra - extra.detach()).to(output.log_probs.dtype) * mask
+    if getattr(output, "loss", None) is not None:
+        output.loss = output.loss + extra
 
 
 def find_imsm_tuner(model: Any, required: bool = True) -> IMSMModel | None:

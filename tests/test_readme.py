@@ -122,12 +122,6 @@ def test_the_example_the_readme_names_runs(tmp_path):
 
 
 @pytest.mark.slow  # 60 SFTTrainer steps of the skills LM (~30 s)
-@pytest.mark.xfail(
-    strict=True,
-    reason="TRL's SFTTrainer (1.16) computes the loss from the model's fused log-probs (fused_lm_head=True) and drops "
-    "the loss the model returns, which carries IMSM's anchor and routing terms: the router learns from the target "
-    "task alone and sends every prompt to the adapter",
-)
 def test_the_example_routes(tmp_path):
     """After training, the route gate sends the target prompt to the adapter and a skill's prompt (an anchor's
     kind) to the frozen model, as the same model and anchors do in imsm-bench's training loop."""

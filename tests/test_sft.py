@@ -571,3 +571,54 @@ def test_imsm_sft_defaults_are_the_python_apis():
     config = IMSMConfig(adapter_config=LoraConfig())
     for name in ("gate_rank", "gate_mode", "gate_dropout"):
         assert getattr(args, f"imsm_{name}") == getattr(config, name)
+
+
+@pytest.mark.parametrize("accumulated", [False, True])
+def test_sft_trainers_fused_loss_carries_the_anchor_and_routing_terms(accumulated, tmp_path):
+    """TRL's SFTTrainer builds the loss from its fused head's per-token log-probs, not from ``outputs.loss``: the
+    gradients of its loss must equal those of IMSM's own loss (task + anchor KL + routing term), also with a
+    ``num_items_in_batch`` of an accumulated batch (this micro-batch's terms weighted by its token share)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    import peft_imsm
+    from imsm_bench import TARGET_TASK, load_skills_lm, make_examples
+
+    torch.manual_seed(0)
+    model, tokenizer = load_skills_lm()
+    rows = make_examples(TARGET_TASK, 8, seed=0, split="train")
+    dataset = Dataset.from_list([{"prompt": r["input"], "completion": r["output"]} for r in rows])
+    config = peft_imsm.IMSMConfig(
+        adapter_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        gate_mode="route",
+        anchor=peft_imsm.AnchorConfig(source="data", every=1),
+    )
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, report_to=[],
+                     use_cpu=True, max_length=64, save_strategy="no")  # fmt: skip
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=config)
+    peft_model, tuner = trainer.model, trainer.model.base_model
+    peft_imsm.set_anchor_data(peft_model, [r["input"] for r in make_examples("add", 8, seed=0, split="train")],
+                              tokenizer)  # fmt: skip
+    with torch.no_grad():
+        tuner.gate.W_R.weight.normal_(0, 0.05 / tuner.gate.lr_scale)  # (a router away from its zero start)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    supervised = int((inputs["labels"][:, 1:] != -100).sum())
+    num_items = 3 * supervised if accumulated else None
+    peft_model.train()
+    counters = (tuner.anchor_term.draws, tuner.anchor_term.forwards)
+
+    def grads(loss_fn):
+        peft_model.zero_grad()
+        tuner.anchor_term.draws, tuner.anchor_term.forwards = counters  # (the same anchor batch for both)
+        loss_fn().backward()
+        return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+
+    fused = grads(lambda: trainer.compute_loss(peft_model, dict(inputs), num_items_in_batch=num_items))
+    extra = {} if num_items is None else {"num_items_in_batch": num_items}
+    own = grads(lambda: peft_model(**{**inputs, "use_cache": False}, **extra).loss)
+    router = [n for n in own if "imsm_gate" in n]
+    assert router and all(own[n].abs().sum() > 0 for n in router), {n: own[n].abs().sum() for n in router}
+    assert set(fused) == set(own)
+    for name in own:
+        torch.testing.assert_close(fused[name], own[name], atol=1e-6, rtol=1e-4)
