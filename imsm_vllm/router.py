@@ -80,6 +80,10 @@ CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_mes
                         "chat_template", "chat_template_kwargs", "media_io_kwargs", "mm_processor_kwargs", "tools")  # fmt: skip
 # Request headers passed on to the servers (the API key, the request id); hop-by-hop headers are not.
 FORWARDED_HEADERS = ("authorization", "x-request-id", "content-type")
+# Idle connections to the servers are closed after this many seconds, before vLLM's server closes them
+# (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s): a request sent on a connection the server is closing fails with "Server
+# disconnected". A request that still meets a closed connection is sent once more on a new one.
+KEEPALIVE_S = 2.0
 
 
 class RouteError(ValueError):
@@ -208,6 +212,17 @@ def check_vllm_args(args: list[str], where: str) -> None:
             )
 
 
+def parse_env(items: list[str], option: str) -> dict[str, str]:
+    """``{NAME: VALUE}`` of ``NAME=VALUE`` items."""
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise RouteError(f"{option} {item!r} is not NAME=VALUE. Pass e.g. {option} OMP_NUM_THREADS=1.")
+        env[name] = value
+    return env
+
+
 def generation_command(route: RouteExport, port: int, served_name: str, common: list[str],
                        extra: list[str]) -> list[str]:  # fmt: skip
     """The generation server: the base model with the LoRA (vLLM's multi-LoRA, :data:`MAX_LORAS` slots), vLLM's
@@ -267,13 +282,25 @@ class RouteFront:
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-        self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
+        self.session = aiohttp.ClientSession(timeout=timeout, connector=connector)
 
     async def _close(self, app: Any) -> None:
         await self.session.close()
 
+    async def _post(self, url: str, body: dict, headers: dict) -> Any:
+        """``session.post``'s response (to be closed: ``async with``), the request sent once more on a new connection when the server
+        closed the kept-alive one before answering (:data:`KEEPALIVE_S`)."""
+        import aiohttp
+
+        try:
+            return await self.session.post(url, json=body, headers=headers)
+        except aiohttp.ServerDisconnectedError:
+            return await self.session.post(url, json=body, headers=headers)
+
     async def _post_json(self, url: str, body: dict, headers: dict) -> dict:
-        async with self.session.post(url, json=body, headers=headers) as response:
+        response = await self._post(url, body, headers)
+        async with response:
             data = await response.read()
             if response.status != 200:
                 raise Upstream(response.status, data, response.content_type)
@@ -323,7 +350,9 @@ class RouteFront:
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
         try:
             ids = await self.prompt_ids(body, request.path == GENERATE_PATHS[0], headers)
+            tokenized = time.perf_counter()
             g = await self.gate(ids, headers)
+            timing = (tokenized - start, time.perf_counter() - tokenized)  # (tokenize, routing pass + router)
         except aiohttp.ClientError as exc:
             self._log(request, "-", None, None, 502, start)
             return _error(502, f"imsm-serve could not route the request: a vLLM server failed ({exc!r}).")
@@ -337,7 +366,12 @@ class RouteFront:
         self.routed[route] += 1
         body["model"] = self.route.lora_name if route == "adapted" else self.served_name
         route_headers = {ROUTE_HEADER: route, GATE_HEADER: repr(g), PROMPT_TOKENS_HEADER: str(len(ids))}
-        async with self.session.post(f"{self.generate_url}{request.path_qs}", json=body, headers=headers) as up:
+        try:
+            up = await self._post(f"{self.generate_url}{request.path_qs}", body, headers)
+        except aiohttp.ClientError as exc:
+            self._log(request, route, g, len(ids), 502, start, timing)
+            return _error(502, f"imsm-serve routed the request ({route}) but the generation server failed ({exc!r}).")
+        async with up:
             if body.get("stream"):
                 response = web.StreamResponse(status=up.status, headers=route_headers)
                 response.content_type = up.content_type
@@ -349,7 +383,7 @@ class RouteFront:
                 data = await up.read()
                 response = web.Response(status=up.status, body=data, headers=route_headers,
                                         content_type=up.content_type)  # fmt: skip
-        self._log(request, route, g, len(ids), up.status, start)
+        self._log(request, route, g, len(ids), up.status, start, timing)
         return response
 
     async def health(self, request: Any) -> Any:
@@ -374,10 +408,14 @@ class RouteFront:
             data = await up.read()
             return web.Response(status=up.status, body=data, content_type=up.content_type)
 
-    def _log(self, request: Any, route: str, g: float | None, tokens: int | None, status: int, start: float) -> None:
+    def _log(self, request: Any, route: str, g: float | None, tokens: int | None, status: int, start: float,
+             timing: tuple[float, float] | None = None) -> None:  # fmt: skip
+        """One line per request: its route, ``g``, prompt length, status, seconds in all, and of them the seconds of
+        the tokenization and of the routing pass (pooling server + router)."""
         gate = "-" if g is None else f"{g:.6f}"
+        parts = "" if timing is None else f" tokenize_seconds={timing[0]:.4f} routing_seconds={timing[1]:.4f}"
         print(f"imsm-serve: {request.method} {request.path} route={route} g={gate} prompt_tokens={tokens or '-'} "
-              f"status={status} seconds={time.perf_counter() - start:.3f}", flush=True)  # fmt: skip
+              f"status={status} seconds={time.perf_counter() - start:.3f}{parts}", flush=True)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -395,9 +433,25 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--generate-args", default="", help="vLLM options for the generation server only (a string)")
     parser.add_argument("--pooling-args", default="", help="vLLM options for the routing (pooling) server only")
     parser.add_argument(
-        "--pooling-kv-cache-gib", type=float, default=1.0,
-        help="VLLM_CPU_KVCACHE_SPACE of the routing server (CPU builds; it holds prompts only while it pools them)",
+        "--pooling-kv-cache-gib", type=int, default=1,
+        help="VLLM_CPU_KVCACHE_SPACE (whole GiB) of the routing server (CPU builds; it holds each prompt only while it "
+        "pools it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--generate-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the generation server only (repeatable)",
+    )
+    parser.add_argument(
+        "--pooling-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the routing server only (repeatable), e.g. OMP_NUM_THREADS=1 "
+        "or VLLM_CPU_OMP_THREADS_BIND=15 to give it a core of its own on a CPU",
+    )
     parser.add_argument("--log-dir", default=None, help="where the two servers' logs go (default: a new temp folder)")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for each server to start")
     return parser.parse_known_args(argv)
@@ -418,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         for given, where in ((common, "The vLLM options"), (generate_extra, "--generate-args"),
                              (pooling_extra, "--pooling-args")):  # fmt: skip
             check_vllm_args(given, where)
+        envs = {
+            "generation": parse_env(args.generate_env, "--generate-env"),
+            "routing": {
+                "VLLM_CPU_KVCACHE_SPACE": str(args.pooling_kv_cache_gib),
+                **parse_env(args.pooling_env, "--pooling-env"),
+            },
+        }
         route = load_route(args.out_dir)
     except (RouteError, ValueError) as exc:
         print(f"imsm-serve: error: {exc}", file=sys.stderr)
@@ -430,7 +491,6 @@ def main(argv: list[str] | None = None) -> int:
         "generation": generation_command(route, ports["generation"], served_name, common, generate_extra),
         "routing": pooling_command(route, ports["routing"], served_name, common, pooling_extra),
     }
-    envs = {"generation": {}, "routing": {"VLLM_CPU_KVCACHE_SPACE": f"{args.pooling_kv_cache_gib:g}"}}
     procs: dict[str, Any] = {}
     signal.signal(signal.SIGTERM, _raise_stop)
     try:

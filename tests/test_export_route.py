@@ -253,3 +253,33 @@ def test_export_format_imports_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_imsm_serve_refuses_a_malformed_environment_option(tmp_path, capsys):
+    from imsm_vllm.router import main as serve_main
+
+    assert serve_main([str(tmp_path), "--pooling-env", "OMP_NUM_THREADS"]) == 2
+    assert capsys.readouterr().err == (
+        "imsm-serve: error: --pooling-env 'OMP_NUM_THREADS' is not NAME=VALUE. Pass e.g. --pooling-env "
+        "OMP_NUM_THREADS=1.\n"
+    )
+
+
+def test_imsm_serve_starts_vllm_with_the_exports_lora_and_mean_pooling(tmp_path):
+    """The two vLLM servers' commands: the LoRA of the export under its name, the rank it needs, two LoRA slots (see
+    imsm_vllm.router.MAX_LORAS); the pooling runner with MEAN pooling and no normalisation; the user's options last."""
+    from imsm_vllm.router import generation_command, pooling_command
+
+    _, base_dir, adapter_dir = routed_adapter(tmp_path)
+    out = export(adapter_dir, tmp_path / "out", base=str(base_dir))
+    route = load_route(out)
+    head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(out), "--host", "127.0.0.1"]
+    assert generation_command(route, 1234, "base", ["--dtype", "float32"], ["--max-num-seqs", "4"]) == [
+        *head, "--port", "1234", "--served-model-name", "base", "--enable-lora", "--lora-modules",
+        f"imsm-adapted={out / 'lora'}", "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32",
+        "--max-num-seqs", "4",
+    ]  # fmt: skip
+    assert pooling_command(route, 1235, "base", ["--dtype", "float32"], []) == [
+        *head, "--port", "1235", "--served-model-name", "base", "--runner", "pooling", "--convert", "embed",
+        "--pooler-config", '{"pooling_type": "MEAN", "use_activation": false}', "--dtype", "float32",
+    ]  # fmt: skip
