@@ -296,13 +296,18 @@ def test_the_shell_blocks_only_hold_commands_this_file_runs():
     for block in code_blocks("bash"):
         for command in shell_commands(block):
             for part in command.split("&&"):
+                if part.strip().startswith("VLLM_CPU_KVCACHE_SPACE=2 imsm-serve "):  # (as imsm-export prints it)
+                    part = part.strip().removeprefix("VLLM_CPU_KVCACHE_SPACE=2 ")
                 word = part.split()[0]
-                allowed = ("pip", "python", "imsm-bench", "trl", "imsm-sft", "accelerate", "imsm-eval", "imsm-export")
+                allowed = ("pip", "python", "imsm-bench", "trl", "imsm-sft", "accelerate", "imsm-eval", "imsm-export",
+                           "imsm-serve")  # fmt: skip
                 assert word in allowed, command
                 if word == "python":  # the tests, or vLLM's server (the form tests/test_vllm_serving.py runs)
                     assert part.strip().startswith(("python -m pytest", SERVE_COMMAND)), command
                 if word in ("imsm-export", "python") and not part.strip().startswith("python -m pytest"):
                     assert "--dtype float32" in part or word == "imsm-export", command
+                if word == "imsm-serve":  # the line imsm-export prints (tests/test_vllm_serving.py runs it)
+                    assert part.strip().endswith("--port 8000 --dtype float32 --max-model-len 512 --enforce-eager")
 
 
 ACCELERATE = REPO / "examples" / "accelerate"
@@ -380,6 +385,7 @@ imsm-bench() { argv_of imsm-bench "$@"; }
 imsm-eval() { argv_of imsm-eval "$@"; }
 imsm-sft() { argv_of imsm-sft "$@"; }
 imsm-export() { argv_of imsm-export "$@"; }
+imsm-serve() { argv_of imsm-serve "$@"; }
 accelerate() { argv_of accelerate "$@"; }
 python() { argv_of python "$@"; }
 trl() { argv_of trl "$@"; }
@@ -501,6 +507,12 @@ def check_command(argv: list[str], monkeypatch) -> None:
             parse_args(launch.training_script_args + CPU_ONLY)
         else:
             parse_script(REPO / launch.training_script, launch.training_script_args, monkeypatch)
+    elif program == "imsm-serve":  # (the exact line imsm-export prints, run by tests/test_vllm_serving.py)
+        from imsm_vllm.router import check_vllm_args, parse_args
+
+        parsed, vllm_args = parse_args(args)
+        check_vllm_args(vllm_args, "the command line")
+        assert parsed.out_dir and parsed.port
     else:  # installs, the test suite, TRL's own `trl sft`, imsm-export and vLLM's server (run by the tests above)
         assert program in ("pip", "python", "trl", "imsm-export"), argv
         assert program != "python" or args[:2] in (["-m", "pytest"], ["-m", "vllm.entrypoints.openai.api_server"])
