@@ -103,9 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="local HF folder, hub id, or a GGUF file (or a folder holding one): converted once",
     )
     c.add_argument(
-        "--protocol", choices=["custom", "real"], default="custom",
+        "--protocol", choices=["custom", "real", "library"], default="custom",
         help="custom: your --train/--eval JSONL files; real: the built-in real-model forgetting protocol "
-        "(docs/real-model-protocol.md; no data files needed)",
+        "(docs/real-model-protocol.md; no data files needed); library: several LoRAs behind one router "
+        "(docs/library.md; its own options: imsm-bench --protocol library --help)",
     )  # fmt: skip
     c.add_argument("--train", default=None, help="training JSONL ({'input', 'output'} per line)")
     c.add_argument("--eval", action="append", default=[], metavar="NAME=PATH", help="evaluation JSONL (repeatable)")

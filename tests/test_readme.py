@@ -376,7 +376,7 @@ def test_the_fsdp_recipe_runs_the_example_script_on_cpu_processes(tmp_path_facto
 # ------------------------------------------------------------------------------------------------ docs commands
 # The reference pages whose shell commands are checked below, besides the README.
 DOCS = ("docs/benchmarks.md", "docs/anchors.md", "docs/evaluation.md", "docs/performance.md", "docs/retrofit.md",
-        "docs/real-model-protocol.md", "docs/reference.md", "examples/accelerate/README.md")  # fmt: skip
+        "docs/real-model-protocol.md", "docs/reference.md", "docs/library.md", "examples/accelerate/README.md")  # fmt: skip
 # A line that only sets a shell variable (kept, in order, ahead of the block's later commands).
 ASSIGNMENT = re.compile(r"""^[A-Z_][A-Z0-9_]*=(["'$]|\S*$)""")
 # Each program is a bash function that prints its arguments as bash expands them (variables, quotes, $(...)).
@@ -467,7 +467,12 @@ def check_bench_methods(args: argparse.Namespace) -> None:
 def check_command(argv: list[str], monkeypatch) -> None:
     """Parse ``argv`` with the parser of the program it runs, as that program would; fail on what it refuses."""
     program, args = argv[0], argv[1:]
-    if program == "imsm-bench":
+    if program == "imsm-bench" and "library" in args:
+        from imsm_bench.library import library_requested, parse_library_args
+
+        assert library_requested(args)
+        parse_library_args(args)
+    elif program == "imsm-bench":
         from imsm_bench.options import parse_args
 
         parsed = parse_args(args)
