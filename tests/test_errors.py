@@ -38,10 +38,12 @@ def test_unload_gives_back_the_base_model():
     torch.testing.assert_close(plain(input_ids=ids).logits, expected)
 
 
-def test_second_adapter_is_refused():
+def test_a_second_adapter_of_the_query_gate_is_refused():
+    """Several IMSM adapters form a LoRA library of route gates (tests/test_library.py); others are refused."""
     model = get_peft_model(tiny_model("llama"), IMSMConfig(adapter_config=adapter_config("lora")))
-    with pytest.raises(ValueError, match="exactly one IMSM adapter"):
+    with pytest.raises(ValueError, match="a LoRA library, where each sequence runs the base model or ONE adapter"):
         model.add_adapter("other", IMSMConfig(adapter_config=adapter_config("lora")))
+    assert list(model.peft_config) == ["default"]
 
 
 def test_forward_and_generate_refuse_to_skip_the_gate():
