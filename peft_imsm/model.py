@@ -215,9 +215,10 @@ class IMSMModel(IMSMTunerInterface):
             output = self.adapter_tuner(*args, **kwargs)
         self._check_hooks_ran(call, "forward")
         if training and self.dual_pass.enabled and _is_fused_output(output):
-            _fold_into_log_probs(
-                output, self.anchor_term.add_to_loss(output.log_probs.new_zeros(()), labels, None, gates)
+            task = (
+                output.loss.detach() if getattr(output, "loss", None) is not None else output.log_probs.new_zeros(())
             )
+            _fold_into_log_probs(output, self.anchor_term.add_to_loss(task, labels, None, gates) - task)
         elif training and self.dual_pass.enabled and getattr(output, "loss", None) is not None:
             num_items = kwargs.get("num_items_in_batch")
             output.loss = self.anchor_term.add_to_loss(output.loss, labels, num_items, gates)

@@ -118,7 +118,7 @@ def test_retrofitted_model_refuses_to_save_over_its_adapter_folder(tmp_path, spe
         before = tree(tmp_path)
     message = (
         rf"save_pretrained\('{target[spelling]}'\) would write the IMSM adapter 'default' into {tmp_path / 'lora'}, "
-        "the folder of the adapter this model was retrofitted from"
+        "the folder of an adapter this model was retrofitted from"
     )
     with pytest.raises(OutputDirError, match=message):
         model.save_pretrained(target[spelling])
