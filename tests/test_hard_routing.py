@@ -97,7 +97,9 @@ def test_step_logits_are_each_views_own_on_one_cache(arch):
         torch.testing.assert_close(step[FROZEN], base_logits[FROZEN], atol=1e-6, rtol=0)
         torch.testing.assert_close(step[~FROZEN], adapter_logits[~FROZEN], atol=1e-5, rtol=0)
     cache = out.past_key_values  # one cache of `batch` rows, each holding its own view's key/values
-    assert cache.imsm_routed and cache.imsm_frozen is None and torch.equal(cache.imsm_routes, torch.where(FROZEN, -1, 0))
+    assert (
+        cache.imsm_routed and cache.imsm_frozen is None and torch.equal(cache.imsm_routes, torch.where(FROZEN, -1, 0))
+    )
     assert cache.layers[0].keys.shape[0] == ids.shape[0]
 
 
