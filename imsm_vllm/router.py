@@ -14,7 +14,7 @@ front stops both servers when it stops; Linux also stops them when the front is 
   without normalisation), whose embedding of a prompt is the mean of the base model's final (normed) hidden states
   over its tokens: ``q_frozen``, the router's input. (vLLM's generate runner returns no hidden states, and one vLLM
   instance runs one runner, hence a second server; it holds a second copy of the weights and a small KV cache, and
-  runs one prefill per request);
+  runs one prefill per request, on one CPU thread unless ``--pooling-env`` says otherwise: :data:`ROUTING_ENV`);
 * the front (:class:`RouteFront`, aiohttp), on the user's port: for ``/v1/chat/completions`` and ``/v1/completions``
   it tokenizes the prompt with the generation server's ``/tokenize`` (the same chat template and options as the
   request), sends those token ids to the routing server, computes ``g`` in float32 (:func:`router_value`) and
@@ -74,6 +74,11 @@ OWN_OPTIONS = ("--model", "--host", "--port", "--served-model-name", "--enable-l
 # "no LoRA" index -1 as the LAST slot, so with one slot (the default --max-loras 1) a base-model request batched with
 # LoRA requests got the LoRA's update (vllm-project/vllm#48421). The second slot is never filled: its zeros add nothing.
 MAX_LORAS = 2
+# The routing server's environment unless --pooling-env says otherwise: one CPU thread. On a CPU both servers compute
+# at once; two OpenMP teams on the same cores stall each other at every barrier (measured on 2 cores: 0.56x of vLLM's
+# multi-LoRA throughput with the routing server on 2 threads, 0.91x on 1). Its work, one prefill per request, is
+# small beside the generation server's. (On a GPU the setting only touches the CPU side.)
+ROUTING_ENV = {"OMP_NUM_THREADS": "1"}
 POOLER_CONFIG = {"pooling_type": "MEAN", "use_activation": False}
 # TokenizeChatRequest's fields (vLLM 0.32): the chat request's settings that decide its prompt tokens.
 CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
@@ -449,8 +454,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="an environment variable for the routing server only (repeatable), e.g. OMP_NUM_THREADS=1 "
-        "or VLLM_CPU_OMP_THREADS_BIND=15 to give it a core of its own on a CPU",
+        help="an environment variable for the routing server only (repeatable; default OMP_NUM_THREADS=1), e.g. "
+        "VLLM_CPU_OMP_THREADS_BIND=15 to give it a core of its own on a CPU",
     )
     parser.add_argument("--log-dir", default=None, help="where the two servers' logs go (default: a new temp folder)")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for each server to start")
@@ -475,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         envs = {
             "generation": parse_env(args.generate_env, "--generate-env"),
             "routing": {
+                **ROUTING_ENV,
                 "VLLM_CPU_KVCACHE_SPACE": str(args.pooling_kv_cache_gib),
                 **parse_env(args.pooling_env, "--pooling-env"),
             },
