@@ -23,11 +23,11 @@ def tree(root):
 
 @pytest.fixture
 def places(tmp_path, monkeypatch):
-    """tmp_path/home (HOME), tmp_path/home/work (the working folder) and a protected tmp_path/adapter."""
-    (tmp_path / "home" / "work").mkdir(parents=True)
+    """tmp_path/user-home (HOME), tmp_path/user-home/project (the working folder) and a protected tmp_path/adapter."""
+    (tmp_path / "user-home" / "project").mkdir(parents=True)
     (tmp_path / "adapter").mkdir()
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path / "home" / "work")
+    monkeypatch.setenv("HOME", str(tmp_path / "user-home"))
+    monkeypatch.chdir(tmp_path / "user-home" / "project")
     return tmp_path
 
 
@@ -38,8 +38,8 @@ def places(tmp_path, monkeypatch):
         ("adapter/../adapter", False, False, "is the adapter folder"),
         (".", True, False, "contains the adapter folder"),
         ("adapter/sub", True, False, "is inside the adapter folder"),
-        ("home/work", False, True, "is the working folder"),
-        ("home", False, True, "is the home folder"),
+        ("user-home/project", False, True, "is the working folder"),
+        ("user-home", False, True, "is the home folder"),
         ("/", False, True, "is a filesystem root"),
     ],
 )
@@ -52,7 +52,12 @@ def test_check_not_protected_refuses(places, out, nested, working_dirs, message)
 
 @pytest.mark.parametrize(
     "out,nested,working_dirs",
-    [("adapter/sub", False, True), (".", False, False), ("home/work/new", True, True), ("home/other", True, True)],
+    [
+        ("adapter/sub", False, True),
+        (".", False, False),
+        ("user-home/project/new", True, True),
+        ("user-home/other", True, True),
+    ],
 )
 def test_check_not_protected_accepts(places, out, nested, working_dirs):
     """With nested=False a folder inside or around a protected one is allowed; a new folder in the working folder or
